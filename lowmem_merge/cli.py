@@ -1,0 +1,143 @@
+"""The `lowmerge` command: parse, call the API, format errors. Nothing here knows how a merge works."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from .errors import ConfigError, LowmergeError
+from .methods import DEFAULT_METHOD, REGISTRY
+
+_EPILOG_MERGE = """\b
+Examples:
+  lowmerge merge ./base ./math ./code -o ./merged
+  lowmerge merge ./base ./a ./b -o ./merged --method ties -p density=0.3 -p scale=1.0
+  lowmerge merge ./base ./a ./b -o ./merged --method actmat -p rho=1e-3 --device cuda --dtype bfloat16
+  lowmerge merge ./base ./a ./b -o ./merged --resume      # continue a run that was interrupted
+
+Inputs are Hugging Face directories (model.safetensors, or shards with model.safetensors.index.json), single
+.safetensors files, or PyTorch .bin checkpoints (loaded with weights_only=True). Memory stays bounded by one
+tensor of one expert plus the method's statistics for it, whatever the number of experts or the model's size.
+`lowmerge methods` lists every method and its parameters."""
+
+
+class _Group(click.Group):
+    def main(self, *args, **kwargs):  # one line per user error, a traceback only with --debug
+        debug = "--debug" in sys.argv
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except LowmergeError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="lowmerge")
+def main() -> None:
+    """lowmerge: merge fine-tuned experts of one base model, streaming, in bounded memory."""
+
+
+def _parse_kv(items: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"-p {item!r} is not KEY=VALUE", hint="example: -p scale=0.4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _progress_bar(quiet: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    if quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+    return update, bar.close
+
+
+@main.command(epilog=_EPILOG_MERGE)
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("experts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (must be new or empty unless --resume / --force).")
+@click.option("-m", "--method", default=DEFAULT_METHOD, show_default=True,
+              type=click.Choice(list(REGISTRY)), help="Merge rule; see `lowmerge methods`.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Method parameter, repeatable (e.g. -p rho=1e-3).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when present), cpu, cuda or cuda:N: where deltas and statistics are computed (fp32).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Output dtype of float tensors; auto keeps the base's.")
+@click.option("--shard-size", default="4GB", show_default=True, help="Largest output shard (e.g. 4GB, 500MB).")
+@click.option("--max-memory", default=None,
+              help="Refuse to start when one tensor's merge buffers would exceed this (e.g. 8GB); "
+                   "names the tensor. The Python/torch runtime (~0.3 GB) comes on top.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted merge in OUT: keeps the shards it "
+                                             "finished (verified by sha256) after checking inputs and options.")
+@click.option("--force", is_flag=True, help="Replace a previous lowmerge output in OUT (deletes only files "
+                                            "lowmerge wrote there).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+def merge(base: Path, experts: tuple[Path, ...], out: Path, method: str, params: tuple[str, ...], device: str,
+          dtype: str, shard_size: str, max_memory: str | None, resume: bool, force: bool, quiet: bool,
+          debug: bool) -> None:
+    """Merge EXPERTS (fine-tunes of BASE) into one model in OUT.
+
+    OUT receives the merged safetensors shards, config and tokenizer files copied from BASE,
+    lowmerge_report.json and a model card; it loads with transformers' from_pretrained as it is. A run
+    that stops half way leaves no file that looks complete.
+    """
+    from .merge import merge as run
+    update, close = _progress_bar(quiet)
+    try:
+        report = run(base, list(experts), out, method, device=device, dtype=dtype, shard_size=shard_size,
+                     max_memory=max_memory, resume=resume, force=force, progress=update, **_parse_kv(params))
+    finally:
+        close()
+    if not quiet:
+        for line in report.summary_lines():
+            click.echo(line)
+
+
+@main.command()
+def methods() -> None:
+    """List every merge method with its parameters and defaults."""
+    for name, cls in REGISTRY.items():
+        default = " (default)" if name == DEFAULT_METHOD else ""
+        kind = "data-free" if cls.data_free else "needs calibration data"
+        click.echo(f"{name}{default} [{kind}]: {cls.summary}")
+        for f in dataclasses.fields(cls.Params):
+            click.echo(f"    {f.name}={f.default}  {cls.param_help.get(f.name, '')}".rstrip())
+
+
+@main.command()
+@click.argument("directory", default="demo-output", type=click.Path(path_type=Path))
+@click.option("--method", default="actmat", show_default=True, type=click.Choice(list(REGISTRY)))
+@click.option("--force", is_flag=True, help="Rebuild DIRECTORY if a previous demo is there.")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+def demo(directory: Path, method: str, force: bool, debug: bool) -> None:
+    """Build a small Llama-shaped base and three experts in DIRECTORY (no download), then merge them.
+
+    The inputs go to DIRECTORY/inputs, the merged model to DIRECTORY/merged.
+    """
+    from .demo import run_demo
+    for line in run_demo(directory, method, force=force):
+        click.echo(line)

@@ -1,0 +1,144 @@
+"""A model on disk: its tensors' locations (headers only) and its directory's config."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .reader import (BIN_NAMES, INDEX_NAME, SINGLE_NAME, FileInfo, TensorEntry, read_header, read_into)
+
+
+class Checkpoint:
+    """Headers of every file of one model, and a reader of one tensor at a time.
+
+    Opening reads only headers. File descriptors stay open until ``close`` (no mapping, nothing resident).
+    """
+
+    def __init__(self, path: str | Path, entries: dict[str, TensorEntry], files: list[FileInfo],
+                 model_dir: Path | None, config: dict | None, bin_state: dict | None = None) -> None:
+        self.path = Path(path)
+        self.entries = entries
+        self.files = files
+        self.model_dir = model_dir
+        self.config = config
+        self._bin_state = bin_state   # only for .bin checkpoints: tensors backed by torch.load(mmap=True)
+        self._fds: dict[Path, int] = {}
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, pin: bool = False) -> torch.Tensor:
+        """A new CPU tensor in the stored dtype; the caller owns it."""
+        entry = self.entries[name]
+        if self._bin_state is not None:
+            t = self._bin_state[name]
+            return (t[rows[0]:rows[1]] if rows else t).clone()
+        fd = self._fds.get(entry.path)
+        if fd is None:
+            try:
+                fd = self._fds[entry.path] = os.open(entry.path, os.O_RDONLY)
+            except OSError as e:
+                raise InputError(f"cannot open: {e.strerror}", path=entry.path, tensor=name) from None
+        return read_into(entry, fd, rows, pin)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """A Hugging Face directory (single file or sharded), a .safetensors file, or a .bin via mmap'd torch.load."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or directory", path=p, hint="check the path")
+    if p.is_file():
+        if p.suffix in (".bin", ".pt", ".pth"):
+            return _open_bin(p, p.parent)
+        entries, info = read_header(p)
+        return Checkpoint(p, entries, [info], None, None)
+    config = _read_config(p)
+    if (p / INDEX_NAME).is_file():
+        return _open_sharded(p, config)
+    if (p / SINGLE_NAME).is_file():
+        entries, info = read_header(p / SINGLE_NAME)
+        return Checkpoint(p, entries, [info], p, config)
+    if (p / BIN_NAMES[0]).is_file():
+        return _open_bin(p / BIN_NAMES[0], p)
+    if (p / "adapter_config.json").is_file():
+        raise InputError("LoRA adapter directories are not supported yet", path=p,
+                         hint="merge the adapter into a full checkpoint first (PEFT merge_and_unload)")
+    found = sorted(x.name for x in p.glob("*.safetensors"))
+    hint = f"found {', '.join(found)}: pass one of them as a file" if found else \
+        "a model directory holds model.safetensors or model.safetensors.index.json"
+    raise InputError("no model weights found in this directory", path=p, hint=hint)
+
+
+def _read_config(model_dir: Path) -> dict | None:
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except (ValueError, OSError) as e:
+        raise InputError(f"config.json is not readable JSON ({e})", path=cfg,
+                         hint="fix or remove config.json") from None
+
+
+def _open_sharded(model_dir: Path, config: dict | None) -> Checkpoint:
+    index_path = model_dir / INDEX_NAME
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, OSError):
+        raise InputError("not a valid index: expected JSON with a 'weight_map' object", path=index_path,
+                         hint="re-save the model with save_pretrained") from None
+    root = model_dir.resolve()
+    shards: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, set()).add(name)
+    entries: dict[str, TensorEntry] = {}
+    files: list[FileInfo] = []
+    for shard in sorted(shards):
+        shard_path = (model_dir / shard)
+        if Path(shard).is_absolute() or root not in shard_path.resolve().parents:
+            raise InputError(f"the index names a shard outside the model directory: {shard!r}", path=index_path,
+                             hint="an index may only name files inside its own directory")
+        if not shard_path.is_file():
+            raise InputError(f"the index names a missing shard {shard!r}", path=index_path,
+                             tensor=sorted(shards[shard])[0], hint="the download is incomplete: fetch every shard")
+        shard_entries, info = read_header(shard_path)
+        files.append(info)
+        for name in shards[shard]:
+            if name not in shard_entries:
+                raise InputError(f"the index places this tensor in {shard!r}, which does not hold it",
+                                 path=index_path, tensor=name, hint="re-save the model with save_pretrained")
+            entries[name] = shard_entries[name]
+    return Checkpoint(model_dir, entries, files, model_dir, config)
+
+
+def _open_bin(path: Path, model_dir: Path) -> Checkpoint:
+    """PyTorch pickles only through torch.load(mmap=True, weights_only=True): never an unrestricted unpickle."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad or unsafe pickle
+        raise InputError(f"cannot load as a weights-only PyTorch checkpoint: {type(e).__name__}: {e}".split("\n")[0],
+                         path=path, hint="convert it to safetensors, or check that it holds only tensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError("not a flat state dict of tensors", path=path, hint="convert it to safetensors")
+    entries = {k: TensorEntry(k, v.dtype, tuple(v.shape), path, 0, v.numel() * v.element_size())
+               for k, v in state.items()}
+    st = path.stat()
+    info = FileInfo(str(path), st.st_size, st.st_mtime_ns, "")
+    return Checkpoint(path, entries, [info], model_dir, _read_config(model_dir), bin_state=state)

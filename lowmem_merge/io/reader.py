@@ -1,0 +1,128 @@
+"""Read one tensor (or a row range of it) of one checkpoint, and nothing more.
+
+Safetensors files are never mapped: the header is parsed here and each tensor's byte range is read with
+``preadv`` into a fresh buffer that the caller owns. A mapped file counts in the resident set as soon as it is
+touched, which would make peak memory grow with the model; page cache used by ``pread`` does not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_NOT_SAFETENSORS_HINT = "pass a Hugging Face model directory or a .safetensors file; re-download or re-save the file"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: ``nbytes`` bytes at absolute ``offset`` of ``path``."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    size: int
+    mtime_ns: int
+    header_sha256: str
+
+
+def _fail(path: Path, msg: str, hint: str = _NOT_SAFETENSORS_HINT) -> InputError:
+    return InputError(msg, path=path, hint=hint)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], FileInfo]:
+    """Parse and check a safetensors header: every error the header can show is raised here."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _fail(path, f"not a safetensors file: only {size} bytes")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+                raise _fail(path, f"not a safetensors file or truncated: header length {hlen} "
+                                  f"does not fit a file of {size} bytes")
+            raw = f.read(hlen)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror}", path=path, hint="check the path and its permissions") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise _fail(path, "not a safetensors file: its header is not JSON") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + hlen
+    entries: dict[str, TensorEntry] = {}
+    for name, spec in header.items():
+        entries[name] = _entry(path, name, spec, data_start, size)
+    info = FileInfo(str(path), size, path.stat().st_mtime_ns, hashlib.sha256(raw).hexdigest())
+    return entries, info
+
+
+def _entry(path: Path, name: str, spec: object, data_start: int, size: int) -> TensorEntry:
+    try:
+        dtype = ST_DTYPES[spec["dtype"]]
+        shape = tuple(int(s) for s in spec["shape"])
+        begin, end = (int(x) for x in spec["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError("malformed safetensors header entry", path=path, tensor=name,
+                         hint=_NOT_SAFETENSORS_HINT) from None
+    numel = 1
+    for s in shape:
+        numel *= s
+    if end - begin != numel * dtype.itemsize or begin < 0:
+        raise InputError(f"header says {end - begin} bytes for shape {list(shape)} {spec['dtype']}",
+                         path=path, tensor=name, hint=_NOT_SAFETENSORS_HINT)
+    if data_start + end > size:
+        raise InputError(f"file is truncated: the tensor ends at byte {data_start + end} but the file has {size}",
+                         path=path, tensor=name, hint="the download or copy was cut short: fetch the file again")
+    return TensorEntry(name, dtype, shape, path, data_start + begin, end - begin)
+
+
+def read_into(entry: TensorEntry, fd: int, rows: tuple[int, int] | None = None,
+              pin: bool = False) -> torch.Tensor:
+    """The tensor (or rows ``[r0, r1)`` of its first dimension) as a new CPU tensor in its stored dtype."""
+    shape, offset, nbytes = entry.shape, entry.offset, entry.nbytes
+    if rows is not None:
+        row_bytes = nbytes // shape[0] if shape[0] else 0
+        offset += rows[0] * row_bytes
+        nbytes = (rows[1] - rows[0]) * row_bytes
+        shape = (rows[1] - rows[0],) + shape[1:]
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise InputError(f"file ended while reading ({done} of {nbytes} bytes)", path=entry.path,
+                             tensor=entry.name, hint="the file changed or was truncated during the merge")
+        done += n
+    return buf.view(entry.dtype).reshape(shape)

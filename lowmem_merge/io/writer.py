@@ -1,0 +1,202 @@
+"""Output shards written tensor by tensor, under temporary names, renamed only when the whole merge is done.
+
+Each shard's header is computed up front from (name, dtype, shape), so tensors (or row ranges of them) are appended
+as soon as they are merged and then freed; nothing holds a shard in memory. A background thread writes and hashes
+while the caller merges the next tensor. A finished shard is recorded, with its sha256, in the manifest, which is
+what ``--resume`` trusts. Final names (``model.safetensors``, the index) appear last, so an interrupted directory
+never looks complete.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import OutputError
+from .reader import INDEX_NAME, SINGLE_NAME, ST_NAMES
+
+MANIFEST_NAME = "lowmerge-manifest.json"
+PARTIAL = ".partial"
+
+
+@dataclass
+class Shard:
+    name: str                                   # final file name
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    header: bytes                               # 8-byte length + JSON, padded to 8
+    size: int                                   # total file size
+
+    @property
+    def partial(self) -> str:
+        return self.name + PARTIAL
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[Shard]:
+    """Split tensors in order into shards of at most ``shard_size`` bytes (a larger tensor gets its own)."""
+    groups: list[list] = [[]]
+    used = 0
+    for spec in specs:
+        n = _nbytes(spec[1], spec[2])
+        if groups[-1] and used + n > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(spec)
+        used += n
+    shards = []
+    for i, group in enumerate(groups):
+        name = SINGLE_NAME if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, off = {}, 0
+        for tname, dtype, shape in group:
+            n = _nbytes(dtype, shape)
+            header[tname] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        shards.append(Shard(name, group, struct.pack("<Q", len(raw)) + raw, 8 + len(raw) + off))
+    return shards
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + PARTIAL)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def output_error(e: OSError, path: Path) -> OutputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError("disk full while writing", path=path,
+                           hint="free space (or choose another -o), then rerun with --resume: finished shards are kept")
+    if e.errno == errno.EFBIG:
+        return OutputError("file size limit reached while writing", path=path,
+                           hint="raise the limit (ulimit -f) or use a smaller --shard-size, then rerun with --resume")
+    return OutputError(f"cannot write: {e.strerror}", path=path, hint="check the output directory")
+
+
+class ShardWriter:
+    """Appends tensors to shards in plan order. ``done`` holds shards already complete (from a resumed run)."""
+
+    def __init__(self, out_dir: Path, shards: list[Shard], done: dict[str, dict], on_shard_done) -> None:
+        self.out_dir = out_dir
+        self.shards = shards
+        self.done = done
+        self._on_shard_done = on_shard_done        # callback(shard_name, record) from the writer thread's caller
+        self._shard_of = {spec[0]: s for s in shards for spec in s.specs}
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._finished: list[tuple[str, dict]] = []
+        self._thread = threading.Thread(target=self._run, name="lowmerge-writer", daemon=True)
+        self._thread.start()
+
+    def needed(self, name: str) -> bool:
+        return self._shard_of[name].name not in self.done
+
+    def write(self, name: str, part: torch.Tensor) -> None:
+        """Append ``part`` (the tensor, or its next rows) in the output dtype; the writer takes ownership."""
+        self._raise_pending()
+        self._queue.put((self._shard_of[name], part.contiguous().cpu()))
+        self._drain_finished()
+
+    def close(self) -> None:
+        """Wait until every queued byte is written and every shard recorded; raise the writer's error if any."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_pending()
+        self._drain_finished()
+
+    def abort(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            self._drain_finished()
+            raise err
+
+    def _drain_finished(self) -> None:
+        while self._finished:
+            self._on_shard_done(*self._finished.pop(0))
+
+    def _run(self) -> None:
+        current: Shard | None = None
+        f = hasher = None
+        written = 0
+        try:
+            while (item := self._queue.get()) is not None:
+                if self._error is not None:
+                    continue                         # keep draining so the producer never blocks
+                shard, part = item
+                if shard is not current:
+                    current, written = shard, len(shard.header)
+                    f = open(self.out_dir / shard.partial, "wb")
+                    hasher = hashlib.sha256(shard.header)
+                    f.write(shard.header)
+                data = memoryview(part.view(torch.uint8).numpy()) if part.numel() else b""
+                f.write(data)
+                hasher.update(data)
+                written += len(data)
+                del part, data
+                if written == shard.size:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    f.close()
+                    self._finished.append((shard.name, {"sha256": hasher.hexdigest(), "size": shard.size}))
+                    current = f = None
+        except BaseException as e:  # stored and re-raised in the caller's thread; the queue is drained
+            where = self.out_dir / (current.partial if current else "")
+            self._error = output_error(e, where) if isinstance(e, OSError) else e
+            while self._queue.get() is not None:
+                pass
+        finally:
+            if f is not None:
+                f.close()
+
+
+def write_model(out_dir: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], produce,
+                shard_size: int) -> list[Shard]:
+    """Write a whole safetensors model (shards + index) from ``produce(name) -> tensor``, one tensor at a time."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = plan_shards(specs, shard_size)
+    writer = ShardWriter(out_dir, shards, {}, lambda name, record: None)
+    try:
+        for name, dtype, _ in specs:
+            writer.write(name, produce(name).to(dtype))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    for shard in shards:
+        os.replace(out_dir / shard.partial, out_dir / shard.name)
+    if len(shards) > 1:
+        write_index(out_dir, shards)
+    return shards
+
+
+def write_index(out_dir: Path, shards: list[Shard]) -> None:
+    total = sum(s.size - len(s.header) for s in shards)
+    index = {"metadata": {"total_size": total}, "weight_map": {spec[0]: s.name for s in shards for spec in s.specs}}
+    write_json_atomic(out_dir / INDEX_NAME, index)

@@ -1,0 +1,202 @@
+"""The Python API: ``merge(base, experts, out, method=..., **params) -> Report``. The CLI is a thin layer on it."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .device import limit_heap_growth, peak_device_bytes, peak_rss_bytes, resolve_device
+from .errors import BudgetError, ConfigError
+from .info import TensorClass
+from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.outdir import OutputDir
+from .io.reader import INDEX_NAME
+from .io.writer import ShardWriter, output_error, plan_shards
+from .methods import DEFAULT_METHOD, get_method, params_dict, parse_params
+from .plan import Plan, make_plan
+from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
+from .sizes import format_size, parse_size
+from .stream import MERGED, PREFETCH_DEPTH, Piece, StreamContext, make_pieces, run_merge, run_prepass
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+                "added_tokens.json", "chat_template.jinja", "preprocessor_config.json")
+
+
+def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, method: str | None = None, *,
+          device: str = "auto", dtype: str = "auto", shard_size: str | int = "4GB",
+          max_memory: str | int | None = None, resume: bool = False, force: bool = False,
+          progress: Callable[[int, int], None] | None = None, **params: Any) -> Report:
+    """Merge ``experts`` (fine-tunes of ``base``) into ``out``; see ``lowmerge merge --help`` for each option.
+
+    ``progress(done_bytes, total_bytes)`` is called as inputs are consumed.
+    """
+    t_start = time.perf_counter()
+    limit_heap_growth()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN) if hasattr(signal, "SIGXFSZ") else None  # EFBIG, not death
+    method_cls = get_method(method or DEFAULT_METHOD)
+    parsed = parse_params(method_cls, {k: str(v) for k, v in params.items()})
+    dev = resolve_device(device)
+    out_dtype = _parse_dtype(dtype)
+    shard_bytes = parse_size(shard_size, "--shard-size")
+    with contextlib.ExitStack() as stack:
+        base_ck = stack.enter_context(open_checkpoint(base))
+        expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
+        plan = make_plan(base_ck, expert_cks, out_dtype)
+        pieces = make_pieces(plan, method_cls.row_chunkable(parsed))
+        if max_memory is not None:
+            _check_budget(plan, pieces, method_cls, parsed, parse_size(max_memory, "--max-memory"))
+        t_plan = time.perf_counter()
+        fingerprint = _fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes)
+        outdir = OutputDir(out, fingerprint, resume=resume, force=force)
+        specs = [(i.name, plan.out_dtype[i.name], plan.entry(i.name).shape) for i in plan.tensors]
+        shards = plan_shards(specs, shard_bytes)
+        extra = _extra_files(plan)
+        final = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + extra
+        outdir.check_free(final)
+        outdir.add_files(final)
+        writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard)
+        todo = [p for p in pieces if writer.needed(p.target)]
+        passes = method_cls.passes
+        pre_rounds = method_cls.prepass.rounds if method_cls.uses_prepass(parsed) else 0
+        total = pre_rounds * _volume(plan, [p for p in pieces if p.target == p.info.name], 1) \
+            + _volume(plan, todo, passes)
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+
+        ctx = StreamContext(plan, method_cls, parsed, dev, tick)
+        pin = dev.type == "cuda"
+        try:
+            state = run_prepass(ctx, pieces, pin)
+            t_pre = time.perf_counter()
+            stats = run_merge(ctx, todo, state, writer.write, pin)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        t_merge = time.perf_counter()
+        try:
+            _write_heads(plan, outdir.path)
+            _copy_base_files(plan, outdir.path, out_dtype)
+        except OSError as e:
+            raise output_error(e, outdir.path) from None
+        data = {
+            "lowmerge_version": versions()["lowmerge"], "created": now_utc(),
+            "method": method_cls.name, "params": params_dict(parsed),
+            "inputs": {"base": _describe(base_ck), "experts": [_describe(e) for e in expert_cks]},
+            "output": {"dir": str(outdir.path), "dtype": dtype if out_dtype else "base",
+                       "tensors": len(plan.tensors), "shards": [s.name for s in shards],
+                       "bytes": sum(s.size for s in shards), "resumed_shards": sorted(outdir.done_shards)},
+            "device": str(dev), "threads": torch.get_num_threads(),
+            "bytes_read": done[0],
+            "timings_s": {"plan": t_plan - t_start, "prepass": t_pre - t_plan, "merge": t_merge - t_pre},
+            "memory": {"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(dev)},
+            "heads": {str(e.path): names for e, names in zip(expert_cks, plan.heads) if names},
+            "warnings": plan.warnings, "tensor_stats": stats, "versions": versions(),
+            "files": final + [REPORT_NAME, CARD_NAME],
+        }
+        data["timings_s"]["total"] = time.perf_counter() - t_start
+        try:
+            report = write_report(outdir.path, data)
+            outdir.add_files([REPORT_NAME, CARD_NAME])
+            outdir.finish(shards)
+        except OSError as e:
+            raise output_error(e, outdir.path) from None
+        return report
+
+
+def _parse_dtype(dtype: str) -> torch.dtype | None:
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def _volume(plan: Plan, pieces: list[Piece], passes: int) -> int:
+    """Bytes the stream reads for ``pieces``: the base once, each expert once per pass."""
+    total = 0
+    for p in pieces:
+        entry = plan.entry(p.info.name)
+        share = entry.nbytes if p.rows is None else entry.nbytes // entry.shape[0] * (p.rows[1] - p.rows[0])
+        total += share * (1 + passes * plan.n_experts if p.info.cls in MERGED else 1)
+    return total
+
+
+def _check_budget(plan: Plan, pieces: list[Piece], method_cls, params, budget: int) -> None:
+    """Refuse before starting when one piece's buffers exceed ``budget`` (the Python/torch runtime excluded)."""
+    for p in pieces:
+        if p.info.cls not in MERGED:
+            continue
+        read = plan.entry(p.info.name).nbytes * p.info.numel // max(1, _numel(plan.entry(p.info.name).shape))
+        need = method_cls.state_bytes(p.info, plan.n_experts, params) + 8 * p.info.numel \
+            + (PREFETCH_DEPTH + 2) * read
+        if need > budget:
+            raise BudgetError(f"needs {format_size(need)} of buffers, more than --max-memory {format_size(budget)}",
+                              tensor=p.info.name, hint="raise --max-memory or choose an elementwise method")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _fingerprint(plan: Plan, method: str, params: Any, dtype: str, dev: torch.device, shard_bytes: int) -> dict:
+    """What must not change between an interrupted run and its --resume (any change alters the output bytes)."""
+    def files(ck: Checkpoint) -> list:
+        return [[f.path, f.size, f.mtime_ns, f.header_sha256] for f in ck.files]
+    return {"base": files(plan.base), "experts": [files(e) for e in plan.experts], "method": method,
+            "params": params_dict(params), "dtype": dtype, "device": dev.type, "threads": torch.get_num_threads(),
+            "shard_size": shard_bytes, "lowmerge": versions()["lowmerge"]}
+
+
+def _describe(ck: Checkpoint) -> dict:
+    return {"path": str(ck.path), "files": [{"path": f.path, "size": f.size, "header_sha256": f.header_sha256}
+                                           for f in ck.files]}
+
+
+def _extra_files(plan: Plan) -> list[str]:
+    names = [n for n in COPIED_FILES if plan.base.model_dir and (plan.base.model_dir / n).is_file()]
+    names += [_head_file(i, e) for i, e in enumerate(plan.experts) if plan.heads[i]]
+    return names
+
+
+def _head_file(i: int, ck: Checkpoint) -> str:
+    return f"heads/expert{i}-{ck.path.stem}.safetensors"
+
+
+def _write_heads(plan: Plan, out: Path) -> None:
+    """Task heads are never merged: each expert's go to heads/ beside the model (they are small)."""
+    for i, (ck, names) in enumerate(zip(plan.experts, plan.heads)):
+        if names:
+            (out / "heads").mkdir(exist_ok=True)
+            save_file({n: ck.read(n) for n in names}, str(out / _head_file(i, ck)), metadata={"format": "pt"})
+
+
+def _copy_base_files(plan: Plan, out: Path, out_dtype: torch.dtype | None) -> None:
+    import json
+    for name in COPIED_FILES:
+        src = plan.base.model_dir / name if plan.base.model_dir else None
+        if not (src and src.is_file()):
+            continue
+        if name == "config.json" and out_dtype is not None:
+            cfg = json.loads(src.read_text())
+            key = "dtype" if "dtype" in cfg else "torch_dtype"
+            cfg[key] = str(out_dtype).removeprefix("torch.")
+            (out / name).write_text(json.dumps(cfg, indent=2) + "\n")
+        else:
+            shutil.copyfile(src, out / name)

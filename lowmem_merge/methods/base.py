@@ -1,0 +1,139 @@
+"""The one interface every merge rule implements. The stream never looks inside a method.
+
+Life of a method instance (one per output tensor, or per row chunk of it):
+    m = Method(info, n_experts, params, state)      # state: the Prepass result, or None
+    for pass_ in range(Method.passes):
+        for t in range(n_experts): m.add(t, delta_t, pass_)   # delta_t: (shape of info) fp32 on the device
+    merged_delta = m.finalize()                     # Δ*, same shape, fp32; W* = W0 + Δ*
+The caller owns ``delta``: a method may read it during ``add`` but must not keep a reference to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from ..info import TensorInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class NoParams:
+    """Parameters of a rule that has none."""
+
+
+class Prepass:
+    """A model-wide statistic gathered over every tensor of every expert before merging.
+
+    ``rounds`` full reads of the experts; memory must stay bounded (histograms, never the values).
+    """
+
+    rounds: ClassVar[int] = 1
+
+    def __init__(self, n_experts: int, params: Any) -> None:
+        self.n_experts = n_experts
+        self.params = params
+
+    def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def end_round(self, round_: int) -> None:
+        """Called once after every tensor of every expert was observed in ``round_``."""
+
+    def state(self) -> Any:
+        """What every per-tensor instance receives as ``state``."""
+        raise NotImplementedError
+
+
+class MergeMethod:
+    name: ClassVar[str]
+    summary: ClassVar[str]                       # one line for `lowmerge methods`
+    data_free: ClassVar[bool] = True
+    passes: ClassVar[int] = 1                    # >1 when a statistic over experts comes first
+    Params: ClassVar[type] = NoParams
+    prepass: ClassVar[type[Prepass] | None] = None
+    param_help: ClassVar[dict[str, str]] = {}    # parameter -> one line, for `lowmerge methods`
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        self.info = info
+        self.n_experts = n_experts
+        self.params = params
+        self.state = state
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        raise NotImplementedError
+
+    def finalize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        """Per-tensor numbers worth a line in the report (condition numbers, norms)."""
+        return {}
+
+    @classmethod
+    def row_chunkable(cls, params: Any) -> bool:
+        """True when rows are merged independently, so the stream may work on row ranges of a tensor."""
+        return False
+
+    @classmethod
+    def uses_prepass(cls, params: Any) -> bool:
+        return cls.prepass is not None
+
+    @staticmethod
+    def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
+        """Bytes of statistics this rule holds for one tensor (fp32), for the plan's memory estimate."""
+        return 4 * info.numel
+
+
+def parse_params(method: type[MergeMethod], raw: dict[str, str]) -> Any:
+    """Build ``method.Params`` from ``-p KEY=VALUE`` strings; unknown keys and bad values are ConfigErrors."""
+    fields = {f.name: f for f in dataclasses.fields(method.Params)}
+    hints = typing.get_type_hints(method.Params)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        valid = ", ".join(f"{k}={fields[k].default}" for k in fields) or "none"
+        raise ConfigError(f"method '{method.name}' has no parameter {', '.join(map(repr, unknown))}",
+                          hint=f"valid parameters (with defaults): {valid}")
+    values: dict[str, Any] = {}
+    for key, text in raw.items():
+        kind = hints[key]
+        try:
+            values[key] = _convert(kind, text)
+        except ValueError:
+            raise ConfigError(f"method '{method.name}': parameter {key}={text!r} is not a valid {_kind_name(kind)}",
+                              hint=f"example: -p {key}={fields[key].default}") from None
+    return method.Params(**values)
+
+
+def _convert(kind: Any, text: Any) -> Any:
+    if not isinstance(text, str):
+        text = str(text)
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    choices = typing.get_args(kind)
+    if typing.get_origin(kind) is typing.Literal:
+        if text not in choices:
+            raise ValueError(text)
+        return text
+    return kind(text)
+
+
+def _kind_name(kind: Any) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        return "choice among " + " | ".join(typing.get_args(kind))
+    return getattr(kind, "__name__", str(kind))
+
+
+def params_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params)

@@ -1,0 +1,159 @@
+"""Headers only: match names across base and experts, classify, check, order the output, estimate memory.
+
+Every input error that headers can show is raised here, before any compute or any output byte.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InputError
+from .info import TensorClass, TensorInfo
+from .io.checkpoint import Checkpoint
+from .io.reader import TensorEntry
+
+_EMB = re.compile(r"(embed|wte|wpe|(^|\.)shared\.|position|token_type)")
+_HEAD = re.compile(r"(^|\.)(classifier|score)(\.|$)")
+_CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")   # GPT-2 Conv1D: stored (in, out)
+_CONV1D_MODELS = {"gpt2", "gpt_bigcode", "openai-gpt", "imagegpt", "decision_transformer"}
+_LM_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
+
+
+@dataclass
+class Plan:
+    base: Checkpoint
+    experts: list[Checkpoint]
+    tensors: list[TensorInfo]                                   # output order; HEADs of the base included
+    out_dtype: dict[str, torch.dtype]
+    heads: list[list[str]] = field(default_factory=list)       # per expert: head tensors written to heads/
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.base.entries[name]
+
+    def out_bytes(self, info: TensorInfo) -> int:
+        return self.base.entries[info.name].nbytes // self.base.entries[info.name].dtype.itemsize \
+            * self.out_dtype[info.name].itemsize
+
+    def read_bytes(self) -> int:
+        """Bytes of one full read of the base and every expert's merged tensors."""
+        total = 0
+        for info in self.tensors:
+            if info.cls in (TensorClass.LIN, TensorClass.EMB, TensorClass.VEC, TensorClass.CONV):
+                total += self.base.entries[info.name].nbytes
+                total += sum(e.entries[info.name].nbytes for e in self.experts)
+        return total
+
+
+def make_plan(base: Checkpoint, experts: list[Checkpoint], dtype: torch.dtype | None = None) -> Plan:
+    """Match, classify and check. ``dtype``: output dtype of float tensors (None = the base's)."""
+    if not experts:
+        raise InputError("no experts given", hint="lowmerge merge BASE EXPERT [EXPERT ...] -o OUT")
+    if not base.entries:
+        raise InputError("the base holds no tensors", path=base.path)
+    config = base.config or {}
+    conv1d = config.get("model_type") in _CONV1D_MODELS
+    canonical_emb = _tied_embedding(base, config)
+    infos: list[TensorInfo] = []
+    out_dtype: dict[str, torch.dtype] = {}
+    order = sorted(base.entries.values(), key=lambda e: (str(e.path), e.offset))
+    for entry in order:
+        info = _classify(entry, conv1d, canonical_emb)
+        for ex in experts:
+            _check_expert(entry, info, ex, base)
+        infos.append(info)
+        out_dtype[entry.name] = dtype if (dtype is not None and entry.is_float) else entry.dtype
+    heads = [_expert_heads(base, ex) for ex in experts]
+    infos = _tied_after_canonical(infos)
+    plan = Plan(base, experts, infos, out_dtype, heads)
+    plan.warnings.extend(_warnings(plan))
+    return plan
+
+
+def _tied_embedding(base: Checkpoint, config: dict) -> str | None:
+    """The input-embedding name when config says lm_head is tied to it and both are stored."""
+    if not config.get("tie_word_embeddings", False):
+        return None
+    for name, e in base.entries.items():
+        if e.is_float and len(e.shape) == 2 and re.search(r"(embed_tokens|wte|word_embeddings|(^|\.)shared)\.weight$",
+                                                          name):
+            return name
+    return None
+
+
+def _classify(entry: TensorEntry, conv1d: bool, canonical_emb: str | None) -> TensorInfo:
+    name, shape = entry.name, entry.shape
+    if not entry.is_float:
+        return TensorInfo(name, shape, TensorClass.INT)
+    if _HEAD.search(name):
+        return TensorInfo(name, shape, TensorClass.HEAD)
+    if canonical_emb and _LM_HEAD.search(name) and name != canonical_emb:
+        return TensorInfo(name, shape, TensorClass.TIED, tied_to=canonical_emb)
+    if len(shape) <= 1:
+        return TensorInfo(name, shape, TensorClass.VEC)
+    if len(shape) >= 3:
+        return TensorInfo(name, shape, TensorClass.CONV)
+    if _EMB.search(name):
+        return TensorInfo(name, shape, TensorClass.EMB)
+    if conv1d and _CONV1D.search(name):
+        return TensorInfo(name, (shape[1], shape[0]), TensorClass.LIN, transposed=True)
+    return TensorInfo(name, shape, TensorClass.LIN)
+
+
+def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Checkpoint, base: Checkpoint) -> None:
+    name = entry.name
+    if info.cls in (TensorClass.HEAD, TensorClass.INT) or (info.cls == TensorClass.TIED
+                                                           and name not in expert.entries):
+        return   # heads are kept per expert, integer buffers come from the base
+    theirs = expert.entries.get(name)
+    if theirs is None:
+        raise InputError("tensor of the base is missing from this expert", path=expert.path, tensor=name,
+                         hint="every expert must be a fine-tune of the base with the same architecture")
+    if theirs.shape != entry.shape:
+        if info.cls in (TensorClass.EMB, TensorClass.TIED) or _LM_HEAD.search(name):
+            raise InputError(f"vocabulary size differs: expert has {theirs.shape[0]} rows, base "
+                             f"{base.path} has {entry.shape[0]}", path=expert.path, tensor=name,
+                             hint="experts with a different vocabulary are not supported yet; "
+                                  "resize the expert's embeddings to the base's vocabulary")
+        raise InputError(f"shape {list(theirs.shape)} differs from the base's {list(entry.shape)}", path=expert.path,
+                         tensor=name, hint="every expert must be a fine-tune of the base with the same architecture")
+    if theirs.is_float != entry.is_float:
+        raise InputError(f"dtype {theirs.dtype} does not match the base's {entry.dtype}", path=expert.path,
+                         tensor=name, hint="every expert must be a fine-tune of the base")
+
+
+def _expert_heads(base: Checkpoint, expert: Checkpoint) -> list[str]:
+    extra = sorted(set(expert.entries) - set(base.entries))
+    heads = [n for n in extra if _HEAD.search(n)]
+    others = [n for n in extra if not _HEAD.search(n)]
+    if others:
+        raise InputError(f"tensor not in the base ({len(others)} such)", path=expert.path, tensor=others[0],
+                         hint="every expert must have the base's architecture; task heads must be named "
+                              "'classifier' or 'score'")
+    heads += sorted(n for n in expert.entries if n in base.entries and _HEAD.search(n))
+    return heads
+
+
+def _tied_after_canonical(infos: list[TensorInfo]) -> list[TensorInfo]:
+    """Put each TIED tensor right after its canonical one, so the merged value is at hand when it is written."""
+    tied = {i.tied_to: i for i in infos if i.cls == TensorClass.TIED}
+    out: list[TensorInfo] = []
+    for info in infos:
+        if info.cls == TensorClass.TIED:
+            continue
+        out.append(info)
+        if info.name in tied:
+            out.append(tied[info.name])
+    return out
+
+
+def _warnings(plan: Plan) -> list[str]:
+    base_files = [f.path for f in plan.base.files]
+    return [f"expert {i} ({ex.path}) reads the same files as the base: its task vector is zero"
+            for i, ex in enumerate(plan.experts) if [f.path for f in ex.files] == base_files]

@@ -1,0 +1,190 @@
+"""Per tensor: read the base, then each expert pass by pass, form Δ in fp32 on the device, merge, write, free.
+
+A background thread reads ahead in exactly the order the merge consumes (bounded queue), so disk reads overlap
+arithmetic. Elementwise rules on large tensors work in row chunks so their buffers stay bounded.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .info import TensorClass, TensorInfo
+from .io.checkpoint import Checkpoint
+from .methods.base import MergeMethod
+from .plan import Plan
+
+MERGED = (TensorClass.LIN, TensorClass.EMB, TensorClass.VEC, TensorClass.CONV)
+CHUNK_ELEMS = 1 << 24          # rows per chunk keep one fp32 buffer of an elementwise rule ≤ 64 MiB
+PREFETCH_DEPTH = 2             # tensors read ahead of the one being merged
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A whole tensor, or a row range of one, to merge and write to ``target``."""
+    info: TensorInfo                   # the source tensor as the method sees it (row_start set for chunks)
+    target: str                        # output name (differs from info.name for a TIED alias)
+    rows: tuple[int, int] | None       # stored rows, or None for the whole tensor
+
+
+def make_pieces(plan: Plan, chunkable: bool) -> list[Piece]:
+    """Output order. A TIED alias is the canonical tensor merged again (deterministic) and written under its name."""
+    by_name = {i.name: i for i in plan.tensors}
+    pieces: list[Piece] = []
+    for info in plan.tensors:
+        src = by_name[info.tied_to] if info.cls == TensorClass.TIED else info
+        pieces.extend(_split(src, info.name, chunkable))
+    return pieces
+
+
+def _split(info: TensorInfo, target: str, chunkable: bool) -> list[Piece]:
+    if not (chunkable and info.cls in MERGED and not info.transposed and len(info.shape) >= 2
+            and info.numel > CHUNK_ELEMS):
+        return [Piece(info, target, None)]
+    rows = info.shape[0]
+    step = max(1, CHUNK_ELEMS // (info.numel // rows))
+    return [Piece(replace(info, shape=(min(r + step, rows) - r,) + info.shape[1:], row_start=r), target,
+                  (r, min(r + step, rows))) for r in range(0, rows, step)]
+
+
+class Prefetcher:
+    """Reads ``requests`` (checkpoint, tensor name, rows) in order on a background thread into a bounded queue."""
+
+    def __init__(self, requests: Iterable[tuple[Checkpoint, str, tuple[int, int] | None]], pin: bool,
+                 depth: int = PREFETCH_DEPTH) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(requests), pin), name="lowmerge-reader",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, requests: Iterator, pin: bool) -> None:
+        try:
+            for ckpt, name, rows in requests:
+                if self._stop.is_set():
+                    return
+                self._queue.put((ckpt, ckpt.read(name, rows, pin)))
+        except BaseException as e:  # handed to the consumer, raised in its thread
+            self._queue.put((None, e))
+
+    def next(self) -> tuple[Checkpoint, torch.Tensor]:
+        ckpt, item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return ckpt, item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+@dataclass
+class StreamContext:
+    plan: Plan
+    method: type[MergeMethod]
+    params: Any
+    device: torch.device
+    progress: Callable[[int], None]          # called with bytes consumed
+
+
+def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Checkpoint, str, tuple[int, int] | None]]:
+    yield plan.base, piece.info.name, piece.rows
+    if piece.info.cls in MERGED:
+        for _ in range(passes):
+            for ex in plan.experts:
+                yield ex, piece.info.name, piece.rows
+
+
+def _delta(ctx: StreamContext, ckpt: Checkpoint, x: torch.Tensor, base: torch.Tensor,
+           info: TensorInfo) -> torch.Tensor:
+    """Δ = W_t − W_0 in fp32 on the device, in the method's orientation; checks that it is finite.
+
+    ``x`` is the reader's fresh buffer, so an fp32 CPU input is updated in place (no copy).
+    """
+    d = x.to(ctx.device, torch.float32, non_blocking=True)
+    d.sub_(base)
+    if not math.isfinite(float(d.sum())) and not bool(torch.isfinite(d).all()):
+        raise InputError("contains NaN or Inf", path=ckpt.path, tensor=info.name,
+                         hint="this expert's weights are corrupt: re-export it or leave it out")
+    return d.T.contiguous() if info.transposed else d
+
+
+def _base_on_device(ctx: StreamContext, x: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    b = x.to(ctx.device, non_blocking=True)
+    if b.is_floating_point() and not math.isfinite(float(torch.sum(b, dtype=torch.float32))) \
+            and not bool(torch.isfinite(b).all()):
+        raise InputError("contains NaN or Inf", path=ctx.plan.base.path, tensor=info.name,
+                         hint="the base's weights are corrupt: re-download it")
+    return b
+
+
+def run_prepass(ctx: StreamContext, pieces: list[Piece], pin: bool) -> Any:
+    """Rounds over every expert tensor for a model-wide statistic (global TIES thresholds); returns its state."""
+    if not ctx.method.uses_prepass(ctx.params):
+        return None
+    sources = [p for p in pieces if p.info.cls in MERGED and p.target == p.info.name]
+    pre = ctx.method.prepass(ctx.plan.n_experts, ctx.params)
+    for round_ in range(pre.rounds):
+        fetch = Prefetcher((r for p in sources for r in _reads(ctx.plan, p, 1)), pin)
+        try:
+            for piece in sources:
+                _, x = fetch.next()
+                base = _base_on_device(ctx, x, piece.info)
+                ctx.progress(x.nbytes)
+                for t in range(ctx.plan.n_experts):
+                    ckpt, y = fetch.next()
+                    pre.observe(round_, piece.info, t, _delta(ctx, ckpt, y, base, piece.info))
+                    ctx.progress(y.nbytes)
+        finally:
+            fetch.close()
+        pre.end_round(round_)
+    return pre.state()
+
+
+def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any, write: Callable[[str, torch.Tensor], None],
+              pin: bool) -> dict[str, dict[str, float]]:
+    """Merge and ``write`` every piece in order; returns per-tensor statistics the method reported."""
+    passes = ctx.method.passes
+    fetch = Prefetcher((r for p in pieces for r in _reads(ctx.plan, p, passes)), pin)
+    stats: dict[str, dict[str, float]] = {}
+    try:
+        for piece in pieces:
+            _, x = fetch.next()
+            ctx.progress(x.nbytes)
+            out_dtype = ctx.plan.out_dtype[piece.target]
+            if piece.info.cls not in MERGED:         # INT buffers and HEADs keep the base's value
+                write(piece.target, x.to(out_dtype))
+                continue
+            base = _base_on_device(ctx, x, piece.info)
+            del x
+            merged = _merge_piece(ctx, piece, base, state, fetch)
+            if piece.rows is None and (s := merged[1]):
+                stats[piece.target] = s
+            write(piece.target, merged[0].to("cpu", out_dtype))
+    finally:
+        fetch.close()
+    return stats
+
+
+def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: Any,
+                 fetch: Prefetcher) -> tuple[torch.Tensor, dict[str, float]]:
+    m = ctx.method(piece.info, ctx.plan.n_experts, ctx.params, state)
+    base_m = base.T if piece.info.transposed else base
+    for pass_ in range(ctx.method.passes):
+        for t in range(ctx.plan.n_experts):
+            ckpt, y = fetch.next()
+            ctx.progress(y.nbytes)
+            m.add(t, _delta(ctx, ckpt, y, base, piece.info), pass_)
+            del y
+    out = m.finalize().add_(base_m)          # W* = W0 + Δ*, fp32
+    return (out.T if piece.info.transposed else out), m.stats()
