@@ -37,6 +37,13 @@ class _Group(click.Group):
         except click.exceptions.Abort:
             click.echo("aborted", err=True)
             sys.exit(130)
+        except click.UsageError as e:  # a bad option reads like every other user error: one line and a hint
+            if isinstance(e, click.exceptions.NoArgsIsHelpError):
+                e.show()
+            else:
+                command = e.ctx.command_path if e.ctx else "lowmerge"
+                click.echo(f"error: {e.format_message()}\nhint: see '{command} --help'", err=True)
+            sys.exit(e.exit_code)
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .device import limit_heap_growth, peak_device_bytes, peak_rss_bytes, resolve_device
+from .device import tune_malloc, peak_device_bytes, peak_rss_bytes, resolve_device
 from .errors import BudgetError, ConfigError
-from .info import TensorClass
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.outdir import OutputDir
 from .io.reader import INDEX_NAME
@@ -23,7 +22,8 @@ from .methods import DEFAULT_METHOD, get_method, params_dict, parse_params
 from .plan import Plan, make_plan
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from .sizes import format_size, parse_size
-from .stream import MERGED, PREFETCH_DEPTH, Piece, StreamContext, make_pieces, run_merge, run_prepass
+from .stream import (MERGED, PREFETCH_BYTES, Piece, StreamContext, make_pieces, read_volume, request_bytes,
+                     run_merge, run_prepass)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -40,7 +40,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
     ``progress(done_bytes, total_bytes)`` is called as inputs are consumed.
     """
     t_start = time.perf_counter()
-    limit_heap_growth()
+    tune_malloc()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN) if hasattr(signal, "SIGXFSZ") else None  # EFBIG, not death
     method_cls = get_method(method or DEFAULT_METHOD)
     parsed = parse_params(method_cls, {k: str(v) for k, v in params.items()})
@@ -61,14 +61,14 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         shards = plan_shards(specs, shard_bytes)
         extra = _extra_files(plan)
         final = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + extra
-        outdir.check_free(final)
-        outdir.add_files(final)
+        outdir.claim(final + [REPORT_NAME, CARD_NAME])
+        resumed = sorted(outdir.done_shards)          # kept from the interrupted run; the writer adds to it
         writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard)
         todo = [p for p in pieces if writer.needed(p.target)]
         passes = method_cls.passes
         pre_rounds = method_cls.prepass.rounds if method_cls.uses_prepass(parsed) else 0
-        total = pre_rounds * _volume(plan, [p for p in pieces if p.target == p.info.name], 1) \
-            + _volume(plan, todo, passes)
+        total = pre_rounds * read_volume(plan, [p for p in pieces if p.target == p.info.name], 1) \
+            + read_volume(plan, todo, passes)
         done = [0]
 
         def tick(n: int) -> None:
@@ -98,7 +98,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
             "inputs": {"base": _describe(base_ck), "experts": [_describe(e) for e in expert_cks]},
             "output": {"dir": str(outdir.path), "dtype": dtype if out_dtype else "base",
                        "tensors": len(plan.tensors), "shards": [s.name for s in shards],
-                       "bytes": sum(s.size for s in shards), "resumed_shards": sorted(outdir.done_shards)},
+                       "bytes": sum(s.size for s in shards), "resumed_shards": resumed},
             "device": str(dev), "threads": torch.get_num_threads(),
             "bytes_read": done[0],
             "timings_s": {"plan": t_plan - t_start, "prepass": t_pre - t_plan, "merge": t_merge - t_pre},
@@ -110,7 +110,6 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         data["timings_s"]["total"] = time.perf_counter() - t_start
         try:
             report = write_report(outdir.path, data)
-            outdir.add_files([REPORT_NAME, CARD_NAME])
             outdir.finish(shards)
         except OSError as e:
             raise output_error(e, outdir.path) from None
@@ -125,40 +124,27 @@ def _parse_dtype(dtype: str) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def _volume(plan: Plan, pieces: list[Piece], passes: int) -> int:
-    """Bytes the stream reads for ``pieces``: the base once, each expert once per pass."""
-    total = 0
-    for p in pieces:
-        entry = plan.entry(p.info.name)
-        share = entry.nbytes if p.rows is None else entry.nbytes // entry.shape[0] * (p.rows[1] - p.rows[0])
-        total += share * (1 + passes * plan.n_experts if p.info.cls in MERGED else 1)
-    return total
-
-
 def _check_budget(plan: Plan, pieces: list[Piece], method_cls, params, budget: int) -> None:
-    """Refuse before starting when one piece's buffers exceed ``budget`` (the Python/torch runtime excluded)."""
+    """Refuse before starting when one piece's buffers exceed ``budget`` (the Python/torch runtime excluded).
+
+    Buffers: the method's statistics, Δ and the result in fp32, the base and one expert piece as read, the
+    read-ahead, and two output pieces with the writer.
+    """
     for p in pieces:
         if p.info.cls not in MERGED:
             continue
-        read = plan.entry(p.info.name).nbytes * p.info.numel // max(1, _numel(plan.entry(p.info.name).shape))
+        piece_bytes = request_bytes(plan.base, p.info.name, p.rows)
         need = method_cls.state_bytes(p.info, plan.n_experts, params) + 8 * p.info.numel \
-            + (PREFETCH_DEPTH + 2) * read
+            + 4 * piece_bytes + max(PREFETCH_BYTES, piece_bytes)
         if need > budget:
             raise BudgetError(f"needs {format_size(need)} of buffers, more than --max-memory {format_size(budget)}",
                               tensor=p.info.name, hint="raise --max-memory or choose an elementwise method")
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _fingerprint(plan: Plan, method: str, params: Any, dtype: str, dev: torch.device, shard_bytes: int) -> dict:
     """What must not change between an interrupted run and its --resume (any change alters the output bytes)."""
-    def files(ck: Checkpoint) -> list:
-        return [[f.path, f.size, f.mtime_ns, f.header_sha256] for f in ck.files]
+    def files(ck: Checkpoint) -> dict:
+        return {f.path: {"size": f.size, "mtime_ns": f.mtime_ns, "header_sha256": f.header_sha256} for f in ck.files}
     return {"base": files(plan.base), "experts": [files(e) for e in plan.experts], "method": method,
             "params": params_dict(params), "dtype": dtype, "device": dev.type, "threads": torch.get_num_threads(),
             "shard_size": shard_bytes, "lowmerge": versions()["lowmerge"]}

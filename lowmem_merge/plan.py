@@ -66,7 +66,7 @@ def make_plan(base: Checkpoint, experts: list[Checkpoint], dtype: torch.dtype | 
     for entry in order:
         info = _classify(entry, conv1d, canonical_emb)
         for ex in experts:
-            _check_expert(entry, info, ex, base)
+            _check_expert(entry, info, ex)
         infos.append(info)
         out_dtype[entry.name] = dtype if (dtype is not None and entry.is_float) else entry.dtype
     heads = [_expert_heads(base, ex) for ex in experts]
@@ -106,7 +106,7 @@ def _classify(entry: TensorEntry, conv1d: bool, canonical_emb: str | None) -> Te
     return TensorInfo(name, shape, TensorClass.LIN)
 
 
-def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Checkpoint, base: Checkpoint) -> None:
+def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Checkpoint) -> None:
     name = entry.name
     if info.cls in (TensorClass.HEAD, TensorClass.INT) or (info.cls == TensorClass.TIED
                                                            and name not in expert.entries):
@@ -118,13 +118,13 @@ def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Checkpoint, base
     if theirs.shape != entry.shape:
         if info.cls in (TensorClass.EMB, TensorClass.TIED) or _LM_HEAD.search(name):
             raise InputError(f"vocabulary size differs: expert has {theirs.shape[0]} rows, base "
-                             f"{base.path} has {entry.shape[0]}", path=expert.path, tensor=name,
+                             f"{entry.path} has {entry.shape[0]}", path=theirs.path, tensor=name,
                              hint="experts with a different vocabulary are not supported yet; "
                                   "resize the expert's embeddings to the base's vocabulary")
-        raise InputError(f"shape {list(theirs.shape)} differs from the base's {list(entry.shape)}", path=expert.path,
+        raise InputError(f"shape {list(theirs.shape)} differs from the base's {list(entry.shape)}", path=theirs.path,
                          tensor=name, hint="every expert must be a fine-tune of the base with the same architecture")
     if theirs.is_float != entry.is_float:
-        raise InputError(f"dtype {theirs.dtype} does not match the base's {entry.dtype}", path=expert.path,
+        raise InputError(f"dtype {theirs.dtype} does not match the base's {entry.dtype}", path=theirs.path,
                          tensor=name, hint="every expert must be a fine-tune of the base")
 
 

@@ -6,8 +6,8 @@ arithmetic. Elementwise rules on large tensors work in row chunks so their buffe
 from __future__ import annotations
 
 import math
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,8 +21,8 @@ from .methods.base import MergeMethod
 from .plan import Plan
 
 MERGED = (TensorClass.LIN, TensorClass.EMB, TensorClass.VEC, TensorClass.CONV)
-CHUNK_ELEMS = 1 << 24          # rows per chunk keep one fp32 buffer of an elementwise rule ≤ 64 MiB
-PREFETCH_DEPTH = 2             # tensors read ahead of the one being merged
+CHUNK_ELEMS = 1 << 22          # rows per chunk keep one fp32 buffer of an elementwise rule ≤ 16 MiB
+PREFETCH_BYTES = 64 << 20      # bytes read ahead of the tensor being merged (at least one tensor)
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,19 @@ def _split(info: TensorInfo, target: str, chunkable: bool) -> list[Piece]:
 
 
 class Prefetcher:
-    """Reads ``requests`` (checkpoint, tensor name, rows) in order on a background thread into a bounded queue."""
+    """Reads ``requests`` (checkpoint, tensor name, rows) in order on a background thread.
+
+    At most ``budget`` bytes wait in the queue (always at least one tensor), and the reader checks the budget
+    before it reads, so the memory held ahead of the merge is bounded whatever the timing.
+    """
 
     def __init__(self, requests: Iterable[tuple[Checkpoint, str, tuple[int, int] | None]], pin: bool,
-                 depth: int = PREFETCH_DEPTH) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+                 budget: int = PREFETCH_BYTES) -> None:
+        self._items: deque = deque()
+        self._queued = 0
+        self._budget = budget
+        self._cond = threading.Condition()
+        self._stop = False
         self._thread = threading.Thread(target=self._run, args=(iter(requests), pin), name="lowmerge-reader",
                                         daemon=True)
         self._thread.start()
@@ -67,25 +74,50 @@ class Prefetcher:
     def _run(self, requests: Iterator, pin: bool) -> None:
         try:
             for ckpt, name, rows in requests:
-                if self._stop.is_set():
-                    return
-                self._queue.put((ckpt, ckpt.read(name, rows, pin)))
+                size = request_bytes(ckpt, name, rows)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stop or not self._items
+                                        or self._queued + size <= self._budget)
+                    if self._stop:
+                        return
+                item = ckpt.read(name, rows, pin)
+                self._push((ckpt, item), size)
         except BaseException as e:  # handed to the consumer, raised in its thread
-            self._queue.put((None, e))
+            self._push((None, e), 0)
+
+    def _push(self, item: tuple, size: int) -> None:
+        with self._cond:
+            self._items.append((item, size))
+            self._queued += size
+            self._cond.notify_all()
 
     def next(self) -> tuple[Checkpoint, torch.Tensor]:
-        ckpt, item = self._queue.get()
+        with self._cond:
+            self._cond.wait_for(lambda: bool(self._items))
+            (ckpt, item), size = self._items.popleft()
+            self._queued -= size
+            self._cond.notify_all()
         if isinstance(item, BaseException):
             raise item
         return ckpt, item
 
     def close(self) -> None:
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
+        with self._cond:
+            self._stop = True
+            self._items.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+
+def request_bytes(ckpt: Checkpoint, name: str, rows: tuple[int, int] | None) -> int:
+    entry = ckpt.entries[name]
+    return entry.nbytes if rows is None else entry.nbytes // entry.shape[0] * (rows[1] - rows[0])
+
+
+def read_volume(plan: Plan, pieces: list[Piece], passes: int) -> int:
+    """Bytes the stream reads for ``pieces``: the base once, each expert once per pass."""
+    return sum(request_bytes(plan.base, p.info.name, p.rows) * (1 + passes * plan.n_experts if p.info.cls in MERGED
+                                                                else 1) for p in pieces)
 
 
 @dataclass

@@ -21,6 +21,7 @@ class OutputDir:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.manifest: dict = {"fingerprint": fingerprint, "shards": {}, "files": []}
+        self._previous: set[str] = set()           # --force: what a previous lowmerge run wrote here
         self._prepare(resume, force)
 
     # -- start --------------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ class OutputDir:
                               hint="use --resume to continue an interrupted merge, --force to replace a previous "
                                    "lowmerge output, or choose another -o")
         if entries and force:
-            self._remove_previous_output()
+            self._previous = self._previous_output()
         p.mkdir(parents=True, exist_ok=True)
         self.save_manifest()
 
@@ -52,9 +53,10 @@ class OutputDir:
         except (ValueError, KeyError, OSError):
             raise OutputError("the resume manifest is unreadable", path=manifest_path,
                               hint="use --force to start the merge again") from None
-        changed = sorted(k for k in set(old_fp) | set(self.fingerprint) if old_fp.get(k) != self.fingerprint.get(k))
+        changed = _changes(old_fp, self.fingerprint)
         if changed:
-            raise OutputError(f"cannot resume: {', '.join(changed)} changed since the interrupted run", path=self.path,
+            raise OutputError(f"cannot resume: changed since the interrupted run: {'; '.join(changed)}",
+                              path=self.path,
                               hint="rerun with the same inputs and options, or use --force to start again")
         self.manifest["files"] = list(old.get("files", []))
         for name, rec in shards.items():
@@ -66,25 +68,31 @@ class OutputDir:
         part = self.path / (name + PARTIAL)
         return part.is_file() and part.stat().st_size == rec.get("size") and sha256_file(part) == rec.get("sha256")
 
-    def _remove_previous_output(self) -> None:
-        """--force: delete only what a previous lowmerge run wrote (its manifest or report lists it)."""
-        ours: list[str] = []
+    def _previous_output(self) -> set[str]:
+        """--force: the files a previous lowmerge run wrote here (its manifest or report lists them)."""
+        ours: set[str] = set()
         for record in (self.path / MANIFEST_NAME, self.path / REPORT_NAME):
             if record.is_file():
                 try:
                     data = json.loads(record.read_text())
                 except ValueError:
                     continue
-                ours += data.get("files", []) + [s + PARTIAL for s in data.get("shards", {})]
-                ours.append(record.name)
-        for name in set(ours):
+                files = data.get("files", [])
+                ours.update(files + [n + PARTIAL for n in files] + [s + PARTIAL for s in data.get("shards", {})])
+                ours.add(record.name)
+        return ours - {MANIFEST_NAME}                # this run's manifest is already in place
+
+    def _remove_previous_output(self) -> None:
+        """Delete only what a previous run wrote, and only inside the output directory."""
+        root = self.path.resolve()
+        for name in sorted(self._previous):
             target = self.path / name
-            if target.is_file() and target.resolve().parent == self.path.resolve():
+            if target.is_file() and root in target.resolve().parents:
                 target.unlink()
-            elif target.is_dir() and name == "heads":
-                for f in target.iterdir():
-                    f.unlink()
-                target.rmdir()
+        heads = self.path / "heads"
+        if heads.is_dir() and not any(heads.iterdir()):
+            heads.rmdir()
+        self._previous = set()
 
     # -- during --------------------------------------------------------------------------------------------------
     @property
@@ -98,13 +106,18 @@ class OutputDir:
     def save_manifest(self) -> None:
         write_json_atomic(self.path / MANIFEST_NAME, self.manifest)
 
-    def check_free(self, names: list[str]) -> None:
-        """Refuse to overwrite a file lowmerge did not write (after --force removed our own)."""
-        ours = set(self.manifest["files"])
+    def claim(self, names: list[str]) -> None:
+        """Refuse to overwrite a file lowmerge did not write; only then remove a previous output (--force).
+
+        ``names`` (relative to the directory) are recorded as this run's, so --force and --resume know them.
+        """
+        ours = set(self.manifest["files"]) | self._previous
         for name in names:
             if (self.path / name).exists() and name not in ours:
                 raise OutputError(f"would overwrite {name!r}, which lowmerge did not write", path=self.path,
                                   hint="move that file away or choose another -o")
+        self._remove_previous_output()
+        self.add_files(names)
 
     # -- end -----------------------------------------------------------------------------------------------------
     def finish(self, shards: list[Shard]) -> None:
@@ -120,3 +133,13 @@ class OutputDir:
             if n not in self.manifest["files"]:
                 self.manifest["files"].append(n)
         self.save_manifest()
+
+
+def _changes(old: object, new: object, where: str = "") -> list[str]:
+    """What differs between two fingerprints, as readable paths: ``experts[1] /x/model.safetensors mtime_ns``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new), key=str)
+                for c in _changes(old.get(k), new.get(k), f"{where} {k}".strip())]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in _changes(a, b, f"{where}[{i}]")]
+    return [where] if old != new else []

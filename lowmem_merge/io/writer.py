@@ -105,7 +105,7 @@ class ShardWriter:
         self.done = done
         self._on_shard_done = on_shard_done        # callback(shard_name, record) from the writer thread's caller
         self._shard_of = {spec[0]: s for s in shards for spec in s.specs}
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._queue: queue.Queue = queue.Queue(maxsize=1)   # one tensor waits while one is written
         self._error: BaseException | None = None
         self._finished: list[tuple[str, dict]] = []
         self._thread = threading.Thread(target=self._run, name="lowmerge-writer", daemon=True)
@@ -128,8 +128,13 @@ class ShardWriter:
         self._drain_finished()
 
     def abort(self) -> None:
+        """Stop after what is queued; record the shards that did complete, so --resume keeps them."""
         self._queue.put(None)
         self._thread.join(timeout=60)
+        try:
+            self._drain_finished()
+        except OSError:
+            pass   # best effort while another error propagates: an unrecorded shard is only written again
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -155,7 +160,8 @@ class ShardWriter:
                     f = open(self.out_dir / shard.partial, "wb")
                     hasher = hashlib.sha256(shard.header)
                     f.write(shard.header)
-                data = memoryview(part.view(torch.uint8).numpy()) if part.numel() else b""
+                # 1-D, so that len(data) counts bytes (a 2-D memoryview's len is its number of rows)
+                data = memoryview(part.reshape(-1).view(torch.uint8).numpy()) if part.numel() else b""
                 f.write(data)
                 hasher.update(data)
                 written += len(data)
@@ -173,7 +179,10 @@ class ShardWriter:
                 pass
         finally:
             if f is not None:
-                f.close()
+                try:
+                    f.close()
+                except OSError as e:   # flushing the rest of a shard that failed fails again (disk full, EFBIG)
+                    self._error = self._error or output_error(e, self.out_dir / current.partial)
 
 
 def write_model(out_dir: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], produce,

@@ -1,0 +1,27 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: setup demo test bench-speed clean
+
+setup: $(VENV)/.lowmerge-installed
+
+# torch is installed only when the environment has none (a system torch is used as it is).
+$(VENV)/.lowmerge-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lowmerge demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-speed: setup
+	$(PY) bench/speed.py
+
+clean:
+	rm -rf $(VENV) demo-output

@@ -1,0 +1,44 @@
+"""REGISTRY: every merge rule by its CLI name. A new rule is one file and one entry in ``_METHODS``."""
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .actmat import ActMat
+from .average import Average
+from .base import MergeMethod, NoParams, Prepass, parse_params, params_dict
+from .dare import Dare
+from .task_arithmetic import TaskArithmetic
+from .ties import Ties
+from .wudi_cfs import WudiCfs
+
+_METHODS: tuple[type[MergeMethod], ...] = (
+    Average,
+    TaskArithmetic,
+    Ties,
+    Dare,
+    ActMat,
+    WudiCfs,
+)
+
+
+def _build_registry(methods: tuple[type[MergeMethod], ...]) -> dict[str, type[MergeMethod]]:
+    registry: dict[str, type[MergeMethod]] = {}
+    for cls in methods:
+        if cls.name in registry:
+            raise RuntimeError(f"two merge methods are named {cls.name!r}")
+        registry[cls.name] = cls
+    return registry
+
+
+REGISTRY: dict[str, type[MergeMethod]] = _build_registry(_METHODS)
+DEFAULT_METHOD = "wudi_cfs"
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}", hint="valid methods: " + ", ".join(REGISTRY)) from None
+
+
+__all__ = ["REGISTRY", "DEFAULT_METHOD", "MergeMethod", "NoParams", "Prepass", "get_method", "parse_params",
+           "params_dict"]

@@ -1,0 +1,92 @@
+"""DARE then task arithmetic (ALGORITHMS.md §7): W* = W0 + λ Σ_t (m_t ⊙ Δt) / density, m_t ~ Bernoulli(density).
+
+Dropping entries at random and rescaling the rest keeps E[τ̃] = τ (Yu et al. 2024, "Language Models are Super Mario").
+Every float tensor class gets the same rule.
+
+Determinism: the mask of expert t on a tensor (or row chunk) depends only on (seed, t, tensor name, row_start) and the
+shape, through a blake2b hash (never Python's salted ``hash``), so it is the same on any device, in any tensor order
+and in any run. It is drawn on the CPU generator (the same numbers whatever the device) in blocks of rows, so the host
+buffer stays small for any tensor size; a row-chunked tensor gets different masks than the whole one, which is fine:
+only the distribution matters, and the chunking is itself deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..info import TensorInfo
+from .base import MergeMethod
+
+_BLOCK = 1 << 20  # mask elements drawn at a time (at least one row): 4 MiB of host memory
+
+
+@dataclasses.dataclass(frozen=True)
+class DareParams:
+    density: float = 0.5
+    scale: float = 0.4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.density <= 1:
+            raise ConfigError(f"dare: density={self.density} must be in (0, 1]",
+                              hint="density is the probability to keep an entry (1 - drop rate), e.g. -p density=0.5")
+
+
+def mask_seed(seed: int, t: int, name: str, row_start: int) -> int:
+    """A 64-bit generator seed from what identifies one expert's piece of one tensor."""
+    digest = hashlib.blake2b(f"{seed}:{t}:{name}:{row_start}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _rows_per_block(shape: tuple[int, ...]) -> int:
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return max(1, _BLOCK // max(row, 1))
+
+
+class Dare(MergeMethod):
+    name = "dare"
+    summary = "drop each task-vector entry with probability 1-density, rescale by 1/density, then task arithmetic"
+    Params = DareParams
+    param_help = {
+        "density": "probability to keep an entry (= 1 - drop rate p)",
+        "scale": "λ, multiplies the sum of the rescaled task vectors",
+        "seed": "random seed; masks depend on (seed, expert, tensor name, row offset) only",
+    }
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        super().__init__(info, n_experts, params, state)
+        self.total: torch.Tensor | None = None  # Σ_t m_t ⊙ Δt, fp32, shape of the tensor
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        if self.total is None:
+            self.total = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
+        if self.params.density >= 1:  # rand < 1 always holds: every entry is kept, no need to draw
+            self.total.add_(delta)
+            return
+        x = delta.reshape(1) if delta.dim() == 0 else delta  # masks run along dim 0
+        acc = self.total.view(x.shape)
+        gen = torch.Generator().manual_seed(mask_seed(self.params.seed, t, self.info.name, self.info.row_start))
+        step = _rows_per_block(tuple(x.shape))
+        for r0 in range(0, x.shape[0], step):
+            rows = x[r0:r0 + step]
+            keep = torch.rand(rows.shape, generator=gen) < self.params.density  # bool, on the host
+            acc[r0:r0 + step].addcmul_(rows, keep.to(rows.device))
+
+    def finalize(self) -> torch.Tensor:
+        return self.total.mul_(self.params.scale / self.params.density)
+
+    @classmethod
+    def row_chunkable(cls, params: Any) -> bool:
+        return True
+
+    @staticmethod
+    def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
+        """The running sum, plus one mask block: fp32 draws and a bool mask on the host, the mask on the device and
+        the fp32 cast ``addcmul_`` may make of it."""
+        block = min(info.numel, _rows_per_block(info.shape) * math.prod(info.shape[1:]))
+        return 4 * info.numel + 10 * block

@@ -1,0 +1,178 @@
+"""TIES-Merging (ALGORITHMS.md §7; Yadav et al. 2023, `prateeky2806/ties-merging`): trim, elect, disjoint mean.
+
+1. Trim: expert t keeps the entries with |Δt| >= κ_t.
+   trim=global (the authors' code): κ_t is the (d − ⌊d·K⌋)-th smallest |Δt| over the whole model (d entries), found
+   exactly by ``TiesPrepass`` with two histogram rounds; ties at κ_t are kept.
+   trim=tensor (mergekit's ``ties``): per tensor, the k = ⌊K·numel⌋ largest |Δt|.
+2. Elect: γ = sign(Σ_t trimmed Δt).
+3. Disjoint mean: the mean of the trimmed entries whose sign is γ (zeros never count); Δ* = λ · that mean.
+Where the trimmed sum is exactly 0, trim=global gives 0 (lowmerge's rule, §7 "Streaming"; the reference would use the
+model-wide majority sign, which needs one more pass) and trim=tensor elects + like mergekit.
+
+Streaming: per tensor, four buffers P = Σ positive kept, Q = Σ negative kept and their counts c⁺, c⁻; then
+Δ* = λ·P/max(c⁺,1) where γ > 0 and λ·Q/max(c⁻,1) where γ < 0. Every float tensor class gets the same rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+
+from ..errors import ConfigError
+from ..info import TensorInfo
+from .base import MergeMethod, Prepass
+
+_HIGH = 1 << 15  # buckets of the top 16 bits of a non-negative fp32 (sign bit 0)
+_LOW = 1 << 16   # values of the low 16 bits inside one bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class TiesParams:
+    density: float = 0.2
+    scale: float = 1.0
+    trim: Literal["global", "tensor"] = "global"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.density <= 1:
+            raise ConfigError(f"ties: density={self.density} must be in (0, 1]",
+                              hint="density is the fraction of each task vector kept, e.g. -p density=0.2")
+        if self.trim not in ("global", "tensor"):
+            raise ConfigError(f"ties: trim={self.trim!r} must be 'global' or 'tensor'", hint="example: -p trim=global")
+
+
+class TiesPrepass(Prepass):
+    """Exact per-expert global threshold κ_t in two reads, holding histograms, never the values.
+
+    Non-negative fp32 values order like their int32 bit patterns. Round 0 counts |Δ| by the top 16 bits (32768 buckets)
+    and finds, per expert, the bucket holding the rank r = d − ⌊d·K⌋ (1-indexed, smallest first); round 1 counts the
+    low 16 bits of the entries in that bucket, which pins the r-th smallest value down exactly.
+    """
+
+    rounds = 2
+
+    def __init__(self, n_experts: int, params: Any) -> None:
+        super().__init__(n_experts, params)
+        self._high = [torch.zeros(_HIGH, dtype=torch.int64) for _ in range(n_experts)]  # round 0 counts
+        self._low = [torch.zeros(_LOW, dtype=torch.int64) for _ in range(n_experts)]    # round 1 counts
+        self._bucket = [0] * n_experts  # bucket of the r-th smallest
+        self._rank = [0] * n_experts    # its rank inside the bucket, 1-indexed; 0 = no threshold (κ_t = 0)
+        self._kappa = [0.0] * n_experts
+
+    def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
+        if round_ == 1 and self._rank[t] == 0:
+            return
+        bits = delta.abs().view(torch.int32).reshape(-1)  # (numel,) int32, a temporary we may overwrite
+        if round_ == 0:
+            counts = torch.bincount(bits.bitwise_right_shift_(16), minlength=_HIGH)
+            self._high[t] += counts.cpu()
+        else:  # shift the bucket to [0, 65536), clamp the rest to -1 or 65536, offset by one so bincount takes it
+            bits.sub_(self._bucket[t] << 16).clamp_(-1, _LOW).add_(1)
+            self._low[t] += torch.bincount(bits, minlength=_LOW + 2)[1:_LOW + 1].cpu()
+
+    def end_round(self, round_: int) -> None:
+        for t in range(self.n_experts):
+            if round_ == 0:
+                d = int(self._high[t].sum())
+                if self.params.density < 1 and d > 0:  # else keep everything: κ_t = 0
+                    rank = d - int(d * self.params.density)  # ≥ 1 because density < 1
+                    self._bucket[t], self._rank[t] = _locate(self._high[t], rank)
+            elif self._rank[t]:
+                low, _ = _locate(self._low[t], self._rank[t])
+                bits = torch.tensor((self._bucket[t] << 16) | low, dtype=torch.int32)
+                self._kappa[t] = bits.view(torch.float32).item()
+
+    def state(self) -> list[float]:
+        """κ_t per expert (exact fp32 values)."""
+        return list(self._kappa)
+
+
+def _locate(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the ``rank``-th smallest entry (1-indexed), and that entry's rank inside the bin."""
+    cumulative = counts.cumsum(0)
+    index = int(torch.searchsorted(cumulative, rank))  # first bin whose cumulative count reaches rank
+    return index, rank - (int(cumulative[index - 1]) if index else 0)
+
+
+class Ties(MergeMethod):
+    name = "ties"
+    summary = "trim each task vector to its largest entries, elect signs by mass, average the agreeing entries"
+    Params = TiesParams
+    prepass = TiesPrepass
+    param_help = {
+        "density": "K, fraction of each task vector kept by magnitude",
+        "scale": "λ, multiplies the merged task vector",
+        "trim": "global: one threshold per expert over the whole model (TIES paper); tensor: per tensor (mergekit)",
+    }
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        super().__init__(info, n_experts, params, state)
+        if self.uses_prepass(params) and state is None:
+            raise ValueError("ties with trim=global needs the TiesPrepass state (κ_t per expert)")
+        self._count_dtype = _count_dtype(n_experts)
+        self._sums: list[torch.Tensor] = []    # [P, Q], fp32, shape of the tensor
+        self._counts: list[torch.Tensor] = []  # [c⁺, c⁻]
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        if not self._sums:
+            self._sums = [torch.zeros_like(delta, memory_format=torch.contiguous_format) for _ in range(2)]
+            self._counts = [torch.zeros(delta.shape, dtype=self._count_dtype, device=delta.device) for _ in range(2)]
+        for total, count, mask in zip(self._sums, self._counts, self._kept_sides(t, delta)):
+            total.addcmul_(delta, mask)
+            count.add_(mask)
+
+    def _kept_sides(self, t: int, delta: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Masks (bool, shape of delta) of the kept entries that are strictly positive, then strictly negative.
+
+        A kept 0 joins neither side. With a threshold κ > 0 the sides are Δ >= κ and Δ <= −κ: two comparisons,
+        no |Δ| temporary. Yielded one at a time so that only one mask lives at once.
+        """
+        if self.params.trim == "tensor" and self.params.density < 1:
+            k = int(self.params.density * delta.numel())
+            keep = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+            keep[delta.abs().reshape(-1).topk(k, sorted=False).indices] = True
+            keep = keep.view(delta.shape)
+            yield torch.gt(delta, 0).logical_and_(keep)
+            yield torch.lt(delta, 0).logical_and_(keep)
+            return
+        kappa = self.state[t] if self.uses_prepass(self.params) else 0.0
+        if kappa > 0:
+            yield delta >= kappa
+            yield delta <= -kappa
+        else:
+            yield delta > 0
+            yield delta < 0
+
+    def finalize(self) -> torch.Tensor:
+        pos, neg = self._sums
+        total = pos + neg
+        up = total >= 0 if self.params.trim == "tensor" else total > 0  # tensor: mergekit elects + on a 0 sum
+        down = total < 0
+        del total
+        for s, count, side in zip(self._sums, self._counts, (up, down)):
+            s.div_(count.clamp_(min=1)).mul_(side)
+        return pos.add_(neg).mul_(self.params.scale)
+
+    @classmethod
+    def row_chunkable(cls, params: Any) -> bool:
+        return params.trim == "global"
+
+    @classmethod
+    def uses_prepass(cls, params: Any) -> bool:
+        return params.trim == "global" and params.density < 1
+
+    @staticmethod
+    def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
+        """P, Q, c⁺, c⁻, plus temporaries: a bool mask (and the fp32 cast addcmul_ may make of it) in add, or P+Q and
+        γ's two masks in finalize; trim=tensor adds |Δ|, the kept mask and topk's values (fp32) and indices (int64)."""
+        per_entry = 8 + 2 * _count_dtype(n_experts).itemsize + 6
+        if params.trim == "tensor" and params.density < 1:
+            per_entry += 12 * params.density
+        return math.ceil(per_entry * info.numel)
+
+
+def _count_dtype(n_experts: int) -> torch.dtype:
+    """Counts up to n_experts; int16 halves the fp32 memory for any realistic number of experts."""
+    return torch.int16 if n_experts < 1 << 15 else torch.int32

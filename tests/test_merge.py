@@ -1,0 +1,229 @@
+"""The engine end to end: streamed output == the same rule applied in memory to whole tensors, on real files."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowmem_merge import merge, stream
+from lowmem_merge.demo import LlamaShape, build_example
+from lowmem_merge.info import TensorClass
+from lowmem_merge.io.checkpoint import open_checkpoint
+from lowmem_merge.methods import REGISTRY, parse_params
+from lowmem_merge.plan import make_plan
+
+from conftest import TINY, run_cli
+
+
+def load_model(d: Path) -> dict[str, torch.Tensor]:
+    files = sorted(d.glob("*.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def in_memory_merge(base: Path, experts: list[Path], method: str, **params) -> dict[str, torch.Tensor]:
+    """Whole tensors, every expert at once, no streaming code: the rule applied straight to the state dicts."""
+    cls = REGISTRY[method]
+    parsed = parse_params(cls, {k: str(v) for k, v in params.items()})
+    with open_checkpoint(base) as b:
+        plan = make_plan(b, [open_checkpoint(e) for e in experts])
+    W0 = load_model(base) if base.is_dir() else load_file(base)
+    Ws = [load_model(e) if e.is_dir() else load_file(e) for e in experts]
+
+    def deltas(info):
+        ds = [(W[info.name].double() - W0[info.name].double()).float() for W in Ws]
+        return [d.T.contiguous() for d in ds] if info.transposed else ds
+
+    merged_infos = [i for i in plan.tensors if i.cls in stream.MERGED]
+    state = None
+    if cls.uses_prepass(parsed):
+        pre = cls.prepass(len(Ws), parsed)
+        for r in range(pre.rounds):
+            for info in merged_infos:
+                for t, d in enumerate(deltas(info)):
+                    pre.observe(r, info, t, d)
+            pre.end_round(r)
+        state = pre.state()
+    out: dict[str, torch.Tensor] = {}
+    for info in plan.tensors:
+        if info.cls not in stream.MERGED and info.cls != TensorClass.TIED:
+            out[info.name] = W0[info.name]
+            continue
+        src = next(i for i in plan.tensors if i.name == info.tied_to) if info.cls == TensorClass.TIED else info
+        m = cls(src, len(Ws), parsed, state)
+        ds = deltas(src)
+        for p in range(cls.passes):
+            for t, d in enumerate(ds):
+                m.add(t, d.clone(), p)
+        delta = m.finalize()
+        delta = delta.T if src.transposed else delta
+        out[info.name] = (W0[src.name].float() + delta).to(W0[src.name].dtype)
+    return out
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], exact: bool) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        if exact:
+            assert torch.equal(got[name], want[name]), name
+        else:  # fp32 results computed in another order: within rounding of the stored dtype
+            torch.testing.assert_close(got[name].float(), want[name].float(), rtol=2e-2 if got[name].dtype != torch.float32 else 1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic"])
+def test_elementwise_equals_fp64_formula(tiny, tmp_path, method):
+    base, experts = tiny
+    out = tmp_path / "out"
+    merge(base, experts, out, method, dtype="float32")
+    got = load_model(out)
+    W0, Ws = load_model(base), [load_model(e) for e in experts]
+    lam = 1 / len(Ws) if method == "average" else 0.4
+    for name, w0 in W0.items():
+        want = w0.double() + lam * sum(W[name].double() - w0.double() for W in Ws)
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-6, atol=1e-7)  # fp32 rounding of Δ sums
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_streamed_equals_in_memory(tiny, tmp_path, method):
+    base, experts = tiny
+    out = tmp_path / "out"
+    merge(base, experts, out, method)
+    assert_same(load_model(out), in_memory_merge(base, experts, method), exact=False)
+
+
+def test_output_loads_in_transformers_and_matches(tiny, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    base, experts = tiny
+    out = tmp_path / "out"
+    merge(base, experts, out, "task_arithmetic")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(base)
+    ref.load_state_dict(in_memory_merge(base, experts, "task_arithmetic"), strict=False)
+    ids = torch.randint(0, TINY.vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    report = json.loads((out / "lowmerge_report.json").read_text())
+    assert report["method"] == "task_arithmetic" and report["params"] == {"scale": 0.4}
+    assert report["inputs"]["experts"][0]["files"][0]["header_sha256"]
+    assert report["memory"]["peak_rss_bytes"] > 0 and report["timings_s"]["total"] > 0
+    assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    assert (out / "README.md").read_text().startswith("---")
+    assert not (out / "lowmerge-manifest.json").exists()
+
+
+def test_sharded_inputs_and_outputs_equal_single_file(tmp_path):
+    base, experts = build_example(tmp_path / "single", TINY, n_experts=2)
+    sbase, sexperts = build_example(tmp_path / "sharded", TINY, n_experts=2, shard_size=8_000)
+    assert (sbase / "model.safetensors.index.json").is_file()
+    merge(base, experts, tmp_path / "a", "task_arithmetic")
+    merge(sbase, sexperts, tmp_path / "b", "task_arithmetic", shard_size="10KB")
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert_same(load_model(tmp_path / "b"), load_model(tmp_path / "a"), exact=True)
+
+
+def test_mixed_input_dtypes(tmp_path):
+    base, experts = build_example(tmp_path / "in", TINY, n_experts=2, dtype=torch.bfloat16)
+    for e, dt in zip(experts, (torch.float16, torch.float32)):  # same weights, other storage dtypes
+        sd = {k: v.to(dt) for k, v in load_file(e / "model.safetensors").items()}
+        save_file(sd, e / "model.safetensors")
+    merge(base, experts, tmp_path / "out", "average", dtype="float32")
+    got, W0 = load_model(tmp_path / "out"), load_model(base)
+    Ws = [load_model(e) for e in experts]
+    for name in W0:
+        want = W0[name].double() + sum(W[name].double() - W0[name].double() for W in Ws) / 2
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-6, atol=1e-7)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["dtype"] == "float32"
+
+
+def test_row_chunks_give_the_same_bytes(tiny, tmp_path, monkeypatch):
+    base, experts = tiny
+    merge(base, experts, tmp_path / "whole", "task_arithmetic")
+    monkeypatch.setattr(stream, "CHUNK_ELEMS", 100)   # every 2-D tensor is split into many row ranges
+    pieces = stream.make_pieces(make_plan(open_checkpoint(base), [open_checkpoint(e) for e in experts]), True)
+    assert any(p.rows is not None for p in pieces)
+    merge(base, experts, tmp_path / "chunked", "task_arithmetic")
+    assert_same(load_model(tmp_path / "chunked"), load_model(tmp_path / "whole"), exact=True)
+
+
+def test_tied_lm_head_is_written_as_the_merged_embedding(tmp_path):
+    base, experts = build_example(tmp_path / "in", TINY, n_experts=2)
+    for d in [base, *experts]:   # a checkpoint that stores a tied lm_head (config says tied)
+        sd = load_file(d / "model.safetensors")
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+        save_file(sd, d / "model.safetensors")
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["tie_word_embeddings"] = True
+        (d / "config.json").write_text(json.dumps(cfg))
+    merge(base, experts, tmp_path / "out", "task_arithmetic")
+    got = load_model(tmp_path / "out")
+    assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    assert not torch.equal(got["model.embed_tokens.weight"], load_model(base)["model.embed_tokens.weight"])
+
+
+def _gpt2(tmp_path: Path, n_experts: int = 2) -> tuple[Path, list[Path]]:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    base = tmp_path / "gpt2-base"
+    model.save_pretrained(base)
+    experts = []
+    for t in range(n_experts):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and "wte" not in name and "wpe" not in name:  # low-rank task update
+                    p.add_(0.01 * torch.randn(p.shape[0], 2) @ torch.randn(2, p.shape[1]))
+                else:
+                    p.add_(1e-3 * torch.randn_like(p))
+        experts.append(tmp_path / f"gpt2-expert{t}")
+        model.save_pretrained(experts[-1])
+    return base, experts
+
+
+def test_gpt2_conv1d_weights_are_merged_in_out_in_orientation(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    base, experts = _gpt2(tmp_path)
+    with open_checkpoint(base) as b:
+        plan = make_plan(b, [open_checkpoint(e) for e in experts])
+    infos = {i.name: i for i in plan.tensors}
+    c_fc = infos["transformer.h.0.mlp.c_fc.weight"]
+    assert c_fc.transposed and c_fc.cls == TensorClass.LIN and c_fc.shape == (128, 32)   # (out, in)
+    assert infos["transformer.wte.weight"].cls == TensorClass.EMB
+    method = "actmat" if "actmat" in REGISTRY else "average"
+    merge(base, experts, tmp_path / "out", method)
+    assert_same(load_model(tmp_path / "out"), in_memory_merge(base, experts, method), exact=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(10)[None]).logits).all()
+
+
+def test_demo_command_runs_end_to_end(tmp_path):
+    proc = run_cli("demo", tmp_path / "demo", check=True)
+    assert "merged model:" in proc.stdout and "transformers loaded it" in proc.stdout
+    assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
+
+
+def test_methods_command_lists_every_method_with_defaults():
+    proc = run_cli("methods", check=True)
+    for name, cls in REGISTRY.items():
+        assert proc.stdout.count(f"{name}") >= 1
+    assert "scale=0.4" in proc.stdout
+
+
+def test_merge_cli_prints_summary_and_quiet_prints_nothing(tiny, tmp_path):
+    base, experts = tiny
+    proc = run_cli("merge", base, *experts, "-o", tmp_path / "o1", "--method", "average", check=True)
+    assert "merged 3 experts" in proc.stdout and proc.stderr == ""
+    proc = run_cli("merge", base, *experts, "-o", tmp_path / "o2", "--method", "average", "-q", check=True)
+    assert proc.stdout == ""
+    assert torch.equal(load_model(tmp_path / "o1")["lm_head.weight"], load_model(tmp_path / "o2")["lm_head.weight"])

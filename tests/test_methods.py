@@ -1,0 +1,528 @@
+"""Every merge rule in REGISTRY, driven like the stream drives it, against the fp64 references and ALGORITHMS.md §11.
+
+Tolerances, and why they are what they are:
+* Elementwise rules (average, task arithmetic, DARE, TIES): an fp32 sum of T terms is off by at most (T−1)·u·Σ|x|
+  (recursive summation), and the division and the scale add one rounding each; so |got − ref| ≤ (T+2)·u·g·Σ_t|Δt|
+  per entry, g being the rule's gain (λ, 1/T, ...) — a bound, not a fit. TIES entries whose trimmed sum is within
+  rounding of 0 may elect either sign in fp32; they are left out of the comparison (and must be rare).
+* Covariance rules (actmat, wudi_cfs): solving with a matrix of condition number κ whose entries carry O(u) rounding
+  from fp32 accumulation gives a relative error of order κ·u; the test allows SOLVE_C·κ·u in Frobenius norm, κ from
+  the fp64 system over the eigenvalues above pinv's fp32 cut-off (wudi_cfs drops the others, as its reference does;
+  in these cases they belong to exact null spaces, where the answer has no component). SOLVE_C = 50 covers the O(1)
+  constants of Cholesky or eigh and of the accumulation over T ≤ 3 experts; measured ratios stay below 3.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference as ref
+from lowmem_merge.errors import ConfigError
+from lowmem_merge.info import TensorClass, TensorInfo
+from lowmem_merge.methods import DEFAULT_METHOD, REGISTRY, parse_params
+from lowmem_merge.methods import _build_registry
+from lowmem_merge.methods.average import Average
+from lowmem_merge.methods.task_arithmetic import TaskArithmetic
+
+U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff of fp32
+SOLVE_C = 50.0
+LIN, VEC, EMB, CONV = TensorClass.LIN, TensorClass.VEC, TensorClass.EMB, TensorClass.CONV
+Model = dict[str, tuple[TensorInfo, list[torch.Tensor]]]
+
+
+# ---- driving a method the way the stream does ----------------------------------------------------------------
+
+def stream(name: str, params: object, model: Model) -> dict[str, torch.Tensor]:
+    """Pre-pass rounds over every tensor (if the rule wants one), then per tensor: passes × experts, finalize.
+
+    Each Δt goes through one reused buffer that is poisoned with NaN after ``add``, as the stream reuses its
+    buffers: a method that keeps a reference to ``delta`` gives NaN.
+    """
+    cls = REGISTRY[name]
+    n_experts = len(next(iter(model.values()))[1])
+    state = None
+    if cls.uses_prepass(params):
+        pre = cls.prepass(n_experts, params)
+        for round_ in range(pre.rounds):
+            for info, deltas in model.values():
+                for t, delta in enumerate(deltas):
+                    pre.observe(round_, info, t, delta.clone())
+            pre.end_round(round_)
+        state = pre.state()
+    merged = {}
+    for key, (info, deltas) in model.items():
+        method = cls(info, n_experts, params, state)
+        buf = torch.empty_like(deltas[0])
+        for pass_ in range(cls.passes):
+            for t, delta in enumerate(deltas):
+                buf.copy_(delta)
+                method.add(t, buf, pass_)
+                buf.fill_(float("nan"))
+        merged[key] = method.finalize()
+        assert merged[key].shape == info.shape and merged[key].dtype == torch.float32
+    return merged
+
+
+def stream_one(name: str, deltas: list[torch.Tensor], cls: TensorClass = LIN, **params: object) -> torch.Tensor:
+    info = TensorInfo("w", tuple(deltas[0].shape), cls)
+    return stream(name, REGISTRY[name].Params(**params), {"w": (info, deltas)})["w"]
+
+
+def make_model(lin_shape: tuple[int, ...], scales: list[float], bf16: bool = False, *, seed: int) -> Model:
+    """A LIN weight, its bias and an embedding, for len(scales) experts; expert t's deltas are N(0, scales[t]²).
+
+    bf16: deltas as the stream forms them from bf16 checkpoints, W_t(bf16) − W0(bf16) in fp32, with W0 ~ N(0, 1):
+    coarse values, many exact ties and exact cancellations.
+    """
+    g = torch.Generator().manual_seed(seed)
+    m, n = lin_shape[-2:]
+    specs = {"layer.weight": (LIN, lin_shape), "layer.bias": (VEC, (m,)), "embed.weight": (EMB, (7, n))}
+    model = {}
+    for name, (cls, shape) in specs.items():
+        base = torch.randn(shape, generator=g)
+        deltas = [s * torch.randn(shape, generator=g) for s in scales]
+        if bf16:
+            deltas = [(base + d).bfloat16().float() - base.bfloat16().float() for d in deltas]
+        model[name] = (TensorInfo(name, shape, cls), deltas)
+    return model
+
+
+def to64(model: Model) -> ref.Model:
+    return {k: (info, [d.double() for d in deltas]) for k, (info, deltas) in model.items()}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm().clamp(min=1e-300))
+
+
+CASES = {  # name: make_model's (LIN shape, expert scales[, bf16])
+    "square": ((8, 8), [1.0, 1.0, 1.0]),
+    "tall": ((24, 6), [1.0, 0.5, 2.0]),
+    "wide_singular": ((4, 32), [1.0, 1.0]),      # T·m = 8 < n = 32: ΣΔᵀΔ is singular
+    "mixed_scales": ((12, 10), [1e-3, 10.0]),
+    "moe_3d": ((3, 6, 5), [1.0, 1.0, 1.0]),      # (E, out, in): a batch of LIN matrices (§13)
+    "bf16": ((10, 8), [0.01, 0.01, 0.01], True),  # deltas of bf16 checkpoints
+}
+
+# method -> [(params, reference(model64, params), gain)]; DARE at density 1 is task arithmetic by definition.
+REFERENCES = {
+    "average": [({}, lambda m, p: {k: ref.average(d) for k, (_, d) in m.items()}, 1.0)],
+    "task_arithmetic": [({"scale": 0.4}, lambda m, p: {k: ref.task_arithmetic(d, p.scale) for k, (_, d) in m.items()},
+                         0.4)],
+    "dare": [({"density": 1.0, "scale": 0.7},
+              lambda m, p: {k: ref.task_arithmetic(d, p.scale) for k, (_, d) in m.items()}, 0.7)],
+    "ties": [({}, lambda m, p: ref.ties(m, p.density, p.scale, p.trim), 1.0),
+             ({"density": 0.5, "scale": 0.7, "trim": "tensor"}, lambda m, p: ref.ties(m, p.density, p.scale, p.trim),
+              0.7),
+             ({"density": 1.0}, lambda m, p: ref.ties(m, p.density, p.scale, p.trim), 1.0)],
+    "actmat": [({}, lambda m, p: ref.lin_or_mean(m, lambda ds: ref.actmat_matrix(ds, p.rho)), 1.0)],
+    "wudi_cfs": [({}, lambda m, p: ref.lin_or_mean(m, lambda ds: ref.wudi_cfs_matrix(ds, p.omega)), 1.0),
+                 ({"omega": 0.1}, lambda m, p: ref.lin_or_mean(m, lambda ds: ref.wudi_cfs_matrix(ds, p.omega)), 1.0)],
+}
+PARAMETRIZED = [(name, i) for name, rows in REFERENCES.items() for i in range(len(rows))]
+
+
+def system_condition(name: str, params: object, taus: list[torch.Tensor]) -> float:
+    """κ of the fp64 matrix the rule inverts, on the eigenvalues an fp32 pseudo-inverse keeps (> max·n·eps32: below
+    that, fp32 rounding decides), worst over the matrices of a (..., m, n) LIN tensor."""
+    worst = 1.0
+    for e in range(math.prod(taus[0].shape[:-2])):
+        mats = [x.reshape(-1, *x.shape[-2:])[e] for x in taus]
+        if name == "actmat":
+            a, _ = ref.covariance_system(mats, [1.0] * len(mats), 0.0)
+            a = a + params.rho * torch.trace(a) / a.shape[0] * torch.eye(a.shape[0], dtype=torch.float64)
+        else:
+            a, _ = ref.covariance_system(mats, [1 / float(x.norm()) ** 2 for x in mats], params.omega)
+        evals = torch.linalg.eigvalsh(a)
+        kept = evals[evals > evals[-1] * a.shape[0] * 2 * U32]
+        worst = max(worst, float(kept[-1] / kept[0]))
+    return worst
+
+
+def test_every_method_has_a_reference() -> None:
+    assert set(REFERENCES) == set(REGISTRY)
+
+
+def check_against_reference(name: str, row: int, model: Model) -> None:
+    """Stream ``model`` (deltas on any device, any layout) and hold every tensor to the bounds in the module doc."""
+    kwargs, reference, gain = REFERENCES[name][row]
+    params = REGISTRY[name].Params(**kwargs)
+    got = {k: v.cpu() for k, v in stream(name, params, model).items()}
+    model64 = {k: (info, [d.cpu().double() for d in deltas]) for k, (info, deltas) in model.items()}
+    want = reference(model64, params)
+    n_experts = len(next(iter(model.values()))[1])
+    trimmed = ref.ties_trimmed(model64, params.density, params.trim) if name == "ties" else {}
+    for key, (info, deltas) in model64.items():
+        if info.cls == LIN and name in ("actmat", "wudi_cfs"):
+            kappa = system_condition(name, params, deltas)
+            assert rel_err(got[key], want[key]) <= SOLVE_C * kappa * U32, (key, kappa)
+            continue
+        bound = (n_experts + 2) * U32 * gain * torch.stack(deltas).abs().sum(0)
+        close = (got[key].double() - want[key]).abs() <= bound
+        if name == "ties":  # an fp32 sum within rounding of 0 may elect either sign
+            t = trimmed[key]
+            total = t.sum(0)  # an exact 0 stays exact in fp32 (bf16 deltas) and is compared
+            ambiguous = (total != 0) & (total.abs() < 2 * (n_experts + 1) * U32 * t.abs().sum(0))
+            assert ambiguous.double().mean() < 0.01
+            close |= ambiguous
+        assert bool(close.all()), key
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name,row", PARAMETRIZED)
+def test_streamed_fp32_matches_fp64_reference(name: str, row: int, case: str, seed: int) -> None:
+    if case == "bf16" and REFERENCES[name][row][0].get("trim") == "tensor":
+        pytest.skip("top-k among exactly equal magnitudes is arbitrary (topk, argsort): no single answer to compare")
+    check_against_reference(name, row, make_model(*CASES[case], seed=seed))
+
+
+@pytest.mark.parametrize("case", ["tall", "wide_singular"])
+@pytest.mark.parametrize("name,row", PARAMETRIZED)
+def test_transposed_views_are_merged_like_contiguous_deltas(name: str, row: int, case: str) -> None:
+    """The stream hands a GPT-2 Conv1D weight to the method as a transposed view: strides must not matter."""
+    model = make_model(*CASES[case], seed=2)
+    model["layer.weight"] = (model["layer.weight"][0], [d.T.contiguous().T for d in model["layer.weight"][1]])
+    assert not model["layer.weight"][1][0].is_contiguous()
+    check_against_reference(name, row, model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name,row", PARAMETRIZED)
+def test_cuda_deltas_match_the_reference(name: str, row: int, case: str) -> None:
+    if case == "bf16" and REFERENCES[name][row][0].get("trim") == "tensor":
+        pytest.skip("top-k among exactly equal magnitudes is arbitrary (topk, argsort): no single answer to compare")
+    model = make_model(*CASES[case], seed=3)
+    check_against_reference(name, row, {k: (i, [d.cuda() for d in ds]) for k, (i, ds) in model.items()})
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_zero_deltas_give_zero(name: str) -> None:
+    model = make_model((6, 5), [0.0, 0.0], seed=0)
+    for key, out in stream(name, REGISTRY[name].Params(), model).items():
+        assert torch.equal(out, torch.zeros_like(out)), key
+
+
+def test_default_method_is_registered() -> None:
+    assert DEFAULT_METHOD == "wudi_cfs" and DEFAULT_METHOD in REGISTRY
+
+
+# ---- actmat and wudi_cfs: the kernel (§1, §2, §4.2, §11.1, §11.3) -----------------------------------------------
+
+@pytest.mark.parametrize("name", ["actmat", "wudi_cfs"])
+@pytest.mark.parametrize("cls,shape", [(VEC, (9,)), (EMB, (7, 5)), (CONV, (4, 3, 2, 2))])
+def test_covariance_rules_average_every_other_class(name: str, cls: TensorClass, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(shape, generator=g) for _ in range(3)]
+    assert torch.equal(stream_one(name, deltas, cls), stream_one("average", deltas, cls))
+
+
+def _low_rank(m: int, n: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
+
+
+# Exact-rule (ρ = 0) properties on well-conditioned problems: κ of A on its range is ~10², so 1e-4 is ~100·κ·u.
+EXACT_TOL = 1e-4
+
+
+def test_actmat_single_rank_deficient_expert_is_returned() -> None:
+    delta = _low_rank(12, 10, rank=3, seed=0)  # ΔᵀΔ has rank 3 of 10: the weight-space form would fail here
+    assert rel_err(stream_one("actmat", [delta], rho=0.0), delta.double()) < EXACT_TOL
+
+
+def test_actmat_identical_experts_return_the_expert() -> None:
+    delta = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
+    assert rel_err(stream_one("actmat", [delta] * 3, rho=0.0), delta.double()) < EXACT_TOL
+
+
+def test_actmat_orthogonal_input_spaces_give_the_sum() -> None:
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(2)))
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(9, 4, generator=g) @ q[:, 4 * t:4 * t + 4].T for t in range(3)]  # Δs Δtᵀ = 0
+    assert rel_err(stream_one("actmat", deltas, rho=0.0), sum(deltas).double()) < EXACT_TOL
+
+
+def test_actmat_exact_solves_the_normal_equations_on_a_singular_gram() -> None:
+    model = make_model((4, 32), [1.0, 1.0], seed=4)
+    deltas = model["layer.weight"][1]
+    a, nn = ref.covariance_system([d.double() for d in deltas], [1.0, 1.0], 0.0)
+    merged = stream_one("actmat", deltas, rho=0.0).double()
+    assert float((merged @ a - nn).norm() / nn.norm()) < EXACT_TOL
+
+
+@pytest.mark.parametrize("c", [1e-3, 3.0, 1e3])
+def test_actmat_is_homogeneous(c: float) -> None:
+    """Scaling every Δt by c scales Δ* by c; a ridge that were absolute, not relative to tr A, would break this.
+
+    Both sides are fp32 solves, each within SOLVE_C·κ·u of the exact answer, so they agree to twice that."""
+    deltas = make_model((4, 32), [1.0, 1.0], seed=5)["layer.weight"][1]
+    params = REGISTRY["actmat"].Params()
+    kappa = system_condition("actmat", params, [d.double() for d in deltas])
+    base = stream_one("actmat", deltas).double()
+    assert rel_err(stream_one("actmat", [c * d for d in deltas]), c * base) <= 2 * SOLVE_C * kappa * U32
+
+
+@pytest.mark.parametrize("name", ["actmat", "wudi_cfs"])
+def test_covariance_rules_ignore_expert_order(name: str) -> None:
+    deltas = make_model((10, 12), [1.0, 0.3, 2.0], seed=6)["layer.weight"][1]
+    kappa = system_condition(name, REGISTRY[name].Params(), [d.double() for d in deltas])
+    forward = stream_one(name, deltas).double()
+    assert rel_err(stream_one(name, deltas[::-1]), forward) <= 2 * SOLVE_C * kappa * U32
+
+
+def merge_with_stats(name: str, deltas: list[torch.Tensor], **params: object) -> tuple[torch.Tensor, dict]:
+    cls = REGISTRY[name]
+    method = cls(TensorInfo("w", tuple(deltas[0].shape), LIN), len(deltas), cls.Params(**params))
+    for t, d in enumerate(deltas):
+        method.add(t, d)
+    return method.finalize(), method.stats()
+
+
+def test_actmat_stats_report_the_relative_ridge() -> None:
+    deltas = make_model((8, 8), [1.0, 1.0], seed=7)["layer.weight"][1]
+    trace = sum(float(d.double().norm()) ** 2 for d in deltas)
+    stats = merge_with_stats("actmat", deltas)[1]
+    assert stats["ridge"] == pytest.approx(1e-3 * trace / 8, rel=1e-5)
+    assert stats["cond_est"] >= 1 and stats["eigh"] == 0
+    assert merge_with_stats("actmat", deltas, rho=0.0)[1]["eigh"] == 1
+
+
+def test_wudi_takes_cholesky_only_where_pinv_would_cut_nothing() -> None:
+    """ω·Σw = 1/‖Δ‖² ≈ 3e-3 clears the cut-off n·eps·‖A‖; ω = 1e-5 puts the null space under it."""
+    delta = _low_rank(12, 10, rank=3, seed=8)
+    assert merge_with_stats("wudi_cfs", [delta], omega=1.0)[1]["eigh"] == 0
+    assert merge_with_stats("wudi_cfs", [delta], omega=1e-5)[1]["eigh"] == 1
+
+
+@pytest.mark.parametrize("omega", [0.0, 1e-5, 1.0])
+def test_wudi_single_expert_is_returned(omega: float) -> None:
+    delta = _low_rank(12, 10, rank=3, seed=8)
+    assert rel_err(stream_one("wudi_cfs", [delta], omega=omega), delta.double()) < EXACT_TOL
+
+
+def test_wudi_large_omega_gives_the_weighted_average() -> None:
+    deltas = make_model((8, 6), [1.0, 0.1, 5.0], seed=9)["layer.weight"][1]
+    w = [1 / float(d.double().norm()) ** 2 for d in deltas]
+    want = sum(wt * d.double() for wt, d in zip(w, deltas)) / sum(w)
+    # ω = 1e6 against normalized Grams (eigenvalues ≤ 1): the limit is reached to ~1/ω
+    assert rel_err(stream_one("wudi_cfs", deltas, omega=1e6), want) < 1e-5
+
+
+def test_wudi_omega_zero_is_actmat_exact_with_inverse_norm_weights() -> None:
+    deltas = make_model((24, 6), [1.0, 0.2, 3.0], seed=10)["layer.weight"][1]
+    d64 = [d.double() for d in deltas]
+    want = ref.actmat_matrix(d64, 0.0, weights=[1 / float(d.norm()) ** 2 for d in d64])
+    assert rel_err(stream_one("wudi_cfs", deltas, omega=0.0), want) < EXACT_TOL
+
+
+def test_wudi_skips_an_expert_that_is_zero_at_a_tensor() -> None:
+    deltas = make_model((8, 6), [1.0, 2.0], seed=11)["layer.weight"][1]
+    with_zero = stream_one("wudi_cfs", [deltas[0], torch.zeros_like(deltas[0]), deltas[1]])
+    assert torch.equal(with_zero, stream_one("wudi_cfs", deltas))
+
+
+@pytest.mark.parametrize("name", ["actmat", "wudi_cfs"])
+def test_covariance_state_bytes_cover_the_statistics(name: str) -> None:
+    info = TensorInfo("w", (64, 256), LIN)
+    assert REGISTRY[name].state_bytes(info, 4, REGISTRY[name].Params()) >= 4 * (256 * 256 + 64 * 256)
+    assert REGISTRY[name].state_bytes(TensorInfo("b", (64,), VEC), 4, REGISTRY[name].Params()) == 4 * 64
+
+
+# ---- TIES (§7, §11.6) -----------------------------------------------------------------------------------------
+
+def test_ties_full_density_with_agreeing_signs_is_the_mean() -> None:
+    g = torch.Generator().manual_seed(12)
+    signs = torch.randn(10, 7, generator=g).sign()
+    deltas = [signs * torch.rand(10, 7, generator=g).add_(0.1) for _ in range(3)]
+    for trim in ("global", "tensor"):
+        got = stream_one("ties", deltas, density=1.0, trim=trim)
+        assert rel_err(got, ref.average([d.double() for d in deltas])) < 1e-6
+
+
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_ties_merged_entries_have_the_elected_sign_and_bounded_size(trim: str) -> None:
+    model = make_model((12, 10), [1.0, 0.5, 2.0], seed=13)
+    got = stream("ties", REGISTRY["ties"].Params(density=0.4, trim=trim), model)
+    trimmed = ref.ties_trimmed(to64(model), 0.4, trim)
+    for key, (_, deltas) in model.items():
+        elected = ref.ties_elected(trimmed[key], trim)
+        nonzero = got[key] != 0
+        assert torch.equal(torch.sign(got[key].double())[nonzero], elected[nonzero])
+        biggest = torch.stack(deltas).abs().amax(0)
+        assert bool((got[key].abs() <= biggest * (1 + 4 * U32)).all())
+
+
+@pytest.mark.parametrize("trim,density", [("global", 0.2), ("global", 0.37), ("tensor", 0.2), ("tensor", 0.37)])
+def test_ties_single_expert_gives_the_trimmed_task_vector(trim: str, density: float) -> None:
+    delta = torch.randn(20, 15, generator=torch.Generator().manual_seed(14))
+    got = stream_one("ties", [delta], density=density, trim=trim)
+    want = ref.ties_trimmed(to64({"w": (TensorInfo("w", (20, 15), LIN), [delta])}), density, trim)["w"][0]
+    assert torch.equal(got.double(), want)
+    kept = int(torch.count_nonzero(got))
+    k = int(density * delta.numel())
+    assert kept == (k + 1 if trim == "global" else k)  # global keeps the κ_t entry itself too (inclusive ≥)
+
+
+def test_ties_zero_sum_gives_zero_in_global_and_plus_in_tensor_mode() -> None:
+    x = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    other = torch.tensor([[-1.0, 2.0], [0.25, 3.0]])  # cancels x exactly in the first row
+    glob = stream_one("ties", [x, other], density=1.0, trim="global")
+    tensor = stream_one("ties", [x, other], density=1.0, trim="tensor")
+    assert torch.equal(glob, torch.tensor([[0.0, 0.0], [0.375, 3.0]]))
+    assert torch.equal(tensor, torch.tensor([[1.0, 2.0], [0.375, 3.0]]))  # mergekit: sum ≥ 0 elects +
+
+
+@pytest.mark.parametrize("trim,want", [
+    ("global", [0, 0, 0, 0, 5, 6, 7, 8, 9, 6.5]),  # κ_1 = 0 keeps all of expert 1, zeros included
+    ("tensor", [0, 0, 0, 0, 0, 6, 7, 8, 9, 6.5]),  # topk keeps expert 1's 3 and four of its zeros
+])
+def test_ties_kept_zeros_do_not_count_in_the_mean(trim: str, want: list[float]) -> None:
+    sparse = torch.tensor([0.0] * 9 + [3.0])
+    ramp = torch.arange(1.0, 11.0)
+    assert torch.equal(stream_one("ties", [sparse, ramp], VEC, density=0.5, trim=trim), torch.tensor(want))
+
+
+def _global_kappas(model: Model, density: float) -> list[float]:
+    params = REGISTRY["ties"].Params(density=density)
+    pre = REGISTRY["ties"].prepass(len(next(iter(model.values()))[1]), params)
+    for round_ in range(pre.rounds):
+        for info, deltas in model.values():
+            for t, delta in enumerate(deltas):
+                pre.observe(round_, info, t, delta)
+        pre.end_round(round_)
+    return pre.state()
+
+
+def _tied_model(seed: int) -> Model:
+    """Few distinct magnitudes, zeros and -0.0 included: thresholds fall inside long runs of equal values."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a": (30, 20), "b": (50,), "c": (7, 3, 2)}
+    return {k: (TensorInfo(k, s, LIN), [torch.randint(-3, 4, s, generator=g) * 0.25 for _ in range(3)])
+            for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.001, 0.9999])
+@pytest.mark.parametrize("make", [lambda s: make_model((9, 7), [1e-3, 1.0, 10.0], seed=s), _tied_model,
+                                  lambda s: make_model((40, 30), [0.01, 0.01], bf16=True, seed=s)])
+def test_ties_global_threshold_equals_kthvalue_over_the_model(make, density: float) -> None:
+    model = make(15)
+    n_experts = len(next(iter(model.values()))[1])
+    want = [ref.global_threshold([model[k][1][t] for k in sorted(model)], density) for t in range(n_experts)]
+    assert _global_kappas(model, density) == want
+
+
+def test_ties_threshold_prepass_is_skipped_at_full_density_and_for_tensor_trim() -> None:
+    params = REGISTRY["ties"].Params
+    assert REGISTRY["ties"].uses_prepass(params())
+    assert not REGISTRY["ties"].uses_prepass(params(density=1.0))
+    assert not REGISTRY["ties"].uses_prepass(params(trim="tensor"))
+
+
+# ---- DARE (§7, §11.6) ------------------------------------------------------------------------------------------
+
+def _dare(deltas: list[torch.Tensor], name: str = "w", row_start: int = 0, **params: object) -> torch.Tensor:
+    info = TensorInfo(name, tuple(deltas[0].shape), EMB, row_start=row_start)
+    return stream("dare", REGISTRY["dare"].Params(**params), {name: (info, deltas)})[name]
+
+
+def test_dare_fixed_seed_gives_identical_output_and_seeds_differ() -> None:
+    deltas = make_model((30, 20), [1.0, 1.0], seed=16)["layer.weight"][1]
+    assert torch.equal(_dare(deltas, seed=3), _dare(deltas, seed=3))
+    assert not torch.equal(_dare(deltas, seed=3), _dare(deltas, seed=4))
+
+
+def test_dare_full_density_is_task_arithmetic() -> None:
+    deltas = make_model((30, 20), [1.0, 2.0], seed=17)["layer.weight"][1]
+    assert torch.equal(_dare(deltas, density=1.0, scale=0.4), stream_one("task_arithmetic", deltas, scale=0.4))
+
+
+def test_dare_is_unbiased_and_drops_the_expected_fraction() -> None:
+    """With N = 2^18 entries, every check is a 5σ bound (a fixed seed makes it deterministic anyway)."""
+    d, n = 0.3, 1 << 18
+    tau = torch.randn(512, 512, generator=torch.Generator().manual_seed(18))
+    out = _dare([tau], density=d, scale=1.0)
+    assert abs(float((out - tau).double().sum())) <= 5 * math.sqrt(float(tau.double().square().sum()) * (1 - d) / d)
+    zero_fraction = float((out == 0).double().mean())
+    assert abs(zero_fraction - (1 - d)) <= 5 * math.sqrt(d * (1 - d) / n)
+    kept = out != 0
+    assert torch.allclose(out[kept], tau[kept] / d, rtol=2 * U32, atol=0)
+
+
+def test_dare_masks_are_independent_across_experts_and_tensors() -> None:
+    """Both-kept fraction ≈ d² only if expert and tensor name enter the seed (same masks would give d); 5σ bounds."""
+    d, n = 0.5, 1 << 16
+    ones = torch.ones(256, 256)
+    two_experts = _dare([ones, 2 * ones], density=d, scale=1.0)  # 3/d exactly where both experts were kept
+    two_names = (_dare([ones], density=d, name="x") != 0) & (_dare([ones], density=d, name="y") != 0)
+    for both in (two_experts == 3 / d, two_names):
+        assert abs(float(both.double().mean()) - d * d) <= 5 * math.sqrt(d * d * (1 - d * d) / n)
+
+
+def test_dare_row_chunks_are_deterministic_and_depend_on_their_offset() -> None:
+    deltas = make_model((40, 30), [1.0, 1.0], seed=19)["layer.weight"][1]
+    chunk = [d[10:20] for d in deltas]
+    assert torch.equal(_dare(chunk, row_start=10), _dare(chunk, row_start=10))
+    assert not torch.equal(_dare(chunk, row_start=10), _dare(chunk, row_start=20))
+
+
+def test_dare_handles_a_scalar_tensor() -> None:
+    out = _dare([torch.tensor(2.0)], density=0.5, scale=1.0)
+    assert out.shape == () and float(out) in (0.0, 4.0)
+
+
+# ---- row chunks, parameters, registry -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,kwargs", [("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3})])
+def test_row_chunks_concatenate_to_the_whole_tensor(name: str, kwargs: dict) -> None:
+    params = REGISTRY[name].Params(**kwargs)
+    assert REGISTRY[name].row_chunkable(params)
+    model = make_model((23, 9), [1.0, 0.5, 2.0], seed=20)
+    info, deltas = model["layer.weight"]
+    whole = stream(name, params, model)["layer.weight"]
+    state = _global_kappas(model, params.density) if REGISTRY[name].uses_prepass(params) else None
+    pieces = []
+    for r0, r1 in [(0, 5), (5, 17), (17, 23)]:
+        piece = TensorInfo(info.name, (r1 - r0, 9), LIN, row_start=r0)
+        method = REGISTRY[name](piece, len(deltas), params, state)
+        for t, d in enumerate(deltas):
+            method.add(t, d[r0:r1].clone())
+        pieces.append(method.finalize())
+    assert torch.equal(torch.cat(pieces), whole)
+
+
+def test_only_elementwise_rules_are_row_chunkable() -> None:
+    chunkable = {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params())}
+    assert chunkable == {"average", "task_arithmetic", "ties", "dare"}
+    assert not REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"))
+
+
+def test_unknown_parameter_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_params(REGISTRY["ties"], {"k": "0.2"})
+    assert "density=0.2" in err.value.hint and "trim=global" in err.value.hint
+
+
+@pytest.mark.parametrize("name,raw", [
+    ("ties", {"density": "0"}), ("ties", {"density": "1.5"}), ("ties", {"density": "abc"}),
+    ("ties", {"trim": "layer"}), ("dare", {"density": "0"}), ("dare", {"seed": "1.5"}),
+    ("actmat", {"rho": "-1"}), ("actmat", {"rho": "nan"}), ("wudi_cfs", {"omega": "-1e-5"}),
+    ("wudi_cfs", {"omega": "inf"}),
+])
+def test_bad_parameter_values_are_config_errors(name: str, raw: dict) -> None:
+    with pytest.raises(ConfigError):
+        parse_params(REGISTRY[name], raw)
+
+
+def test_parameters_parse_into_params() -> None:
+    params = parse_params(REGISTRY["ties"], {"density": "0.5", "trim": "tensor", "scale": "2"})
+    assert (params.density, params.trim, params.scale) == (0.5, "tensor", 2.0)
+    assert parse_params(REGISTRY["dare"], {"seed": "7"}).seed == 7
+
+
+def test_duplicate_method_names_fail() -> None:
+    with pytest.raises(RuntimeError, match="average"):
+        _build_registry((Average, TaskArithmetic, Average))

@@ -1,0 +1,270 @@
+"""--resume after a merge that died: real subprocesses, killed with SIGKILL or stopped by a file-size limit.
+
+A resumed merge keeps the shards its manifest records as complete (checked by sha256), writes the rest, and gives
+the bytes an uninterrupted run gives; it refuses, naming what changed, when the inputs or the options changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from lowmem_merge.demo import LlamaShape, build_example
+
+MANIFEST = "lowmerge-manifest.json"
+ARGS = ["-q", "-m", "task_arithmetic"]
+BIG = LlamaShape(hidden=256, intermediate=688, layers=6, vocab=4096)   # 13 MB a model: a merge of ~0.5 s
+BIG_SHARD = "1MB"                                                     # 14 output shards
+TINY_SHARD = "10KB"                                                   # 5 output shards
+
+
+def cli(root: Path, out: str, *extra: str, limit: int | None = None) -> subprocess.Popen:
+    """Start `lowmerge merge in/base in/expert* -o OUT` in ``root`` (relative paths, so a copy of ``root`` resumes).
+
+    ``limit``: RLIMIT_FSIZE in bytes, so that writing a larger file fails with EFBIG.
+    """
+    experts = sorted(str(p.relative_to(root)) for p in (root / "in").glob("expert*"))
+    cmd = [sys.executable, "-m", "lowmem_merge", "merge", "in/base", *experts, "-o", out, *ARGS, *extra]
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                            preexec_fn=small_files if limit else None)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    """The merged weights: every shard and the index (the report and card differ in timings and dates)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
+            if p.name.endswith(".safetensors") or p.name.endswith(".index.json")}
+
+
+def recorded(out: Path) -> dict[str, dict]:
+    """Shards the manifest records as complete ({} before the manifest exists)."""
+    try:
+        return json.loads((out / MANIFEST).read_text())["shards"]
+    except FileNotFoundError:
+        return {}
+
+
+def looks_complete(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name in ("model.safetensors", "model.safetensors.index.json",
+                                                               "lowmerge_report.json")
+                  or (p.name.startswith("model-") and p.name.endswith(".safetensors")))
+
+
+def resumed(out: Path) -> list[str]:
+    return json.loads((out / "lowmerge_report.json").read_text())["output"]["resumed_shards"]
+
+
+# -- killed with SIGKILL, then resumed -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """A Llama-shaped example large enough to kill mid-merge, and its uninterrupted merge's shards."""
+    root = tmp_path_factory.mktemp("big")
+    build_example(root / "in", BIG, n_experts=3)
+    proc = finish(cli(root, "ref", "--shard-size", BIG_SHARD))
+    assert proc.returncode == 0, proc.stderr
+    ref = shard_bytes(root / "ref")
+    assert len(ref) == 15       # 14 shards and the index
+    return root, ref
+
+
+def kill_when(root: Path, out: str, ready: Callable[[Path], bool], want: Callable[[dict], bool],
+              attempts: int = 5) -> dict[str, dict]:
+    """Run the merge and SIGKILL it once ``ready(out)``; returns the manifest's shards at that moment.
+
+    The process is stopped (SIGSTOP) the moment ``ready`` holds, so what is on disk cannot move while the test
+    reads it; a run that raced past the intended point (``want`` fails on what it recorded) is tried again.
+    """
+    for _ in range(attempts):
+        shutil.rmtree(root / out, ignore_errors=True)
+        proc = cli(root, out, "--shard-size", BIG_SHARD)
+        deadline = time.monotonic() + 120
+        state = None
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready(root / out):
+                os.kill(proc.pid, signal.SIGSTOP)
+                state = recorded(root / out) if (root / out / MANIFEST).is_file() else None
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.0005)
+        finish(proc)
+        if state is not None and want(state):
+            assert proc.returncode == -signal.SIGKILL
+            return state
+    pytest.fail(f"the merge never stopped at the intended point in {attempts} attempts")
+
+
+def partial_shards(out: Path) -> list[Path]:
+    return list(out.glob("model-*.safetensors.partial")) if out.is_dir() else []
+
+
+KILL_POINTS = {
+    # a shard is being written and none is complete
+    "first-shard": (lambda out: bool(partial_shards(out)) and not recorded(out), lambda s: not s),
+    # as soon as one shard is complete
+    "one-shard": (lambda out: len(recorded(out)) >= 1, lambda s: 1 <= len(s) < 14),
+    # half the shards are complete
+    "half": (lambda out: len(recorded(out)) >= 7, lambda s: 7 <= len(s) < 14),
+}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_sigkill_then_resume_gives_the_same_bytes(big, point):
+    root, ref = big
+    out = root / f"out-{point}"
+    state = kill_when(root, out.name, *KILL_POINTS[point])
+    assert looks_complete(out) == []
+    if point == "first-shard":
+        assert partial_shards(out)         # a half-written shard, which must be written again
+    kept = {name: (out / (name + ".partial")).stat().st_mtime_ns for name in state}
+
+    proc = finish(cli(root, out.name, "--shard-size", BIG_SHARD, "--resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert shard_bytes(out) == ref
+    assert resumed(out) == sorted(state)
+    assert {name: (out / name).stat().st_mtime_ns for name in state} == kept     # kept, not written again
+    assert not (out / MANIFEST).exists() and not partial_shards(out)
+
+
+# -- stopped by a file-size limit; inputs or options changed before --resume -----------------------------------------
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> tuple[Path, dict[str, bytes], list[str]]:
+    """``root/out``: a tiny merge stopped by EFBIG after some shards; ``root/ref``: the same merge uninterrupted.
+
+    Returns root, the reference shards, and the shards the interrupted run recorded as complete.
+    """
+    root = tmp_path_factory.mktemp("interrupted")
+    build_example(root / "in", TINY, n_experts=3)
+    proc = finish(cli(root, "ref", "--shard-size", TINY_SHARD))
+    assert proc.returncode == 0, proc.stderr
+    ref = shard_bytes(root / "ref")
+    names = sorted(ref)[:-1]                         # the shards, without the index
+    sizes = [len(ref[n]) for n in names]
+    stop = next(i for i in range(1, len(sizes)) if sizes[i] > max(sizes[:i]))  # first shard larger than all before
+    proc = finish(cli(root, "out", "--shard-size", TINY_SHARD, limit=sizes[stop] - 1))
+    assert proc.returncode == 1 and "file size limit" in proc.stderr, proc.stderr
+    assert sorted(recorded(root / "out")) == names[:stop]
+    return root, ref, names[:stop]
+
+
+def _touch(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _grow(path: Path) -> None:
+    """Eight more bytes at the end, mtime kept: only the size differs."""
+    st = path.stat()
+    with open(path, "ab") as f:
+        f.write(b"\0" * 8)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _rewrite_header(path: Path) -> None:
+    """Same size, same mtime, same tensors: only the header's bytes differ."""
+    st = path.stat()
+    data = path.read_bytes()
+    assert data.count(b'"format":"pt"') == 1
+    path.write_bytes(data.replace(b'"format":"pt"', b'"format":"PT"'))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+REFUSALS = {   # case -> (change to the inputs, options of the resumed run, what the error must name)
+    "mtime": (lambda r: _touch(r / "in/expert1/model.safetensors"), [],
+              ["experts[1] in/expert1/model.safetensors mtime_ns"]),
+    "size": (lambda r: _grow(r / "in/expert0/model.safetensors"), [],
+             ["experts[0] in/expert0/model.safetensors size"]),
+    "header": (lambda r: _rewrite_header(r / "in/base/model.safetensors"), [],
+               ["base in/base/model.safetensors header_sha256"]),
+    "method": (None, ["-m", "average"], ["method"]),
+    "params": (None, ["-p", "scale=0.5"], ["params scale"]),
+    "dtype": (None, ["--dtype", "float32"], ["dtype"]),
+}
+
+
+@pytest.fixture(scope="module")
+def refusals(interrupted, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every REFUSALS case resumed in its own copy of ``interrupted`` (copies keep mtimes), all at once."""
+    root = interrupted[0]
+    started = {}
+    for case, (change, extra, _) in REFUSALS.items():
+        copy = tmp_path_factory.mktemp("refuse") / case
+        shutil.copytree(root, copy)
+        if change:
+            change(copy)
+        started[case] = (cli(copy, "out", "--shard-size", TINY_SHARD, "--resume", *extra), copy)
+    return {case: (finish(proc), copy) for case, (proc, copy) in started.items()}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_resume_refuses_when_inputs_or_options_changed(refusals, case):
+    proc, copy = refusals[case]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    error, hint = proc.stderr.splitlines()
+    assert error.startswith("error: out: cannot resume: changed since the interrupted run: ")
+    for needle in REFUSALS[case][2]:
+        assert needle in error, error
+    assert "size" not in error or case == "size"       # only what changed is named
+    assert "mtime_ns" not in error or case == "mtime"
+    assert hint.startswith("hint: ")
+    assert looks_complete(copy / "out") == []
+    assert recorded(copy / "out")                       # the finished shards are still there for a proper resume
+
+
+def test_resume_keeps_recorded_shards_and_writes_the_rest(interrupted, tmp_path):
+    root, ref, done = interrupted
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    kept = {name: (copy / "out" / (name + ".partial")).stat().st_mtime_ns for name in done}
+    proc = finish(cli(copy, "out", "--shard-size", TINY_SHARD, "--resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert shard_bytes(copy / "out") == ref
+    assert resumed(copy / "out") == done
+    assert {name: (copy / "out" / name).stat().st_mtime_ns for name in done} == kept
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "truncated"])
+def test_a_corrupted_partial_shard_is_written_again(interrupted, tmp_path, damage):
+    root, ref, done = interrupted
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    victim = copy / "out" / (done[0] + ".partial")
+    data = bytearray(victim.read_bytes())
+    if damage == "flipped-byte":
+        data[-3] ^= 0xFF                                # same size: only the sha256 can tell
+    else:
+        del data[-100:]
+    victim.write_bytes(bytes(data))
+    proc = finish(cli(copy, "out", "--shard-size", TINY_SHARD, "--resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert shard_bytes(copy / "out") == ref
+    assert resumed(copy / "out") == done[1:]
+
+
+def test_resume_of_a_complete_merge_is_refused(interrupted, tmp_path):
+    root = interrupted[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    before = shard_bytes(copy / "ref")
+    proc = finish(cli(copy, "ref", "--shard-size", TINY_SHARD, "--resume"))
+    assert proc.returncode == 1 and "already complete" in proc.stderr, proc.stderr
+    assert shard_bytes(copy / "ref") == before
