@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .device import tune_malloc, peak_device_bytes, peak_rss_bytes, resolve_device
+from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device, tune_malloc
 from .errors import BudgetError, ConfigError
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.outdir import OutputDir
@@ -51,7 +51,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         base_ck = stack.enter_context(open_checkpoint(base))
         expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
         plan = make_plan(base_ck, expert_cks, out_dtype)
-        pieces = make_pieces(plan, method_cls.row_chunkable(parsed))
+        pieces = make_pieces(plan, method_cls, parsed)
         if max_memory is not None:
             _check_budget(plan, pieces, method_cls, parsed, parse_size(max_memory, "--max-memory"))
         t_plan = time.perf_counter()
@@ -63,7 +63,8 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         final = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + extra
         outdir.claim(final + [REPORT_NAME, CARD_NAME])
         resumed = sorted(outdir.done_shards)          # kept from the interrupted run; the writer adds to it
-        writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard)
+        pool = BufferPool(pin=dev.type == "cuda")
+        writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard, release=pool.give)
         todo = [p for p in pieces if writer.needed(p.target)]
         passes = method_cls.passes
         pre_rounds = method_cls.prepass.rounds if method_cls.uses_prepass(parsed) else 0
@@ -76,12 +77,11 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
             if progress:
                 progress(done[0], total)
 
-        ctx = StreamContext(plan, method_cls, parsed, dev, tick)
-        pin = dev.type == "cuda"
+        ctx = StreamContext(plan, method_cls, parsed, dev, tick, pool)
         try:
-            state = run_prepass(ctx, pieces, pin)
+            state = run_prepass(ctx, pieces)
             t_pre = time.perf_counter()
-            stats = run_merge(ctx, todo, state, writer.write, pin)
+            stats = run_merge(ctx, todo, state, writer.write)
             writer.close()
         except BaseException:
             writer.abort()

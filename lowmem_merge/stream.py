@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .device import BufferPool
 from .errors import InputError
 from .info import TensorClass, TensorInfo
 from .io.checkpoint import Checkpoint
@@ -21,6 +22,8 @@ from .methods.base import MergeMethod
 from .plan import Plan
 
 MERGED = (TensorClass.LIN, TensorClass.EMB, TensorClass.VEC, TensorClass.CONV)
+SLAB = 1 << 17                 # elements per step of a mixed-dtype in-place op: its cast temporary (512 KiB)
+                               # stays under the 1 MiB mmap threshold, so the heap reuses it
 CHUNK_ELEMS = 1 << 22          # rows per chunk keep one fp32 buffer of an elementwise rule ≤ 16 MiB
 PREFETCH_BYTES = 64 << 20      # bytes read ahead of the tensor being merged (at least one tensor)
 
@@ -33,13 +36,13 @@ class Piece:
     rows: tuple[int, int] | None       # stored rows, or None for the whole tensor
 
 
-def make_pieces(plan: Plan, chunkable: bool) -> list[Piece]:
+def make_pieces(plan: Plan, method: type[MergeMethod], params: Any) -> list[Piece]:
     """Output order. A TIED alias is the canonical tensor merged again (deterministic) and written under its name."""
     by_name = {i.name: i for i in plan.tensors}
     pieces: list[Piece] = []
     for info in plan.tensors:
         src = by_name[info.tied_to] if info.cls == TensorClass.TIED else info
-        pieces.extend(_split(src, info.name, chunkable))
+        pieces.extend(_split(src, info.name, method.row_chunkable(params, src)))
     return pieces
 
 
@@ -60,18 +63,18 @@ class Prefetcher:
     before it reads, so the memory held ahead of the merge is bounded whatever the timing.
     """
 
-    def __init__(self, requests: Iterable[tuple[Checkpoint, str, tuple[int, int] | None]], pin: bool,
+    def __init__(self, requests: Iterable[tuple[Checkpoint, str, tuple[int, int] | None]], pool: BufferPool,
                  budget: int = PREFETCH_BYTES) -> None:
         self._items: deque = deque()
         self._queued = 0
         self._budget = budget
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, args=(iter(requests), pin), name="lowmerge-reader",
+        self._thread = threading.Thread(target=self._run, args=(iter(requests), pool), name="lowmerge-reader",
                                         daemon=True)
         self._thread.start()
 
-    def _run(self, requests: Iterator, pin: bool) -> None:
+    def _run(self, requests: Iterator, pool: BufferPool) -> None:
         try:
             for ckpt, name, rows in requests:
                 size = request_bytes(ckpt, name, rows)
@@ -80,7 +83,7 @@ class Prefetcher:
                                         or self._queued + size <= self._budget)
                     if self._stop:
                         return
-                item = ckpt.read(name, rows, pin)
+                item = ckpt.read(name, rows, pool.take)
                 self._push((ckpt, item), size)
         except BaseException as e:  # handed to the consumer, raised in its thread
             self._push((None, e), 0)
@@ -127,6 +130,7 @@ class StreamContext:
     params: Any
     device: torch.device
     progress: Callable[[int], None]          # called with bytes consumed
+    pool: BufferPool                         # host buffers: reads, and Δ when the device is the CPU
 
 
 def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Checkpoint, str, tuple[int, int] | None]]:
@@ -137,37 +141,68 @@ def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Checkpoint, 
                 yield ex, piece.info.name, piece.rows
 
 
+def _fp32(ctx: StreamContext, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as fp32 on the device, in a pooled buffer on the CPU; ``x`` goes back to the pool."""
+    if ctx.device.type == "cpu":
+        d = ctx.pool.take(4 * x.numel()).view(torch.float32).view(x.shape)
+        d.copy_(x)
+    else:
+        d = x.to(ctx.device, torch.float32, non_blocking=True)
+    ctx.pool.give(x)
+    return d
+
+
+def _check_finite(t: torch.Tensor, path: object, name: str, hint: str) -> None:
+    """One fp32 sum finds any NaN/Inf (it propagates); only then look element by element."""
+    if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+        raise InputError("contains NaN or Inf", path=path, tensor=name, hint=hint)
+
+
+def _inplace(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], acc: torch.Tensor,
+             other: torch.Tensor) -> torch.Tensor:
+    """``op(acc, other)`` in place, in slabs of SLAB elements when the dtypes differ.
+
+    An in-place op between fp32 and bf16 tensors casts the whole bf16 operand to a temporary first; slab by slab,
+    that temporary stays small.
+    """
+    if acc.dtype == other.dtype or not (acc.is_contiguous() and other.is_contiguous()):
+        return op(acc, other)
+    for a, b in zip(acc.view(-1).split(SLAB), other.view(-1).split(SLAB)):
+        op(a, b)
+    return acc
+
+
 def _delta(ctx: StreamContext, ckpt: Checkpoint, x: torch.Tensor, base: torch.Tensor,
            info: TensorInfo) -> torch.Tensor:
     """Δ = W_t − W_0 in fp32 on the device, in the method's orientation; checks that it is finite.
 
-    ``x`` is the reader's fresh buffer, so an fp32 CPU input is updated in place (no copy).
+    ``base`` is in its stored dtype and orientation. Takes ``x`` (the reader's buffer); the caller gives the
+    result back to the pool after use.
     """
-    d = x.to(ctx.device, torch.float32, non_blocking=True)
-    d.sub_(base)
-    if not math.isfinite(float(d.sum())) and not bool(torch.isfinite(d).all()):
-        raise InputError("contains NaN or Inf", path=ckpt.path, tensor=info.name,
-                         hint="this expert's weights are corrupt: re-export it or leave it out")
-    return d.T.contiguous() if info.transposed else d
+    d = _inplace(torch.Tensor.sub_, _fp32(ctx, x), base)
+    _check_finite(d, ckpt.path, info.name, "this expert's weights are corrupt: re-export it or leave it out")
+    if info.transposed:
+        t = d.T.contiguous()
+        ctx.pool.give(d)
+        return t
+    return d
 
 
 def _base_on_device(ctx: StreamContext, x: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """The base piece on the device, in its stored dtype (the CPU: ``x`` itself)."""
     b = x.to(ctx.device, non_blocking=True)
-    if b.is_floating_point() and not math.isfinite(float(torch.sum(b, dtype=torch.float32))) \
-            and not bool(torch.isfinite(b).all()):
-        raise InputError("contains NaN or Inf", path=ctx.plan.base.path, tensor=info.name,
-                         hint="the base's weights are corrupt: re-download it")
+    _check_finite(b, ctx.plan.base.path, info.name, "the base's weights are corrupt: re-download it")
     return b
 
 
-def run_prepass(ctx: StreamContext, pieces: list[Piece], pin: bool) -> Any:
+def run_prepass(ctx: StreamContext, pieces: list[Piece]) -> Any:
     """Rounds over every expert tensor for a model-wide statistic (global TIES thresholds); returns its state."""
     if not ctx.method.uses_prepass(ctx.params):
         return None
     sources = [p for p in pieces if p.info.cls in MERGED and p.target == p.info.name]
     pre = ctx.method.prepass(ctx.plan.n_experts, ctx.params)
     for round_ in range(pre.rounds):
-        fetch = Prefetcher((r for p in sources for r in _reads(ctx.plan, p, 1)), pin)
+        fetch = Prefetcher((r for p in sources for r in _reads(ctx.plan, p, 1)), ctx.pool)
         try:
             for piece in sources:
                 _, x = fetch.next()
@@ -175,19 +210,22 @@ def run_prepass(ctx: StreamContext, pieces: list[Piece], pin: bool) -> Any:
                 ctx.progress(x.nbytes)
                 for t in range(ctx.plan.n_experts):
                     ckpt, y = fetch.next()
-                    pre.observe(round_, piece.info, t, _delta(ctx, ckpt, y, base, piece.info))
                     ctx.progress(y.nbytes)
+                    delta = _delta(ctx, ckpt, y, base, piece.info)
+                    pre.observe(round_, piece.info, t, delta)
+                    ctx.pool.give(delta)
+                ctx.pool.give(base)
         finally:
             fetch.close()
         pre.end_round(round_)
     return pre.state()
 
 
-def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any, write: Callable[[str, torch.Tensor], None],
-              pin: bool) -> dict[str, dict[str, float]]:
+def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
+              write: Callable[[str, torch.Tensor], None]) -> dict[str, dict[str, float]]:
     """Merge and ``write`` every piece in order; returns per-tensor statistics the method reported."""
     passes = ctx.method.passes
-    fetch = Prefetcher((r for p in pieces for r in _reads(ctx.plan, p, passes)), pin)
+    fetch = Prefetcher((r for p in pieces for r in _reads(ctx.plan, p, passes)), ctx.pool)
     stats: dict[str, dict[str, float]] = {}
     try:
         for piece in pieces:
@@ -199,10 +237,11 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any, write: Callab
                 continue
             base = _base_on_device(ctx, x, piece.info)
             del x
-            merged = _merge_piece(ctx, piece, base, state, fetch)
-            if piece.rows is None and (s := merged[1]):
-                stats[piece.target] = s
-            write(piece.target, merged[0].to("cpu", out_dtype))
+            merged, piece_stats = _merge_piece(ctx, piece, base, state, fetch)
+            ctx.pool.give(base)
+            if piece.rows is None and piece_stats:
+                stats[piece.target] = piece_stats
+            write(piece.target, _to_output(ctx, merged, out_dtype))
     finally:
         fetch.close()
     return stats
@@ -216,7 +255,19 @@ def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: An
         for t in range(ctx.plan.n_experts):
             ckpt, y = fetch.next()
             ctx.progress(y.nbytes)
-            m.add(t, _delta(ctx, ckpt, y, base, piece.info), pass_)
-            del y
-    out = m.finalize().add_(base_m)          # W* = W0 + Δ*, fp32
+            delta = _delta(ctx, ckpt, y, base, piece.info)
+            del y                                 # back in the pool before the method works
+            m.add(t, delta, pass_)
+            ctx.pool.give(delta)
+    out = _inplace(torch.Tensor.add_, m.finalize(), base_m)          # W* = W0 + Δ*, fp32
     return (out.T if piece.info.transposed else out), m.stats()
+
+
+def _to_output(ctx: StreamContext, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``merged`` cast to the output dtype in a contiguous CPU buffer from the pool (the writer gives it back)."""
+    if merged.dtype == dtype and merged.device.type == "cpu" and merged.is_contiguous():
+        return merged
+    out = ctx.pool.take(merged.numel() * dtype.itemsize).view(dtype).view(merged.shape)
+    out.copy_(merged)
+    ctx.pool.give(merged)
+    return out

@@ -1,7 +1,8 @@
 """The memory rule (DESIGN.md §3): peak RSS does not grow with depth or with the number of experts.
 
-Each merge runs in its own `lowmerge merge` subprocess; the peak is the child's own getrusage(RUSAGE_SELF) maximum,
-which it writes to lowmerge_report.json (the parent's RUSAGE_CHILDREN would be the maximum over every child so far).
+Each merge runs in its own `lowmerge merge` subprocess, which measures its own peak (VmHWM of its memory image) and
+writes it to lowmerge_report.json. Neither the parent's RUSAGE_CHILDREN (the maximum over every child so far) nor the
+child's ru_maxrss (which keeps the forking parent's size across exec) would measure the merge alone.
 """
 from __future__ import annotations
 

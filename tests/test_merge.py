@@ -149,7 +149,8 @@ def test_row_chunks_give_the_same_bytes(tiny, tmp_path, monkeypatch):
     base, experts = tiny
     merge(base, experts, tmp_path / "whole", "task_arithmetic")
     monkeypatch.setattr(stream, "CHUNK_ELEMS", 100)   # every 2-D tensor is split into many row ranges
-    pieces = stream.make_pieces(make_plan(open_checkpoint(base), [open_checkpoint(e) for e in experts]), True)
+    plan = make_plan(open_checkpoint(base), [open_checkpoint(e) for e in experts])
+    pieces = stream.make_pieces(plan, REGISTRY["task_arithmetic"], REGISTRY["task_arithmetic"].Params())
     assert any(p.rows is not None for p in pieces)
     merge(base, experts, tmp_path / "chunked", "task_arithmetic")
     assert_same(load_model(tmp_path / "chunked"), load_model(tmp_path / "whole"), exact=True)

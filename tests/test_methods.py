@@ -479,7 +479,7 @@ def test_dare_handles_a_scalar_tensor() -> None:
 @pytest.mark.parametrize("name,kwargs", [("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3})])
 def test_row_chunks_concatenate_to_the_whole_tensor(name: str, kwargs: dict) -> None:
     params = REGISTRY[name].Params(**kwargs)
-    assert REGISTRY[name].row_chunkable(params)
+    assert REGISTRY[name].row_chunkable(params, TensorInfo("layer.weight", (23, 9), LIN))
     model = make_model((23, 9), [1.0, 0.5, 2.0], seed=20)
     info, deltas = model["layer.weight"]
     whole = stream(name, params, model)["layer.weight"]
@@ -495,9 +495,12 @@ def test_row_chunks_concatenate_to_the_whole_tensor(name: str, kwargs: dict) -> 
 
 
 def test_only_elementwise_rules_are_row_chunkable() -> None:
-    chunkable = {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params())}
+    lin = TensorInfo("layer.weight", (23, 9), LIN)
+    chunkable = {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), lin)}
     assert chunkable == {"average", "task_arithmetic", "ties", "dare"}
-    assert not REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"))
+    assert not REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"), lin)
+    emb = TensorInfo("embed_tokens.weight", (23, 9), TensorClass.EMB)   # covariance rules average it: elementwise
+    assert {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), emb)} == set(REGISTRY)
 
 
 def test_unknown_parameter_lists_the_valid_ones() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,8 +32,9 @@ class Checkpoint:
     def label(self) -> str:
         return str(self.path)
 
-    def read(self, name: str, rows: tuple[int, int] | None = None, pin: bool = False) -> torch.Tensor:
-        """A new CPU tensor in the stored dtype; the caller owns it."""
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """A CPU tensor in the stored dtype, in a buffer from ``alloc(nbytes)`` if given; the caller owns it."""
         entry = self.entries[name]
         if self._bin_state is not None:
             t = self._bin_state[name]
@@ -43,7 +45,7 @@ class Checkpoint:
                 fd = self._fds[entry.path] = os.open(entry.path, os.O_RDONLY)
             except OSError as e:
                 raise InputError(f"cannot open: {e.strerror}", path=entry.path, tensor=name) from None
-        return read_into(entry, fd, rows, pin)
+        return read_into(entry, fd, rows, alloc)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,15 +109,18 @@ def _entry(path: Path, name: str, spec: object, data_start: int, size: int) -> T
 
 
 def read_into(entry: TensorEntry, fd: int, rows: tuple[int, int] | None = None,
-              pin: bool = False) -> torch.Tensor:
-    """The tensor (or rows ``[r0, r1)`` of its first dimension) as a new CPU tensor in its stored dtype."""
+              alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """The tensor (or rows ``[r0, r1)`` of its first dimension) as a CPU tensor in its stored dtype.
+
+    ``alloc(nbytes)`` supplies the uint8 buffer (default: a new one); the caller owns the result.
+    """
     shape, offset, nbytes = entry.shape, entry.offset, entry.nbytes
     if rows is not None:
         row_bytes = nbytes // shape[0] if shape[0] else 0
         offset += rows[0] * row_bytes
         nbytes = (rows[1] - rows[0]) * row_bytes
         shape = (rows[1] - rows[0],) + shape[1:]
-    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    buf = alloc(nbytes) if alloc else torch.empty(nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     done = 0
     while done < nbytes:

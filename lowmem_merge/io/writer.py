@@ -15,6 +15,7 @@ import os
 import queue
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +100,10 @@ def output_error(e: OSError, path: Path) -> OutputError:
 class ShardWriter:
     """Appends tensors to shards in plan order. ``done`` holds shards already complete (from a resumed run)."""
 
-    def __init__(self, out_dir: Path, shards: list[Shard], done: dict[str, dict], on_shard_done) -> None:
+    def __init__(self, out_dir: Path, shards: list[Shard], done: dict[str, dict], on_shard_done,
+                 release: Callable[[torch.Tensor], None] | None = None) -> None:
         self.out_dir = out_dir
+        self._release = release                     # gets each written buffer back (for reuse)
         self.shards = shards
         self.done = done
         self._on_shard_done = on_shard_done        # callback(shard_name, record) from the writer thread's caller
@@ -165,7 +168,10 @@ class ShardWriter:
                 f.write(data)
                 hasher.update(data)
                 written += len(data)
-                del part, data
+                del data
+                if self._release is not None:
+                    self._release(part)
+                del part
                 if written == shard.size:
                     f.flush()
                     os.fsync(f.fileno())

@@ -27,5 +27,5 @@ class Average(MergeMethod):
         return self.total.div_(self.n_experts)
 
     @classmethod
-    def row_chunkable(cls, params: Any) -> bool:
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
         return True

@@ -73,8 +73,8 @@ class MergeMethod:
         return {}
 
     @classmethod
-    def row_chunkable(cls, params: Any) -> bool:
-        """True when rows are merged independently, so the stream may work on row ranges of a tensor."""
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        """True when this tensor's rows are merged independently, so the stream may work on row ranges of it."""
         return False
 
     @classmethod

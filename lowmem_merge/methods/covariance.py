@@ -40,13 +40,13 @@ def rows_first(m: int, n: int) -> bool:
 def covariance_state_bytes(shape: tuple[int, ...], eigh: bool) -> int:
     """Peak fp32 bytes for one tensor: A and N of every matrix, plus the largest temporary of one matrix.
 
-    The temporary is the per-expert product in ``add`` (n² or m²), or in ``solve`` the Cholesky factor and the
-    solution (n² + m·n). ``eigh`` (a rule that may take the eigh pseudo-inverse) needs eigenvectors, eigh's
-    workspace (~2n²) and two m×n products instead.
+    The temporary is the per-expert product in ``add`` (n², or m² < n² when rows go first), or in ``solve`` the
+    Cholesky factor (n²; the solution overwrites N). ``eigh`` (a rule that may take the eigh pseudo-inverse) needs
+    eigenvectors and eigh's workspace (~3n²) and one m×n product instead.
     """
     *lead, m, n = shape
     batch = math.prod(lead)
-    temporary = 3 * n * n + 2 * m * n if eigh else n * n + m * n
+    temporary = 3 * n * n + m * n if eigh else n * n
     return 4 * (batch * (n * n + m * n) + temporary)
 
 
@@ -75,6 +75,10 @@ class CovarianceMethod(MergeMethod):
 
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
+
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        return info.cls != TensorClass.LIN    # the mean of other classes is elementwise
 
     @classmethod
     def state_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> int:
@@ -144,8 +148,7 @@ class GramSums:
             if trace == 0:
                 continue
             ridge = self.shift[e] + extra
-            x, cond, used_eigh = _solve_one(self.A[e], self.N[e], ridge, like_pinv)
-            self.N[e].copy_(x)
+            cond, used_eigh = _solve_one(self.A[e], self.N[e], ridge, like_pinv)
             stats["cond_est"] = max(stats["cond_est"], cond)
             stats["ridge"] = max(stats["ridge"], ridge)
             stats["eigh"] += used_eigh
@@ -153,11 +156,12 @@ class GramSums:
         return self.N, stats
 
 
-def _solve_one(a: torch.Tensor, nn: torch.Tensor, ridge: float, like_pinv: bool) -> tuple[torch.Tensor, float, bool]:
-    """x = nn (a + ridge I)⁻¹ for symmetric PSD a (n, n) and nn (m, n); a is overwritten.
+def _solve_one(a: torch.Tensor, nn: torch.Tensor, ridge: float, like_pinv: bool) -> tuple[float, bool]:
+    """nn ← nn (a + ridge I)⁻¹ in place, for symmetric PSD a (n, n) and nn (m, n); a is overwritten.
 
     ridge > 0 makes a positive definite: Cholesky, whose diagonal gives a cheap condition estimate
     (max L_ii / min L_ii)². If Cholesky still fails, or ridge = 0, use the eigh pseudo-inverse.
+    Returns the condition estimate and whether eigh was used.
 
     like_pinv: the rule is nn · pinv(a + ridge I), and pinv drops eigenvalues below max_eig·n·eps. In fp32 such
     eigenvalues are rounding noise of the accumulated a, and inverting them exactly would amplify that noise (a single
@@ -169,23 +173,22 @@ def _solve_one(a: torch.Tensor, nn: torch.Tensor, ridge: float, like_pinv: bool)
         if not like_pinv or ridge > a.shape[0] * _EPS32 * float(torch.linalg.matrix_norm(a)):
             chol, info = torch.linalg.cholesky_ex(a)  # (n, n) lower
             if int(info) == 0:
+                # X A = N  ⇔  L (Lᵀ Xᵀ) = Nᵀ: two triangular solves on the (n, m) view Nᵀ, in place (no m×n copy)
+                rhs = nn.T
+                torch.linalg.solve_triangular(chol, rhs, upper=False, out=rhs)
+                torch.linalg.solve_triangular(chol.T, rhs, upper=True, out=rhs)
                 diag = chol.diagonal()
-                cond = float(diag.max() / diag.min()) ** 2
-                return torch.cholesky_solve(nn.T, chol).T, cond, False
+                return float(diag.max() / diag.min()) ** 2, False
             del chol
-    x, cond = _pinv_solve(a, nn)
-    return x, cond, True
+    return _pinv_solve(a, nn), True
 
 
-def _pinv_solve(a: torch.Tensor, nn: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """x = nn a⁺ through eigh; eigenvalues at or below max_eig·n·eps(fp32) count as zero (rounding, not signal).
-
-    Returns x (m, n) and the condition number of a on the eigenvalues kept.
-    """
+def _pinv_solve(a: torch.Tensor, nn: torch.Tensor) -> float:
+    """nn ← nn a⁺ in place, through eigh; eigenvalues at or below max_eig·n·eps(fp32) count as zero (rounding, not
+    signal). Returns the condition number of a on the eigenvalues kept."""
     evals, vecs = torch.linalg.eigh(a)  # ascending; vecs (n, n)
     cut = float(evals[-1]) * a.shape[0] * _EPS32
     kept = evals > cut
     inverse = torch.where(kept, evals.reciprocal(), torch.zeros_like(evals))
-    x = (nn @ vecs).mul_(inverse) @ vecs.T
-    cond = float(evals[-1] / evals[kept].min()) if bool(kept.any()) else 1.0
-    return x, cond
+    torch.matmul((nn @ vecs).mul_(inverse), vecs.T, out=nn)  # one (m, n) temporary
+    return float(evals[-1] / evals[kept].min()) if bool(kept.any()) else 1.0

@@ -81,7 +81,7 @@ class Dare(MergeMethod):
         return self.total.mul_(self.params.scale / self.params.density)
 
     @classmethod
-    def row_chunkable(cls, params: Any) -> bool:
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
         return True
 
     @staticmethod

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import torch
 
 from .average import Average
@@ -22,7 +20,3 @@ class TaskArithmetic(Average):
 
     def finalize(self) -> torch.Tensor:
         return self.total.mul_(self.params.scale)
-
-    @classmethod
-    def row_chunkable(cls, params: Any) -> bool:
-        return True

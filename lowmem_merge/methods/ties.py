@@ -156,7 +156,7 @@ class Ties(MergeMethod):
         return pos.add_(neg).mul_(self.params.scale)
 
     @classmethod
-    def row_chunkable(cls, params: Any) -> bool:
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
         return params.trim == "global"
 
     @classmethod
