@@ -86,7 +86,7 @@ def global_threshold(taus: list[torch.Tensor], density: float) -> float:
 
 
 def ties_trimmed(model: Model, density: float, trim: str) -> dict[str, torch.Tensor]:
-    """Trimmed task vectors, (T, *shape) per tensor: global = |τ| >= κ_t, tensor = the int(K·numel) largest |τ|."""
+    """Trimmed task vectors, (T, *shape) per tensor: global = |τ| >= κ_t, tensor = |τ| >= its int(K·numel)-th largest."""
     names = sorted(model)
     n_experts = len(model[names[0]][1])
     kappas = [global_threshold([model[k][1][t] for k in names], density) for t in range(n_experts)]
@@ -101,13 +101,15 @@ def ties_trimmed(model: Model, density: float, trim: str) -> dict[str, torch.Ten
 
 
 def _top_k(x: torch.Tensor, density: float) -> torch.Tensor:
+    """The k = int(K·numel) largest |x|, ties at the k-th largest kept (k = 0 keeps nothing)."""
     if density >= 1:
         return x.clone()
-    flat = x.reshape(-1)
-    kept = torch.zeros_like(flat)
-    idx = flat.abs().argsort(descending=True)[:int(density * flat.numel())]
-    kept[idx] = flat[idx]
-    return kept.reshape(x.shape)
+    flat = x.reshape(-1).abs()
+    k = int(density * flat.numel())
+    if k == 0:
+        return torch.zeros_like(x)
+    kappa = flat.kthvalue(flat.numel() - k + 1).values
+    return x * (x.abs() >= kappa)
 
 
 def ties_elected(trimmed: torch.Tensor, trim: str) -> torch.Tensor:

@@ -228,3 +228,14 @@ def test_merge_cli_prints_summary_and_quiet_prints_nothing(tiny, tmp_path):
     proc = run_cli("merge", base, *experts, "-o", tmp_path / "o2", "--method", "average", "-q", check=True)
     assert proc.stdout == ""
     assert torch.equal(load_model(tmp_path / "o1")["lm_head.weight"], load_model(tmp_path / "o2")["lm_head.weight"])
+
+
+def test_max_memory_refuses_before_writing_and_names_the_tensor(tiny, tmp_path):
+    base, experts = tiny
+    out = tmp_path / "out"
+    proc = run_cli("merge", base, *experts, "-o", out, "--method", "actmat", "--max-memory", "10KB")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = proc.stderr.splitlines()[0]
+    assert line.startswith("error: ") and "more than --max-memory" in line and ".weight" in line, line
+    assert not out.exists() or not any(out.glob("*.safetensors*"))
+    run_cli("merge", base, *experts, "-o", tmp_path / "ok", "--method", "actmat", "--max-memory", "4GB", check=True)

@@ -3,7 +3,9 @@
 1. Trim: expert t keeps the entries with |Δt| >= κ_t.
    trim=global (the authors' code): κ_t is the (d − ⌊d·K⌋)-th smallest |Δt| over the whole model (d entries), found
    exactly by ``TiesPrepass`` with two histogram rounds; ties at κ_t are kept.
-   trim=tensor (mergekit's ``ties``): per tensor, the k = ⌊K·numel⌋ largest |Δt|.
+   trim=tensor (mergekit's ``ties``): per tensor, the k = ⌊K·numel⌋ largest |Δt|: |Δt| >= κ, the k-th largest,
+   found exactly with the same two histogram rounds over the tensor's slabs (bounded temporaries, unlike a top-k,
+   which on a 150k-row embedding needs gigabytes). Ties at κ are kept, where mergekit's top-k drops some arbitrarily.
 2. Elect: γ = sign(Σ_t trimmed Δt).
 3. Disjoint mean: the mean of the trimmed entries whose sign is γ (zeros never count); Δ* = λ · that mean.
 Where the trimmed sum is exactly 0, trim=global gives 0 (lowmerge's rule, §7 "Streaming"; the reference would use the
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -27,6 +28,7 @@ from .base import MergeMethod, Prepass
 
 _HIGH = 1 << 15  # buckets of the top 16 bits of a non-negative fp32 (sign bit 0)
 _LOW = 1 << 16   # values of the low 16 bits inside one bucket
+_SLAB = 1 << 20  # entries per step in add: masks and their fp32 casts stay a few MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,21 @@ class TiesPrepass(Prepass):
         return list(self._kappa)
 
 
+def kth_smallest_abs(x: torch.Tensor, rank: int, slab: int = 1 << 20) -> float:
+    """The ``rank``-th smallest |x| (1-indexed), exactly: two histogram rounds over slabs of ``slab`` entries."""
+    flat = x.reshape(-1)
+    high = torch.zeros(_HIGH, dtype=torch.int64, device=x.device)
+    for part in flat.split(slab):
+        high += torch.bincount(part.abs().view(torch.int32).bitwise_right_shift_(16), minlength=_HIGH)
+    bucket, inner = _locate(high.cpu(), rank)
+    low = torch.zeros(_LOW + 2, dtype=torch.int64, device=x.device)
+    for part in flat.split(slab):
+        bits = part.abs().view(torch.int32)
+        low += torch.bincount(bits.sub_(bucket << 16).clamp_(-1, _LOW).add_(1), minlength=_LOW + 2)
+    value, _ = _locate(low[1:_LOW + 1].cpu(), inner)
+    return torch.tensor((bucket << 16) | value, dtype=torch.int32).view(torch.float32).item()
+
+
 def _locate(counts: torch.Tensor, rank: int) -> tuple[int, int]:
     """The bin holding the ``rank``-th smallest entry (1-indexed), and that entry's rank inside the bin."""
     cumulative = counts.cumsum(0)
@@ -119,40 +136,28 @@ class Ties(MergeMethod):
         if not self._sums:
             self._sums = [torch.zeros_like(delta, memory_format=torch.contiguous_format) for _ in range(2)]
             self._counts = [torch.zeros(delta.shape, dtype=self._count_dtype, device=delta.device) for _ in range(2)]
-        for total, count, mask in zip(self._sums, self._counts, self._kept_sides(t, delta)):
-            total.addcmul_(delta, mask)
-            count.add_(mask)
+        kappa = self._threshold(t, delta)
+        flat = [x.view(-1) for x in (*self._sums, *self._counts)]
+        for d, pos, neg, c_pos, c_neg in zip(delta.reshape(-1).split(_SLAB), *(x.split(_SLAB) for x in flat)):
+            for total, count, mask in ((pos, c_pos, _kept_side(d, kappa, 1)), (neg, c_neg, _kept_side(d, kappa, -1))):
+                total.addcmul_(d, mask)      # slab by slab: the mask and its fp32 cast stay small
+                count.add_(mask)
 
-    def _kept_sides(self, t: int, delta: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Masks (bool, shape of delta) of the kept entries that are strictly positive, then strictly negative.
-
-        A kept 0 joins neither side. With a threshold κ > 0 the sides are Δ >= κ and Δ <= −κ: two comparisons,
-        no |Δ| temporary. Yielded one at a time so that only one mask lives at once.
-        """
+    def _threshold(self, t: int, delta: torch.Tensor) -> float:
+        """κ: entries with |Δ| >= κ are kept (0 keeps all; inf keeps none)."""
         if self.params.trim == "tensor" and self.params.density < 1:
             k = int(self.params.density * delta.numel())
-            keep = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-            keep[delta.abs().reshape(-1).topk(k, sorted=False).indices] = True
-            keep = keep.view(delta.shape)
-            yield torch.gt(delta, 0).logical_and_(keep)
-            yield torch.lt(delta, 0).logical_and_(keep)
-            return
-        kappa = self.state[t] if self.uses_prepass(self.params) else 0.0
-        if kappa > 0:
-            yield delta >= kappa
-            yield delta <= -kappa
-        else:
-            yield delta > 0
-            yield delta < 0
+            return kth_smallest_abs(delta, delta.numel() - k + 1) if k else math.inf
+        return self.state[t] if self.uses_prepass(self.params) else 0.0
 
     def finalize(self) -> torch.Tensor:
         pos, neg = self._sums
-        total = pos + neg
-        up = total >= 0 if self.params.trim == "tensor" else total > 0  # tensor: mergekit elects + on a 0 sum
-        down = total < 0
-        del total
-        for s, count, side in zip(self._sums, self._counts, (up, down)):
-            s.div_(count.clamp_(min=1)).mul_(side)
+        for p, n, c_pos, c_neg in zip(*(x.view(-1).split(_SLAB) for x in (*self._sums, *self._counts))):
+            total = p + n
+            up = total >= 0 if self.params.trim == "tensor" else total > 0  # tensor: mergekit elects + on a 0 sum
+            p.div_(c_pos.clamp_(min=1)).mul_(up)
+            n.div_(c_neg.clamp_(min=1)).mul_(total < 0)
+        self._counts = []
         return pos.add_(neg).mul_(self.params.scale)
 
     @classmethod
@@ -165,12 +170,16 @@ class Ties(MergeMethod):
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
-        """P, Q, c⁺, c⁻, plus temporaries: a bool mask (and the fp32 cast addcmul_ may make of it) in add, or P+Q and
-        γ's two masks in finalize; trim=tensor adds |Δ|, the kept mask and topk's values (fp32) and indices (int64)."""
-        per_entry = 8 + 2 * _count_dtype(n_experts).itemsize + 6
-        if params.trim == "tensor" and params.density < 1:
-            per_entry += 12 * params.density
+        """P, Q, c⁺ and c⁻; add, finalize and trim=tensor's threshold search work in slabs (small temporaries)."""
+        per_entry = 8 + 2 * _count_dtype(n_experts).itemsize
         return math.ceil(per_entry * info.numel)
+
+
+def _kept_side(d: torch.Tensor, kappa: float, sign: int) -> torch.Tensor:
+    """Bool mask of the kept entries strictly on one side of 0 (a kept 0 joins neither): Δ >= κ or Δ <= −κ."""
+    if kappa > 0:
+        return d >= kappa if sign > 0 else d <= -kappa
+    return d > 0 if sign > 0 else d < 0
 
 
 def _count_dtype(n_experts: int) -> torch.dtype:
