@@ -5,6 +5,7 @@ Nothing here imports lowmem_merge.methods: the point is an independent second im
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -127,3 +128,192 @@ def ties(model: Model, density: float, scale: float, trim: str) -> dict[str, tor
         agree = (torch.sign(trimmed) == ties_elected(trimmed, trim)) & (trimmed != 0)
         out[name] = scale * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
     return out
+
+
+def lin_or_scaled_mean(model: Model, rule: Callable[[list[torch.Tensor]], torch.Tensor],
+                       scale: float) -> dict[str, torch.Tensor]:
+    """The rule (which applies α itself) on LIN tensors, α·mean of Δt on every other class (§5, §6, §13)."""
+    return {name: per_matrix(rule, taus) if info.cls == TensorClass.LIN else scale * average(taus)
+            for name, (info, taus) in model.items()}
+
+
+# ---- §3: ACE-Merging ---------------------------------------------------------------------------------------------
+
+def ace_gamma(taus: list[torch.Tensor]) -> float:
+    """γ = Var_unbiased(ℓ)/(mean(ℓ)² + 1e-12), ℓ_t = ln(‖Δt‖F² + 1e-12); NaN for T = 1 (torch.var of one value)."""
+    logs = torch.tensor([float(x.square().sum()) for x in taus], dtype=torch.float64).add(1e-12).log()
+    if len(taus) == 1:
+        return math.nan
+    return float(logs.var() / (logs.mean() ** 2 + 1e-12))
+
+
+def ace_parts(taus: list[torch.Tensor], eps: float, tau: float) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(flag, Δ_pre, F = Δ_pre + R) of §3.2 steps 1–6, every expert at hand; F is None when not flag."""
+    n_experts, n = len(taus), taus[0].shape[1]
+    eye = torch.eye(n, dtype=torch.float64)
+    flag = ace_gamma(taus) > tau
+    mean_norm = sum(float(x.square().sum()) for x in taus) / n_experts
+    centred = [x - x.mean(0, keepdim=True) for x in taus]
+    tilde, regs = [], []
+    for w in centred:
+        gram = w.T @ w
+        r = float(torch.trace(gram)) + 1e-12
+        tilde.append(gram / r if flag else gram)
+        regs.append(tilde[-1] + (eps / r if flag else eps) * eye)
+    c = sum(tilde).mean(0)
+    if flag:
+        c = c / (mean_norm + 1e-12)
+    a = sum(regs) + torch.ones(n, 1, dtype=torch.float64) * c[None, :]   # 1_n cᵀ
+    nn = sum(w @ s for w, s in zip(centred, regs))
+    pre = nn @ torch.linalg.inv(a)
+    if not flag:
+        return flag, pre, None
+    mean_reg = sum(regs) / n_experts
+    return flag, pre, pre + sum(x @ (s - mean_reg) for x, s in zip(taus, tilde))
+
+
+def ace_matrix(taus: list[torch.Tensor], eps: float, tau: float, k_frac: float) -> torch.Tensor:
+    flag, pre, f = ace_parts(taus, eps, tau)
+    k = int(k_frac * min(pre.shape))
+    if not flag or k == 0:
+        return pre
+    u, s, vh = torch.linalg.svd(f, full_matrices=False)
+    return pre + s[:k].mean() * u[:, :k] @ vh[:k]
+
+
+# ---- §4.1: WUDI-Merging, Adam ------------------------------------------------------------------------------------
+
+def wudi_loss(tau: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+    """L(τ) = Σ_t w_t ‖(τ − Δt) Δtᵀ‖F², w_t = 1/‖Δt‖F²; zero experts have no weight."""
+    return sum(((tau - x) @ x.T).square().sum() / x.square().sum() for x in taus if torch.count_nonzero(x))
+
+
+def wudi_matrix(taus: list[torch.Tensor], lr: float, steps: int) -> torch.Tensor:
+    """Adam on the per-expert loss through autograd, from τ⁰ = Σ Δt, in fp64 (the reference's loop)."""
+    tau = sum(taus).clone().requires_grad_(True)
+    opt = torch.optim.Adam([tau], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = wudi_loss(tau, taus)
+        if isinstance(loss, torch.Tensor):
+            loss.backward()
+        else:   # every expert zero: no loss, no step
+            tau.grad = torch.zeros_like(tau)
+        opt.step()
+    return tau.detach()
+
+
+# ---- §5, §6: TSV-M, Iso-C, Iso-CTS -------------------------------------------------------------------------------
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def tsv_slots(taus: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ū (m×r), s̄ (r), V̄ (r×n) of §5 step 1, k = ⌊r/T⌋ triplets per expert, the rest zero."""
+    m, n = taus[0].shape
+    r = min(m, n)
+    k = r // len(taus)
+    ubar, sbar, vbar = (torch.zeros(m, r, dtype=torch.float64), torch.zeros(r, dtype=torch.float64),
+                        torch.zeros(r, n, dtype=torch.float64))
+    for t, x in enumerate(taus):
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        ubar[:, t * k:(t + 1) * k], sbar[t * k:(t + 1) * k], vbar[t * k:(t + 1) * k] = u[:, :k], s[:k], vh[:k]
+    return ubar, sbar, vbar
+
+
+def tsv_matrix(taus: list[torch.Tensor], scale: float) -> torch.Tensor:
+    if min(taus[0].shape) < len(taus):
+        return torch.zeros_like(taus[0])
+    ubar, sbar, vbar = tsv_slots(taus)
+    return scale * polar(ubar) @ torch.diag(sbar) @ polar(vbar)
+
+
+def iso_c_matrix(taus: list[torch.Tensor], scale: float) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    return scale * s.mean() * u @ vh
+
+
+def iso_cts_sizes(r: int, n_experts: int, fraction: float) -> tuple[int, int]:
+    """(k_c, p) of §6 step 1 (Python round, half to even)."""
+    k0 = int(r * fraction)
+    n_ts = round((r - k0) / n_experts) * n_experts
+    return r - n_ts, n_ts // n_experts
+
+
+def iso_cts_matrix(taus: list[torch.Tensor], fraction: float, scale: float) -> torch.Tensor:
+    m, n = taus[0].shape
+    r, n_experts = min(m, n), len(taus)
+    kc, p = iso_cts_sizes(r, n_experts, fraction)
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    uc = u[:, :kc]
+    us, ss, vs = [], [], []
+    for x in taus:
+        ut, st, vt = torch.linalg.svd(x - uc @ uc.T @ x, full_matrices=False)
+        us.append(ut[:, :p]), ss.append(st[:p]), vs.append(vt[:p])
+    ubar = torch.cat(us + [uc], 1)
+    sbar = torch.cat(ss + [s[:kc]])
+    vbar = torch.cat(vs + [vh[:kc]], 0)
+    return scale * sbar.mean() * polar(ubar) @ polar(vbar)
+
+
+# ---- how much fp32 rounding the spectral rules amplify (tolerances of the streamed == reference tests) -------------
+
+def _gap_ratio(s: torch.Tensor, k: int, individual: bool) -> float:
+    """σ1 over the smallest singular-value gap that decides the top k triplets: every gap among the first k + 1 values
+    when each triplet counts on its own (TSV's s̄ weights each one), else only σ_k − σ_{k+1} (a subspace)."""
+    if k == 0 or k >= s.numel() and not individual:
+        return 1.0
+    gaps = s[:k + 1].diff().neg() if individual else s[k - 1:k + 1].diff().neg()
+    return float(s[0] / gaps.min()) if gaps.numel() else 1.0
+
+
+def _cond(x: torch.Tensor) -> float:
+    """σ1/σ_min over the nonzero singular values: polar(x) moves by ~‖E‖/σ_min."""
+    s = torch.linalg.svdvals(x)
+    s = s[s > s[0] * 1e-10]
+    return float(s[0] / s[-1])
+
+
+def ace_sensitivity(taus: list[torch.Tensor], eps: float, tau: float, k_frac: float) -> float:
+    """κ(A) of the LU solve, times the subspace gap of F at k where the refinement runs."""
+    flag, pre, f = ace_parts(taus, eps, tau)
+    n = taus[0].shape[1]
+    centred = [x - x.mean(0, keepdim=True) for x in taus]   # rebuild A's singular values from its parts
+    tilde = [w.T @ w / ((float((w * w).sum()) + 1e-12) if flag else 1.0) for w in centred]
+    eps_sum = sum(eps / (float((w * w).sum()) + 1e-12) if flag else eps for w in centred)
+    c = sum(tilde).mean(0) / ((sum(float(x.square().sum()) for x in taus) / len(taus) + 1e-12) if flag else 1.0)
+    a = sum(tilde) + eps_sum * torch.eye(n, dtype=torch.float64) + torch.ones(n, 1, dtype=torch.float64) * c
+    k = int(k_frac * min(pre.shape))
+    refine = _gap_ratio(torch.linalg.svdvals(f), k, individual=False) if flag else 1.0
+    return _cond(a) * refine
+
+
+def tsv_sensitivity(taus: list[torch.Tensor]) -> float:
+    r = min(taus[0].shape)
+    k = r // len(taus)
+    if k == 0:
+        return 1.0
+    ubar, _, vbar = tsv_slots(taus)
+    filled = len(taus) * k
+    gaps = max(_gap_ratio(torch.linalg.svdvals(x), k, individual=True) for x in taus)
+    return gaps * max(_cond(ubar[:, :filled]), _cond(vbar[:filled]))
+
+
+def iso_c_sensitivity(taus: list[torch.Tensor]) -> float:
+    return _cond(sum(taus))
+
+
+def iso_cts_sensitivity(taus: list[torch.Tensor], fraction: float) -> float:
+    m, n = taus[0].shape
+    kc, p = iso_cts_sizes(min(m, n), len(taus), fraction)
+    u, s, _ = torch.linalg.svd(sum(taus), full_matrices=False)
+    uc = u[:, :kc]
+    residuals = [x - uc @ uc.T @ x for x in taus]
+    gaps = max([_gap_ratio(s, kc, individual=False)]
+               + [_gap_ratio(torch.linalg.svdvals(x), p, individual=False) for x in residuals])
+    ubar = torch.cat([torch.linalg.svd(x, full_matrices=False)[0][:, :p] for x in residuals] + [uc], 1)
+    vbar = torch.cat([torch.linalg.svd(x, full_matrices=False)[2][:p] for x in residuals]
+                     + [torch.linalg.svd(sum(taus), full_matrices=False)[2][:kc]], 0)
+    return gaps * max(_cond(ubar), _cond(vbar))

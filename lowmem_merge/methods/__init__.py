@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .ace import Ace
 from .actmat import ActMat
 from .average import Average
 from .base import MergeMethod, NoParams, Prepass, parse_params, params_dict
 from .dare import Dare
+from .iso_c import IsoC
+from .iso_cts import IsoCts
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
+from .tsv import Tsv
+from .wudi import Wudi
 from .wudi_cfs import WudiCfs
 
 _METHODS: tuple[type[MergeMethod], ...] = (
@@ -17,6 +22,11 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     Dare,
     ActMat,
     WudiCfs,
+    Wudi,
+    Ace,
+    Tsv,
+    IsoC,
+    IsoCts,
 )
 
 

@@ -1,0 +1,43 @@
+"""Iso-C, isotropic merging in the common subspace (ALGORITHMS.md §6; `iso-merging/src/utils/iso.py`).
+
+LIN, per (m, n) matrix: S = Σ_t Δt = U diag(σ) Vᵀ (thin SVD), Δ* = α · mean(σ_1..σ_r) · U Vᵀ, r = min(m, n):
+the task-arithmetic sum with its spectrum flattened, nuclear norm kept. Other tensors: α · mean of Δt.
+Memory: S, then one thin SVD of it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .matrix_rule import MatrixRule, svd_floats
+from .tsv import ScaleParams
+
+
+class IsoC(MatrixRule):
+    name = "iso_c"
+    summary = "LIN: Iso-C, the sum of task vectors with all its singular values set to their mean; other: α·mean"
+    Params = ScaleParams
+    param_help = {"scale": "α, multiplies the merged task vector of every tensor (authors tune it in 0.1..3.0)"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sum: torch.Tensor | None = None  # S = Σ Δt, (B, m, n) fp32
+
+    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        if self._sum is None:
+            self._sum = d.clone(memory_format=torch.contiguous_format)
+        else:
+            self._sum.add_(d)
+
+    def _finalize_matrices(self) -> torch.Tensor:
+        total = self._sum
+        for x in total:  # x: (m, n), overwritten by its Δ*
+            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+            torch.matmul(u, vh, out=x)
+            x.mul_(float(s.mean()) * self.params.scale)
+        return total
+
+    @classmethod
+    def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
+        return batch * m * n + svd_floats(m, n) + m * n

@@ -1,0 +1,107 @@
+"""Iso-CTS, isotropic merging in common and task-specific subspaces (ALGORITHMS.md §6; `iso-merging/src/utils/iso.py`).
+
+LIN, per (m, n) matrix, r = min(m, n), f = common_fraction:
+    k0 = ⌊r·f⌋, n_ts = round((r − k0)/T)·T (Python round, half to even), k_c = r − n_ts, p = n_ts/T;
+    pass 0: S = Σ_t Δt; its top-k_c SVD triplets (U_c, σ_c, V_c) fill slots [T·p, T·p + k_c);
+    pass 1: R_t = (I − U_c U_cᵀ) Δt (left projection only), its top-p triplets fill slots [t·p, (t+1)·p);
+    Δ* = α · mean(s̄) · polar(Ū) · polar(V̄).
+Other tensors: α · mean of Δt. Because only the left side is projected, the rule depends on orientation (§9.2).
+Deviation: where rounding up makes T·p exceed r (tiny r, small f; the reference would index out of range),
+p drops to ⌊r/T⌋ and k_c = r − T·p.
+Memory: S (pass 0), then the slots m·r + r + r·n, U_c (m·k_c) and one expert's projection and SVD.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .matrix_rule import MatrixRule, SlotBuffers, svd_floats
+
+
+@dataclasses.dataclass(frozen=True)
+class IsoCtsParams:
+    common_fraction: float = 0.8
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.common_fraction <= 1.0:
+            raise ConfigError(f"iso_cts: common_fraction={self.common_fraction} must be in [0, 1]",
+                              hint="the share of min(m, n) kept for the common subspace, e.g. -p common_fraction=0.8")
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"iso_cts: scale={self.scale} must be a finite number", hint="e.g. -p scale=1.0")
+
+
+def subspace_sizes(r: int, n_experts: int, common_fraction: float) -> tuple[int, int]:
+    """(k_c, p): common triplets and triplets per task, k_c + T·p = r (§6 step 1)."""
+    k0 = math.floor(r * common_fraction)
+    p = min(round((r - k0) / n_experts), r // n_experts)
+    return r - n_experts * p, p
+
+
+class IsoCts(MatrixRule):
+    name = "iso_cts"
+    summary = "LIN: Iso-CTS, common top singular space of the sum plus each expert's residual top space, flattened"
+    passes = 2
+    Params = IsoCtsParams
+    param_help = {"common_fraction": "f, share of min(m, n) reserved for the common subspace of Σ Δt",
+                  "scale": "α, multiplies the merged task vector of every tensor (authors tune it in 0.1..3.0)"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        r = min(self.info.shape[-2:]) if self._mean is None else 0
+        self._kc, self._p = subspace_sizes(r, self.n_experts, self.params.common_fraction)
+        self._sum: torch.Tensor | None = None      # S = Σ Δt, (B, m, n) fp32, pass 0 only
+        self._common: torch.Tensor | None = None   # U_c, (B, m, k_c) fp32
+        self._slots: SlotBuffers | None = None
+        self._stats = {"k_common": float(self._kc), "k_task": float(self._p)} if self._mean is None else {}
+
+    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        if pass_ == 0:
+            if self._sum is None:
+                self._sum = d.clone(memory_format=torch.contiguous_format)
+            else:
+                self._sum.add_(d)
+            return
+        if self._slots is None:
+            self._split_common()
+        if self._p == 0:
+            return
+        p = self._p
+        for e, x in enumerate(d):  # x: (m, n)
+            uc = self._common[e]
+            residual = x - uc @ (uc.T @ x)  # (m, n)
+            u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+            self._slots.put(e, t * p, u[:, :p], s[:p], vh[:p])
+
+    def _split_common(self) -> None:
+        """SVD of each S: the common triplets go to the last k_c slots, U_c is kept for the projections."""
+        total, self._sum = self._sum, None
+        self._slots = SlotBuffers(total)
+        self._common = total.new_empty(total.shape[0], total.shape[1], self._kc)
+        start = self.n_experts * self._p
+        for e, x in enumerate(total):
+            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+            kc = self._kc
+            self._common[e] = u[:, :kc]
+            self._slots.put(e, start, u[:, :kc], s[:kc], vh[:kc])
+
+    def _finalize_matrices(self) -> torch.Tensor:
+        slots, self._slots, self._common = self._slots, None, None
+        batch, m, _ = slots.u.shape
+        merged = slots.u.new_empty(batch, m, slots.vh.shape[-1])
+        for e in range(batch):
+            merged[e] = slots.merge(e, slots.s[e].mean() * self.params.scale)
+        return merged
+
+    @classmethod
+    def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
+        r = min(m, n)
+        kc, _ = subspace_sizes(r, n_experts, params.common_fraction)
+        pass0 = batch * m * n + svd_floats(m, n) + batch * (m * r + r + r * n + m * kc)  # S, its SVD, the slots
+        pass1 = batch * (m * r + r + r * n + m * kc) + m * n + svd_floats(m, n)         # slots, U_c, R_t and its SVD
+        final = batch * (m * r + r + r * n + m * n) + svd_floats(m, r) + svd_floats(r, n) + m * n
+        return max(pass0, pass1, final)

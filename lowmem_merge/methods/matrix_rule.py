@@ -1,0 +1,104 @@
+"""What the per-matrix rules without a Gram kernel share (ace, wudi, tsv, iso_c, iso_cts): the class split of §13.
+
+LIN tensors go to the rule as a (B, m, n) batch of independent matrices (a plain matrix is a batch of one; 3-D
+mixture-of-experts weights are B = E matrices). Every other class gets scale·mean of Δt (scale = the rule's α where
+it has one, else 1), read in pass 0 only: a two-pass rule still reads those tensors twice (the stream's choice),
+but adds them once. ``polar`` and ``SlotBuffers`` are TSV-M's and Iso-CTS's slot-filling steps (§5, §6).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..info import TensorClass, TensorInfo
+from .average import Average
+from .base import MergeMethod, NoParams
+from .covariance import as_matrices
+
+
+class MatrixRule(MergeMethod):
+    """LIN: ``_add_matrices`` per expert and pass, ``_finalize_matrices``; other classes: scale·mean of Δt."""
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        super().__init__(info, n_experts, params, state)
+        self._mean = None if info.cls == TensorClass.LIN else Average(info, n_experts, NoParams())
+        self._stats: dict[str, float] = {}
+        self._device: torch.device | None = None  # of the deltas, for a result built from nothing
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        self._device = delta.device
+        if self._mean is None:
+            self._add_matrices(t, as_matrices(delta), pass_)
+        elif pass_ == 0:
+            self._mean.add(t, delta)
+
+    def finalize(self) -> torch.Tensor:
+        if self._mean is not None:
+            scale = getattr(self.params, "scale", 1.0)
+            merged = self._mean.finalize()
+            return merged if scale == 1.0 else merged.mul_(scale)
+        return self._finalize_matrices().view(self.info.shape)
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats)
+
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        return info.cls != TensorClass.LIN    # the mean of other classes is elementwise
+
+    @classmethod
+    def state_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> int:
+        if info.cls != TensorClass.LIN:
+            return 4 * info.numel
+        *lead, m, n = info.shape
+        return 4 * cls._matrix_floats(math.prod(lead), m, n, n_experts, params)
+
+    @classmethod
+    def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
+        """Peak fp32 values held for a (batch, m, n) LIN tensor: statistics plus the largest temporary."""
+        raise NotImplementedError
+
+    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        """Read expert t's (B, m, n) fp32 matrices; keep no reference to ``d``."""
+        raise NotImplementedError
+
+    def _finalize_matrices(self) -> torch.Tensor:
+        """Δ* as (B, m, n) fp32."""
+        raise NotImplementedError
+
+
+def svd_floats(m: int, n: int) -> int:
+    """fp32 values of a thin SVD of one m×n matrix: U, S, Vh and a copy of the input as LAPACK workspace."""
+    r = min(m, n)
+    return m * r + r + r * n + m * n
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ (thin fp32 SVD): the nearest matrix with orthonormal columns
+    (rows, if wide). Unique where x has full rank; for zero columns it does not matter, their s̄ is 0 (§5)."""
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+class SlotBuffers:
+    """Ū (B, m, r), s̄ (B, r), V̄ (B, r, n), zero until filled: column j of Ū, s̄[j] and row j of V̄ are one triplet."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        batch, m, n = like.shape
+        r = min(m, n)
+        self.u = like.new_zeros(batch, m, r)
+        self.s = like.new_zeros(batch, r)
+        self.vh = like.new_zeros(batch, r, n)
+
+    def put(self, e: int, start: int, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
+        """Triplets (u (m, k), s (k), vh (k, n)) of matrix e into slots [start, start + k)."""
+        k = s.shape[0]
+        self.u[e, :, start:start + k] = u
+        self.s[e, start:start + k] = s
+        self.vh[e, start:start + k] = vh
+
+    def merge(self, e: int, values: torch.Tensor) -> torch.Tensor:
+        """polar(Ū) · diag(values) · polar(V̄) for matrix e: (m, n) fp32."""
+        return (polar(self.u[e]) * values) @ polar(self.vh[e])

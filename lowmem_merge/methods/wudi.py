@@ -1,0 +1,104 @@
+"""WUDI-Merging, Adam version (ALGORITHMS.md §4.1; `vit/wudi_main.py::get_redundant_task_vector`).
+
+LIN, per (m, n) matrix, w_t = 1/‖Δt‖F²: minimize L(τ) = Σ_t w_t ‖(τ − Δt) Δtᵀ‖F² with torch.optim.Adam (lr, betas
+(0.9, 0.999), eps 1e-8, no weight decay) for ``steps`` steps from τ⁰ = Σ_t Δt. Other tensors: mean of Δt.
+Streaming, exact: ∇L = 2(τA − B) with A = Σ w ΔᵀΔ (n×n) and B = Σ w Δ(ΔᵀΔ) (m×n), accumulated in one pass with
+S = Σ Δ, so Adam never sees the experts again: memory n² + 2mn plus Adam's m×n grad and two moments, whatever T.
+L(τ) = tr(τAτᵀ) − 2 tr(τBᵀ) + Σ w ‖ΔᵀΔ‖F² is reported before and after (stats loss_before, loss_after; summed over
+the matrices of a batched tensor). An expert whose Δt is exactly zero at a matrix has no weight there (1/0).
+The trajectory equals the reference's mathematically, not bitwise: Adam divides by √v̂ + 1e-8, which amplifies
+rounding where the gradient is ~0 (§11.3), so entries move by up to ~lr per step there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .covariance import rows_first
+from .matrix_rule import MatrixRule
+
+
+@dataclasses.dataclass(frozen=True)
+class WudiParams:
+    lr: float = 1e-5
+    steps: int = 300
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ConfigError(f"wudi: lr={self.lr} must be a finite number >= 0", hint="e.g. -p lr=1e-5")
+        if self.steps < 0:
+            raise ConfigError(f"wudi: steps={self.steps} must be >= 0", hint="e.g. -p steps=300")
+
+
+class Wudi(MatrixRule):
+    name = "wudi"
+    summary = "LIN: WUDI-Merging, Adam from the sum of task vectors on Σ ‖(τ − Δt)Δtᵀ‖²/‖Δt‖²; other tensors: mean"
+    Params = WudiParams
+    param_help = {"lr": "Adam learning rate (paper and ViT code 1e-5, RoBERTa code 2e-5)",
+                  "steps": "Adam steps (paper 300; fusion_bench's config 400)"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._a: torch.Tensor | None = None    # A = Σ w ΔᵀΔ, (B, n, n) fp32
+        self._b: torch.Tensor | None = None    # B = Σ w Δ ΔᵀΔ, (B, m, n) fp32
+        self._sum: torch.Tensor | None = None  # S = Σ Δ, (B, m, n) fp32
+        self._const: list[float] = []          # Σ w ‖ΔᵀΔ‖F² per matrix
+
+    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        batch, m, n = d.shape
+        if self._a is None:
+            self._a, self._b, self._sum = d.new_zeros(batch, n, n), d.new_zeros(batch, m, n), d.clone(memory_format=torch.contiguous_format)
+            self._const = [0.0] * batch
+        else:
+            self._sum.add_(d)
+        for e, (x, norm) in enumerate(zip(d, torch.linalg.vector_norm(d, dim=(1, 2)).tolist())):
+            if norm == 0:
+                continue
+            w = 1.0 / (norm * norm)
+            if rows_first(m, n):
+                self._a[e].addmm_(x.T, x, alpha=w)
+                outer = x @ x.T  # (m, m); ‖ΔΔᵀ‖F = ‖ΔᵀΔ‖F
+                self._b[e].addmm_(outer, x, alpha=w)
+            else:
+                outer = x.T @ x  # (n, n)
+                self._a[e].add_(outer, alpha=w)
+                self._b[e].addmm_(x, outer, alpha=w)
+            self._const[e] += w * float(torch.linalg.matrix_norm(outer)) ** 2
+
+    def _finalize_matrices(self) -> torch.Tensor:
+        tau, a, b, self._a, self._b, self._sum = self._sum, self._a, self._b, None, None, None
+        before = after = 0.0
+        for e in range(tau.shape[0]):
+            before += self._loss(tau[e], a[e], b[e], self._const[e])
+            self._descend(tau[e], a[e], b[e])
+            after += self._loss(tau[e], a[e], b[e], self._const[e])
+        self._stats = {"loss_before": before, "loss_after": after}
+        return tau
+
+    def _descend(self, tau: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``steps`` Adam steps on τ (m, n) in place, the gradient 2(τA − B) set by hand (no autograd graph)."""
+        if self.params.steps == 0:
+            return
+        param = tau.detach().requires_grad_(True)  # shares τ's storage: Adam updates it in place
+        param.grad = torch.empty_like(tau)
+        opt = torch.optim.Adam([param], lr=self.params.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+        with torch.no_grad():
+            for _ in range(self.params.steps):
+                torch.addmm(b, param, a, beta=-2.0, alpha=2.0, out=param.grad)
+                opt.step()
+        param.grad = None
+
+    @staticmethod
+    def _loss(tau: torch.Tensor, a: torch.Tensor, b: torch.Tensor, const: float) -> float:
+        """tr(τAτᵀ) − 2 tr(τBᵀ) + Σ w ‖ΔᵀΔ‖F², in fp64 scalars from fp32 products."""
+        return float((tau @ a).mul_(tau).sum(dtype=torch.float64) - 2 * (tau * b).sum(dtype=torch.float64)) + const
+
+    @classmethod
+    def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
+        add = n * n                              # the Gram ΔᵀΔ, or ΔΔᵀ when that is smaller
+        descend = 3 * m * n                      # grad and Adam's two moments (one matrix at a time)
+        return batch * (n * n + 2 * m * n) + max(add, descend + m * n)  # + τA for the loss
