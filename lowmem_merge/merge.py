@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,12 +15,12 @@ from safetensors.torch import save_file
 
 from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device, tune_malloc
 from .errors import BudgetError, ConfigError
-from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.checkpoint import open_checkpoint
 from .io.outdir import OutputDir
 from .io.reader import INDEX_NAME
 from .io.writer import ShardWriter, output_error, plan_shards
 from .methods import DEFAULT_METHOD, get_method, params_dict, parse_params
-from .plan import Plan, make_plan
+from .plan import Expert, Plan, make_plan
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from .sizes import format_size, parse_size
 from .stream import (MERGED, PREFETCH_BYTES, Piece, StreamContext, make_pieces, read_volume, request_bytes,
@@ -35,13 +36,13 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
           device: str = "auto", dtype: str = "auto", shard_size: str | int = "4GB",
           max_memory: str | int | None = None, resume: bool = False, force: bool = False,
           progress: Callable[[int, int], None] | None = None, **params: Any) -> Report:
-    """Merge ``experts`` (fine-tunes of ``base``) into ``out``; see ``lowmerge merge --help`` for each option.
+    """Merge ``experts`` (fine-tunes of ``base``, or LoRA adapters of it) into ``out``.
 
+    Options are those of ``lowmerge merge --help``; ``params`` are the method's (``lowmerge methods``).
     ``progress(done_bytes, total_bytes)`` is called as inputs are consumed.
     """
     t_start = time.perf_counter()
-    tune_malloc()
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN) if hasattr(signal, "SIGXFSZ") else None  # EFBIG, not death
+    _prepare_process()
     method_cls = get_method(method or DEFAULT_METHOD)
     parsed = parse_params(method_cls, {k: str(v) for k, v in params.items()})
     dev = resolve_device(device)
@@ -54,66 +55,82 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         pieces = make_pieces(plan, method_cls, parsed)
         if max_memory is not None:
             _check_budget(plan, pieces, method_cls, parsed, parse_size(max_memory, "--max-memory"))
-        t_plan = time.perf_counter()
-        fingerprint = _fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes)
-        outdir = OutputDir(out, fingerprint, resume=resume, force=force)
+        timings = {"plan": time.perf_counter() - t_start}
+        outdir = OutputDir(out, _fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
+                           resume=resume, force=force)
         specs = [(i.name, plan.out_dtype[i.name], plan.entry(i.name).shape) for i in plan.tensors]
         shards = plan_shards(specs, shard_bytes)
-        extra = _extra_files(plan)
-        final = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + extra
+        final = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + _extra_files(plan)
         outdir.claim(final + [REPORT_NAME, CARD_NAME])
         resumed = sorted(outdir.done_shards)          # kept from the interrupted run; the writer adds to it
-        pool = BufferPool(pin=dev.type == "cuda")
-        writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard, release=pool.give)
-        todo = [p for p in pieces if writer.needed(p.target)]
-        passes = method_cls.passes
-        pre_rounds = method_cls.prepass.rounds if method_cls.uses_prepass(parsed) else 0
-        total = pre_rounds * read_volume(plan, [p for p in pieces if p.target == p.info.name], 1) \
-            + read_volume(plan, todo, passes)
-        done = [0]
-
-        def tick(n: int) -> None:
-            done[0] += n
-            if progress:
-                progress(done[0], total)
-
-        ctx = StreamContext(plan, method_cls, parsed, dev, tick, pool)
-        try:
-            state = run_prepass(ctx, pieces)
-            t_pre = time.perf_counter()
-            stats = run_merge(ctx, todo, state, writer.write)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        t_merge = time.perf_counter()
+        ctx = StreamContext(plan, method_cls, parsed, dev, lambda n: None, BufferPool(pin=dev.type == "cuda"))
+        stats, bytes_read = _stream(ctx, pieces, outdir, shards, timings, progress)
         try:
             _write_heads(plan, outdir.path)
             _copy_base_files(plan, outdir.path, out_dtype)
-        except OSError as e:
-            raise output_error(e, outdir.path) from None
-        data = {
-            "lowmerge_version": versions()["lowmerge"], "created": now_utc(),
-            "method": method_cls.name, "params": params_dict(parsed),
-            "inputs": {"base": _describe(base_ck), "experts": [_describe(e) for e in expert_cks]},
-            "output": {"dir": str(outdir.path), "dtype": dtype if out_dtype else "base",
-                       "tensors": len(plan.tensors), "shards": [s.name for s in shards],
-                       "bytes": sum(s.size for s in shards), "resumed_shards": resumed},
-            "device": str(dev), "threads": torch.get_num_threads(),
-            "bytes_read": done[0],
-            "timings_s": {"plan": t_plan - t_start, "prepass": t_pre - t_plan, "merge": t_merge - t_pre},
-            "memory": {"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(dev)},
-            "heads": {str(e.path): names for e, names in zip(expert_cks, plan.heads) if names},
-            "warnings": plan.warnings, "tensor_stats": stats, "versions": versions(),
-            "files": final + [REPORT_NAME, CARD_NAME],
-        }
-        data["timings_s"]["total"] = time.perf_counter() - t_start
-        try:
+            data = {
+                "lowmerge_version": versions()["lowmerge"], "created": now_utc(),
+                "method": method_cls.name, "params": params_dict(parsed),
+                "inputs": {"base": _describe(base_ck), "experts": [_describe(e) for e in expert_cks]},
+                "output": {"dir": str(outdir.path), "dtype": dtype if out_dtype else "base",
+                           "tensors": len(plan.tensors), "shards": [s.name for s in shards],
+                           "bytes": sum(s.size for s in shards), "resumed_shards": resumed},
+                "device": str(dev), "threads": torch.get_num_threads(), "bytes_read": bytes_read,
+                "timings_s": {**timings, "total": time.perf_counter() - t_start},
+                "memory": {"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(dev)},
+                "heads": {str(e.path): names for e, names in zip(expert_cks, plan.heads) if names},
+                "warnings": plan.warnings, "tensor_stats": stats, "versions": versions(),
+                "files": final + [REPORT_NAME, CARD_NAME],
+            }
             report = write_report(outdir.path, data)
             outdir.finish(shards)
         except OSError as e:
             raise output_error(e, outdir.path) from None
         return report
+
+
+def _prepare_process() -> None:
+    """Process-wide settings a merge relies on: malloc thresholds, and a file-size limit raising EFBIG.
+
+    Without ignoring SIGXFSZ, hitting RLIMIT_FSIZE kills the process before it can say which file was too large.
+    Signal handlers can only be set from the main thread; elsewhere the default stays.
+    """
+    tune_malloc()
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _stream(ctx: StreamContext, pieces: list[Piece], outdir: OutputDir, shards: list, timings: dict,
+            progress: Callable[[int, int], None] | None) -> tuple[dict, int]:
+    """Pre-pass (if the method has one) and merge of every piece not already in a finished shard.
+
+    Returns the per-tensor statistics and the bytes read; fills ``timings`` (prepass, merge).
+    """
+    plan, method_cls, params = ctx.plan, ctx.method, ctx.params
+    writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard, release=ctx.pool.give)
+    todo = [p for p in pieces if writer.needed(p.target)]
+    rounds = method_cls.prepass.rounds if method_cls.uses_prepass(params) else 0
+    total = rounds * read_volume(plan, [p for p in pieces if p.target == p.info.name], 1) \
+        + read_volume(plan, todo, method_cls.passes)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    ctx.progress = tick
+    t0 = time.perf_counter()
+    try:
+        state = run_prepass(ctx, pieces)
+        t1 = time.perf_counter()
+        stats = run_merge(ctx, todo, state, writer.write)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    timings.update(prepass=t1 - t0, merge=time.perf_counter() - t1)
+    return stats, done[0]
 
 
 def _parse_dtype(dtype: str) -> torch.dtype | None:
@@ -143,14 +160,14 @@ def _check_budget(plan: Plan, pieces: list[Piece], method_cls, params, budget: i
 
 def _fingerprint(plan: Plan, method: str, params: Any, dtype: str, dev: torch.device, shard_bytes: int) -> dict:
     """What must not change between an interrupted run and its --resume (any change alters the output bytes)."""
-    def files(ck: Checkpoint) -> dict:
+    def files(ck: Expert) -> dict:
         return {f.path: {"size": f.size, "mtime_ns": f.mtime_ns, "header_sha256": f.header_sha256} for f in ck.files}
     return {"base": files(plan.base), "experts": [files(e) for e in plan.experts], "method": method,
             "params": params_dict(params), "dtype": dtype, "device": dev.type, "threads": torch.get_num_threads(),
             "shard_size": shard_bytes, "lowmerge": versions()["lowmerge"]}
 
 
-def _describe(ck: Checkpoint) -> dict:
+def _describe(ck: Expert) -> dict:
     return {"path": str(ck.path), "files": [{"path": f.path, "size": f.size, "header_sha256": f.header_sha256}
                                            for f in ck.files]}
 
@@ -161,7 +178,7 @@ def _extra_files(plan: Plan) -> list[str]:
     return names
 
 
-def _head_file(i: int, ck: Checkpoint) -> str:
+def _head_file(i: int, ck: Expert) -> str:
     return f"heads/expert{i}-{ck.path.stem}.safetensors"
 
 

@@ -12,7 +12,10 @@ import torch
 from .errors import InputError
 from .info import TensorClass, TensorInfo
 from .io.checkpoint import Checkpoint
+from .io.lora import LoraAdapter
 from .io.reader import TensorEntry
+
+Expert = Checkpoint | LoraAdapter
 
 _EMB = re.compile(r"(embed|wte|wpe|(^|\.)shared\.|position|token_type)")
 _HEAD = re.compile(r"(^|\.)(classifier|score)(\.|$)")
@@ -24,7 +27,7 @@ _LM_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
 @dataclass
 class Plan:
     base: Checkpoint
-    experts: list[Checkpoint]
+    experts: list[Expert]
     tensors: list[TensorInfo]                                   # output order; HEADs of the base included
     out_dtype: dict[str, torch.dtype]
     heads: list[list[str]] = field(default_factory=list)       # per expert: head tensors written to heads/
@@ -37,22 +40,12 @@ class Plan:
     def entry(self, name: str) -> TensorEntry:
         return self.base.entries[name]
 
-    def out_bytes(self, info: TensorInfo) -> int:
-        return self.base.entries[info.name].nbytes // self.base.entries[info.name].dtype.itemsize \
-            * self.out_dtype[info.name].itemsize
 
-    def read_bytes(self) -> int:
-        """Bytes of one full read of the base and every expert's merged tensors."""
-        total = 0
-        for info in self.tensors:
-            if info.cls in (TensorClass.LIN, TensorClass.EMB, TensorClass.VEC, TensorClass.CONV):
-                total += self.base.entries[info.name].nbytes
-                total += sum(e.entries[info.name].nbytes for e in self.experts)
-        return total
-
-
-def make_plan(base: Checkpoint, experts: list[Checkpoint], dtype: torch.dtype | None = None) -> Plan:
+def make_plan(base: Checkpoint, experts: list[Expert], dtype: torch.dtype | None = None) -> Plan:
     """Match, classify and check. ``dtype``: output dtype of float tensors (None = the base's)."""
+    if isinstance(base, LoraAdapter):
+        raise InputError("a LoRA adapter cannot be the base", path=base.path,
+                         hint="pass the model it was trained on as BASE and the adapter as an expert")
     if not experts:
         raise InputError("no experts given", hint="lowmerge merge BASE EXPERT [EXPERT ...] -o OUT")
     if not base.entries:
@@ -69,6 +62,9 @@ def make_plan(base: Checkpoint, experts: list[Checkpoint], dtype: torch.dtype | 
             _check_expert(entry, info, ex)
         infos.append(info)
         out_dtype[entry.name] = dtype if (dtype is not None and entry.is_float) else entry.dtype
+    for ex in experts:
+        if isinstance(ex, LoraAdapter):
+            _check_adapter(base, {i.name: i for i in infos}, ex)
     heads = [_expert_heads(base, ex) for ex in experts]
     infos = _tied_after_canonical(infos)
     plan = Plan(base, experts, infos, out_dtype, heads)
@@ -106,11 +102,13 @@ def _classify(entry: TensorEntry, conv1d: bool, canonical_emb: str | None) -> Te
     return TensorInfo(name, shape, TensorClass.LIN)
 
 
-def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Checkpoint) -> None:
+def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Expert) -> None:
     name = entry.name
     if info.cls in (TensorClass.HEAD, TensorClass.INT) or (info.cls == TensorClass.TIED
                                                            and name not in expert.entries):
         return   # heads are kept per expert, integer buffers come from the base
+    if isinstance(expert, LoraAdapter) and name not in expert.entries:
+        return   # Δ = 0 or a LoRA product: _check_adapter
     theirs = expert.entries.get(name)
     if theirs is None:
         raise InputError("tensor of the base is missing from this expert", path=expert.path, tensor=name,
@@ -128,7 +126,27 @@ def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Checkpoint) -> N
                          tensor=name, hint="every expert must be a fine-tune of the base")
 
 
-def _expert_heads(base: Checkpoint, expert: Checkpoint) -> list[str]:
+def _check_adapter(base: Checkpoint, infos: dict[str, TensorInfo], adapter: LoraAdapter) -> None:
+    """Every LoRA product lands on a mergeable base weight of its shape; every saved tensor names a base tensor."""
+    for name, e in adapter.entries.items():
+        if name not in base.entries and not _HEAD.search(name):
+            raise InputError("tensor not in the base", path=e.path, tensor=e.name,
+                             hint="the adapter was trained on another model: pass that model as BASE")
+    for name, f in adapter.lora.items():
+        entry = base.entries.get(name)
+        if entry is None:
+            raise InputError(f"LoRA module: the base has no weight {name!r}", path=f.a.path, tensor=f.a.name,
+                             hint="the adapter was trained on another model: pass that model as BASE")
+        if infos[name].cls not in (TensorClass.LIN, TensorClass.EMB):
+            raise InputError(f"LoRA on a {infos[name].cls.value} tensor is not supported", path=f.a.path,
+                             tensor=f.a.name, hint="merge this adapter with PEFT's merge_and_unload first")
+        if f.stored_shape != entry.shape:
+            raise InputError(f"LoRA delta B·A has shape {list(f.stored_shape)} (fan_in_fan_out="
+                             f"{f.fan_in_fan_out}), the base's {name} has {list(entry.shape)}", path=f.b.path,
+                             tensor=f.b.name, hint="the adapter was trained on another model: pass that model as BASE")
+
+
+def _expert_heads(base: Checkpoint, expert: Expert) -> list[str]:
     extra = sorted(set(expert.entries) - set(base.entries))
     heads = [n for n in extra if _HEAD.search(n)]
     others = [n for n in extra if not _HEAD.search(n)]

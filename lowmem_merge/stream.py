@@ -17,9 +17,9 @@ import torch
 from .device import BufferPool
 from .errors import InputError
 from .info import TensorClass, TensorInfo
-from .io.checkpoint import Checkpoint
+from .io.lora import LoraAdapter, LowRank
 from .methods.base import MergeMethod
-from .plan import Plan
+from .plan import Expert, Plan
 
 MERGED = (TensorClass.LIN, TensorClass.EMB, TensorClass.VEC, TensorClass.CONV)
 SLAB = 1 << 17                 # elements per step of a mixed-dtype in-place op: its cast temporary (512 KiB)
@@ -63,7 +63,7 @@ class Prefetcher:
     before it reads, so the memory held ahead of the merge is bounded whatever the timing.
     """
 
-    def __init__(self, requests: Iterable[tuple[Checkpoint, str, tuple[int, int] | None]], pool: BufferPool,
+    def __init__(self, requests: Iterable[tuple[Expert, str, tuple[int, int] | None]], pool: BufferPool,
                  budget: int = PREFETCH_BYTES) -> None:
         self._items: deque = deque()
         self._queued = 0
@@ -94,7 +94,7 @@ class Prefetcher:
             self._queued += size
             self._cond.notify_all()
 
-    def next(self) -> tuple[Checkpoint, torch.Tensor]:
+    def next(self) -> tuple[Expert, torch.Tensor | LowRank]:
         with self._cond:
             self._cond.wait_for(lambda: bool(self._items))
             (ckpt, item), size = self._items.popleft()
@@ -112,15 +112,18 @@ class Prefetcher:
         self._thread.join()
 
 
-def request_bytes(ckpt: Checkpoint, name: str, rows: tuple[int, int] | None) -> int:
+def request_bytes(ckpt: Expert, name: str, rows: tuple[int, int] | None) -> int:
+    if isinstance(ckpt, LoraAdapter):
+        return ckpt.read_bytes(name, rows)
     entry = ckpt.entries[name]
     return entry.nbytes if rows is None else entry.nbytes // entry.shape[0] * (rows[1] - rows[0])
 
 
 def read_volume(plan: Plan, pieces: list[Piece], passes: int) -> int:
     """Bytes the stream reads for ``pieces``: the base once, each expert once per pass."""
-    return sum(request_bytes(plan.base, p.info.name, p.rows) * (1 + passes * plan.n_experts if p.info.cls in MERGED
-                                                                else 1) for p in pieces)
+    return sum(request_bytes(plan.base, p.info.name, p.rows)
+               + (passes * sum(request_bytes(e, p.info.name, p.rows) for e in plan.experts)
+                  if p.info.cls in MERGED else 0) for p in pieces)
 
 
 @dataclass
@@ -133,7 +136,7 @@ class StreamContext:
     pool: BufferPool                         # host buffers: reads, and Δ when the device is the CPU
 
 
-def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Checkpoint, str, tuple[int, int] | None]]:
+def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Expert, str, tuple[int, int] | None]]:
     yield plan.base, piece.info.name, piece.rows
     if piece.info.cls in MERGED:
         for _ in range(passes):
@@ -172,19 +175,47 @@ def _inplace(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], acc: torc
     return acc
 
 
-def _delta(ctx: StreamContext, ckpt: Checkpoint, x: torch.Tensor, base: torch.Tensor,
+def _delta(ctx: StreamContext, ckpt: Expert, x: torch.Tensor | LowRank, base: torch.Tensor,
            info: TensorInfo) -> torch.Tensor:
-    """Δ = W_t − W_0 in fp32 on the device, in the method's orientation; checks that it is finite.
+    """Δ = W_t − W_0 (or a LoRA adapter's s·B·A) in fp32 on the device, in the method's orientation; checks that
+    it is finite.
 
     ``base`` is in its stored dtype and orientation. Takes ``x`` (the reader's buffer); the caller gives the
     result back to the pool after use.
     """
+    if isinstance(x, LowRank):
+        d = _lora_delta(ctx, x, info)
+        _check_finite(d, ckpt.path, info.name, "this adapter's weights are corrupt: re-export it or leave it out")
+        return d
     d = _inplace(torch.Tensor.sub_, _fp32(ctx, x), base)
     _check_finite(d, ckpt.path, info.name, "this expert's weights are corrupt: re-export it or leave it out")
     if info.transposed:
         t = d.T.contiguous()
         ctx.pool.give(d)
         return t
+    return d
+
+
+def _lora_delta(ctx: StreamContext, x: LowRank, info: TensorInfo) -> torch.Tensor:
+    """s·B·A in fp32 on the device, shaped ``info.shape`` (the method's orientation); zeros when ``x`` has no factors.
+
+    B·A is (out, in); the stored weight is its transpose with fan_in_fan_out, and the method sees the stored weight
+    transposed back when ``info.transposed``: so the product is transposed exactly when the two flags differ.
+    """
+    if ctx.device.type == "cpu":
+        d = ctx.pool.take(4 * info.numel).view(torch.float32).view(info.shape)
+    else:
+        d = torch.empty(info.shape, dtype=torch.float32, device=ctx.device)
+    if x.b is None:
+        return d.zero_()
+    b, a = _fp32(ctx, x.b), _fp32(ctx, x.a)        # (rows, r), (r, in): small
+    b.mul_(x.scale)
+    if x.fan_in_fan_out == info.transposed:
+        torch.mm(b, a, out=d)
+    else:
+        torch.mm(a.T, b.T, out=d)                   # (B·A)ᵀ, written contiguous
+    ctx.pool.give(b)
+    ctx.pool.give(a)
     return d
 
 

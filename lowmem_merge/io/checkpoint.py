@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
 from .reader import (BIN_NAMES, INDEX_NAME, SINGLE_NAME, FileInfo, TensorEntry, read_header, read_into)
 
 
@@ -59,11 +60,14 @@ class Checkpoint:
         self.close()
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A Hugging Face directory (single file or sharded), a .safetensors file, or a .bin via mmap'd torch.load."""
+def open_checkpoint(path: str | Path) -> Checkpoint | LoraAdapter:
+    """A Hugging Face directory (single file or sharded), a .safetensors file, a .bin via mmap'd torch.load, or a
+    PEFT LoRA adapter directory (or its adapter_model.safetensors)."""
     p = Path(path)
     if not p.exists():
         raise InputError("no such file or directory", path=p, hint="check the path")
+    if p.is_file() and p.name == ADAPTER_WEIGHTS and (p.parent / ADAPTER_CONFIG).is_file():
+        return LoraAdapter(p.parent)
     if p.is_file():
         if p.suffix in (".bin", ".pt", ".pth"):
             return _open_bin(p, p.parent)
@@ -77,9 +81,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(p, entries, [info], p, config)
     if (p / BIN_NAMES[0]).is_file():
         return _open_bin(p / BIN_NAMES[0], p)
-    if (p / "adapter_config.json").is_file():
-        raise InputError("LoRA adapter directories are not supported yet", path=p,
-                         hint="merge the adapter into a full checkpoint first (PEFT merge_and_unload)")
+    if (p / ADAPTER_CONFIG).is_file():
+        return LoraAdapter(p)
     found = sorted(x.name for x in p.glob("*.safetensors"))
     hint = f"found {', '.join(found)}: pass one of them as a file" if found else \
         "a model directory holds model.safetensors or model.safetensors.index.json"
