@@ -148,3 +148,45 @@ def demo(directory: Path, method: str, force: bool, debug: bool) -> None:
     from .demo import run_demo
     for line in run_demo(directory, method, force=force):
         click.echo(line)
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("experts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Output dtype, as for merge.")
+@click.option("--tensors", "show_tensors", is_flag=True, help="Also list every tensor with its class and shape.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+def inspect(base: Path, experts: tuple[Path, ...], dtype: str, show_tensors: bool, as_json: bool,
+            debug: bool) -> None:
+    """Show what a merge of EXPERTS into BASE would do, from the headers alone (reads no weights).
+
+    Tensor classes and sizes, bytes each pass reads, the peak memory each method would need, and the input
+    errors a merge would stop on.
+    """
+    import json
+
+    from .inspect import describe_plan
+    data = describe_plan(base, list(experts), dtype)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for line in _plan_lines(data, show_tensors):
+        click.echo(line)
+
+
+def _plan_lines(data: dict, show_tensors: bool) -> list[str]:
+    from .sizes import format_size
+    lines = [f"base: {data['base']}", f"experts ({len(data['experts'])}): " + ", ".join(data["experts"]),
+             "tensors: " + ", ".join(f"{c} {v['count']} ({format_size(v['bytes'])})"
+                                     for c, v in data["classes"].items()),
+             f"one read of base and experts: {format_size(data['bytes_per_pass'])}",
+             f"estimated peak memory (runtime ~{format_size(data['runtime_bytes'])} included):"]
+    for name, m in data["methods"].items():
+        lines.append(f"  {name:16s} {format_size(m['peak_bytes']):>9s}  reads x{m['reads']}  "
+                     f"largest: {m['largest_tensor']}")
+    lines += [f"warning: {w}" for w in data["warnings"]]
+    if show_tensors:
+        lines += [f"  {t['name']}  {t['class']}  {t['shape']}  {t['dtype']}" for t in data["tensors"]]
+    return lines

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .budget import check_budget
 from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device, tune_malloc
-from .errors import BudgetError, ConfigError
+from .errors import ConfigError
 from .io.checkpoint import open_checkpoint
 from .io.outdir import OutputDir
 from .io.reader import INDEX_NAME
@@ -22,9 +23,8 @@ from .io.writer import ShardWriter, output_error, plan_shards
 from .methods import DEFAULT_METHOD, get_method, params_dict, parse_params
 from .plan import Expert, Plan, make_plan
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
-from .sizes import format_size, parse_size
-from .stream import (MERGED, PREFETCH_BYTES, Piece, StreamContext, make_pieces, read_volume, request_bytes,
-                     run_merge, run_prepass)
+from .sizes import parse_size
+from .stream import Piece, StreamContext, make_pieces, read_volume, run_merge, run_prepass
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -54,7 +54,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         plan = make_plan(base_ck, expert_cks, out_dtype)
         pieces = make_pieces(plan, method_cls, parsed)
         if max_memory is not None:
-            _check_budget(plan, pieces, method_cls, parsed, parse_size(max_memory, "--max-memory"))
+            check_budget(plan, pieces, method_cls, parsed, parse_size(max_memory, "--max-memory"))
         timings = {"plan": time.perf_counter() - t_start}
         outdir = OutputDir(out, _fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
                            resume=resume, force=force)
@@ -139,23 +139,6 @@ def _parse_dtype(dtype: str) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
     return DTYPES[dtype]
-
-
-def _check_budget(plan: Plan, pieces: list[Piece], method_cls, params, budget: int) -> None:
-    """Refuse before starting when one piece's buffers exceed ``budget`` (the Python/torch runtime excluded).
-
-    Buffers: the method's statistics, Δ and the result in fp32, the base and one expert piece as read, the
-    read-ahead, and two output pieces with the writer.
-    """
-    for p in pieces:
-        if p.info.cls not in MERGED:
-            continue
-        piece_bytes = request_bytes(plan.base, p.info.name, p.rows)
-        need = method_cls.state_bytes(p.info, plan.n_experts, params) + 8 * p.info.numel \
-            + 4 * piece_bytes + max(PREFETCH_BYTES, piece_bytes)
-        if need > budget:
-            raise BudgetError(f"needs {format_size(need)} of buffers, more than --max-memory {format_size(budget)}",
-                              tensor=p.info.name, hint="raise --max-memory or choose an elementwise method")
 
 
 def _fingerprint(plan: Plan, method: str, params: Any, dtype: str, dev: torch.device, shard_bytes: int) -> dict:

@@ -239,3 +239,28 @@ def test_max_memory_refuses_before_writing_and_names_the_tensor(tiny, tmp_path):
     assert line.startswith("error: ") and "more than --max-memory" in line and ".weight" in line, line
     assert not out.exists() or not any(out.glob("*.safetensors*"))
     run_cli("merge", base, *experts, "-o", tmp_path / "ok", "--method", "actmat", "--max-memory", "4GB", check=True)
+
+
+def test_inspect_reports_the_plan_without_merging(tiny, tmp_path):
+    base, experts = tiny
+    proc = run_cli("inspect", base, *experts, "--json", check=True)
+    data = json.loads(proc.stdout)
+    assert set(data["methods"]) == set(REGISTRY)
+    assert data["classes"]["LIN"]["count"] == 2 * 7 + 1 and data["classes"]["EMB"]["count"] == 1   # + lm_head
+    assert data["methods"]["ties"]["reads"] == 3 and data["methods"]["average"]["reads"] == 1
+    tensor_bytes = 0
+    for d in [base, *experts]:
+        with open_checkpoint(d) as ck:
+            tensor_bytes += sum(e.nbytes for e in ck.entries.values())
+    assert data["bytes_per_pass"] == tensor_bytes          # every tensor of every input, once
+    text = run_cli("inspect", base, *experts, check=True).stdout
+    assert "estimated peak memory" in text and "actmat" in text
+
+
+def test_inspect_stops_on_the_same_input_errors_as_merge(tiny, tmp_path):
+    base, experts = tiny
+    sd = load_file(experts[0] / "model.safetensors")
+    del sd["model.layers.0.mlp.up_proj.weight"]
+    save_file(sd, experts[0] / "model.safetensors")
+    proc = run_cli("inspect", base, *experts)
+    assert proc.returncode == 1 and "model.layers.0.mlp.up_proj.weight" in proc.stderr

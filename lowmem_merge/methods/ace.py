@@ -144,7 +144,6 @@ class Ace(MatrixRule):
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        r = min(m, n)
         stats = batch * (n * n + 3 * m * n)                    # A_acc, N, R1, SΔ (heterogeneous branch)
         add = m * n + n * n                                    # W̃t and Ŝt
         finish = 2 * n * n + 2 * m * n + svd_floats(m, n)      # Aᵀ's LU and copy, Δ_pre, SVD of F

@@ -1,0 +1,46 @@
+"""The plan as data, for `lowmerge inspect`: classes, read volume and each method's peak memory, from headers."""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from pathlib import Path
+
+from .budget import RUNTIME_BYTES, largest_piece
+from .io.checkpoint import open_checkpoint
+from .merge import _parse_dtype
+from .methods import REGISTRY
+from .plan import make_plan
+from .stream import make_pieces, read_volume
+
+
+def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "auto") -> dict:
+    """What ``merge`` would do with these inputs; raises the same input errors it would, before any work."""
+    with contextlib.ExitStack() as stack:
+        base_ck = stack.enter_context(open_checkpoint(base))
+        expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
+        plan = make_plan(base_ck, expert_cks, _parse_dtype(dtype))
+        counts: Counter = Counter()
+        sizes: Counter = Counter()
+        for info in plan.tensors:
+            counts[info.cls.value] += 1
+            sizes[info.cls.value] += plan.entry(info.name).nbytes
+        methods = {}
+        for name, cls in REGISTRY.items():
+            params = cls.Params()
+            pieces = make_pieces(plan, cls, params)
+            need, largest = largest_piece(plan, pieces, cls, params)
+            rounds = cls.prepass.rounds if cls.uses_prepass(params) else 0
+            methods[name] = {"peak_bytes": need + RUNTIME_BYTES, "largest_tensor": largest,
+                             "reads": rounds + cls.passes}
+        first = [p for p in make_pieces(plan, REGISTRY["average"], REGISTRY["average"].Params())
+                 if p.target == p.info.name]
+        return {
+            "base": str(base_ck.path), "experts": [str(e.path) for e in expert_cks],
+            "classes": {c: {"count": counts[c], "bytes": sizes[c]} for c in sorted(counts)},
+            "bytes_per_pass": read_volume(plan, first, 1), "runtime_bytes": RUNTIME_BYTES,
+            "methods": methods, "warnings": plan.warnings,
+            "tensors": [{"name": i.name, "class": i.cls.value, "shape": list(plan.entry(i.name).shape),
+                         "dtype": str(plan.out_dtype[i.name]).removeprefix("torch."),
+                         **({"transposed": True} if i.transposed else {}),
+                         **({"tied_to": i.tied_to} if i.tied_to else {})} for i in plan.tensors],
+        }
