@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .errors import ConfigError, LowmergeError
 from .methods import DEFAULT_METHOD, REGISTRY
@@ -17,6 +18,7 @@ Examples:
   lowmerge merge ./base ./a ./b -o ./merged --method ties -p density=0.3 -p scale=1.0
   lowmerge merge ./base ./a ./b -o ./merged --method actmat -p rho=1e-3 --device cuda --dtype bfloat16
   lowmerge merge ./base ./a ./b -o ./merged --resume      # continue a run that was interrupted
+  lowmerge merge --config recipe.yaml -o ./merged         # a mergekit recipe (linear, task_arithmetic, ties, ...)
 
 Inputs are Hugging Face directories (model.safetensors, or shards with model.safetensors.index.json), single
 .safetensors files, or PyTorch .bin checkpoints (loaded with weights_only=True). Memory stays bounded by one
@@ -80,10 +82,13 @@ def _progress_bar(quiet: bool) -> tuple[Callable[[int, int], None] | None, Calla
 
 
 @main.command(epilog=_EPILOG_MERGE)
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("experts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("base", required=False, type=click.Path(path_type=Path))
+@click.argument("experts", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Output directory (must be new or empty unless --resume / --force).")
+@click.option("--config", "config", default=None, type=click.Path(path_type=Path),
+              help="A mergekit recipe (YAML) giving base, experts, method, parameters and dtype, instead of "
+                   "BASE EXPERTS --method -p.")
 @click.option("-m", "--method", default=DEFAULT_METHOD, show_default=True,
               type=click.Choice(list(REGISTRY)), help="Merge rule; see `lowmerge methods`.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
@@ -103,9 +108,9 @@ def _progress_bar(quiet: bool) -> tuple[Callable[[int, int], None] | None, Calla
                                             "lowmerge wrote there).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-def merge(base: Path, experts: tuple[Path, ...], out: Path, method: str, params: tuple[str, ...], device: str,
-          dtype: str, shard_size: str, max_memory: str | None, resume: bool, force: bool, quiet: bool,
-          debug: bool) -> None:
+def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path | None, method: str,
+          params: tuple[str, ...], device: str, dtype: str, shard_size: str, max_memory: str | None, resume: bool,
+          force: bool, quiet: bool, debug: bool) -> None:
     """Merge EXPERTS (fine-tunes of BASE) into one model in OUT.
 
     OUT receives the merged safetensors shards, config and tokenizer files copied from BASE,
@@ -113,15 +118,38 @@ def merge(base: Path, experts: tuple[Path, ...], out: Path, method: str, params:
     that stops half way leaves no file that looks complete.
     """
     from .merge import merge as run
+    if config is not None:
+        base, experts, method, kv, dtype = _from_recipe(config, base, params, dtype)
+    elif base is None or not experts:
+        raise click.UsageError("missing BASE and EXPERTS (or --config RECIPE)")
+    else:
+        kv = _parse_kv(params)
     update, close = _progress_bar(quiet)
     try:
         report = run(base, list(experts), out, method, device=device, dtype=dtype, shard_size=shard_size,
-                     max_memory=max_memory, resume=resume, force=force, progress=update, **_parse_kv(params))
+                     max_memory=max_memory, resume=resume, force=force, progress=update, **kv)
     finally:
         close()
     if not quiet:
         for line in report.summary_lines():
             click.echo(line)
+
+
+def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype: str) -> tuple:
+    """(base, experts, method, params, dtype) from the recipe; the options it replaces must not be given too."""
+    from .recipe import load_recipe
+    ctx = click.get_current_context()
+    given = [name for name, flag in (("BASE/EXPERTS", base is not None), ("-p", bool(params)),
+                                     ("--method", ctx.get_parameter_source("method") != ParameterSource.DEFAULT))
+             if flag]
+    if given:
+        raise ConfigError(f"--config gives the inputs, method and parameters: {', '.join(given)} cannot be given too",
+                          hint="put them in the recipe, or drop --config")
+    recipe = load_recipe(config)
+    if recipe.dtype != "auto" and ctx.get_parameter_source("dtype") != ParameterSource.DEFAULT:
+        raise ConfigError(f"--dtype and the recipe's dtype ({recipe.dtype}) are both given", path=config,
+                          hint="keep one")
+    return Path(recipe.base), [Path(e) for e in recipe.experts], recipe.method, recipe.params,         recipe.dtype if recipe.dtype != "auto" else dtype
 
 
 @main.command()

@@ -25,6 +25,11 @@ def task_arithmetic(taus: list[torch.Tensor], scale: float) -> torch.Tensor:
     return scale * torch.stack(taus).sum(0)
 
 
+def weighted_sum(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ w_t Δt: task arithmetic with per-expert weights (λ = 1); ÷ Σ w_t is the weighted average (mergekit linear)."""
+    return sum(w * x for w, x in zip(weights, taus))
+
+
 # DARE has no reference here on purpose: re-using the mask generation would test nothing. Its tests check the
 # properties of §11.6 instead (E[DARE] = task arithmetic, zero fraction, fixed seed, density 1 = task arithmetic).
 
@@ -86,18 +91,21 @@ def global_threshold(taus: list[torch.Tensor], density: float) -> float:
     return flat.kthvalue(d - int(d * density)).values.item()
 
 
-def ties_trimmed(model: Model, density: float, trim: str) -> dict[str, torch.Tensor]:
-    """Trimmed task vectors, (T, *shape) per tensor: global = |τ| >= κ_t, tensor = |τ| >= its int(K·numel)-th largest."""
+def ties_trimmed(model: Model, density: float, trim: str,
+                 densities: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """Trimmed task vectors, (T, *shape) per tensor: global = |τ| >= κ_t, tensor = |τ| >= its int(K·numel)-th largest.
+    ``densities`` gives K_t per expert."""
     names = sorted(model)
     n_experts = len(model[names[0]][1])
-    kappas = [global_threshold([model[k][1][t] for k in names], density) for t in range(n_experts)]
+    ks = list(densities) if densities else [density] * n_experts
+    kappas = [global_threshold([model[k][1][t] for k in names], ks[t]) for t in range(n_experts)]
     out = {}
     for name in names:
         taus = model[name][1]
         if trim == "global":
             out[name] = torch.stack([x * (x.abs() >= kappa) for x, kappa in zip(taus, kappas)])
         else:
-            out[name] = torch.stack([_top_k(x, density) for x in taus])
+            out[name] = torch.stack([_top_k(x, k) for x, k in zip(taus, ks)])
     return out
 
 
@@ -128,6 +136,19 @@ def ties(model: Model, density: float, scale: float, trim: str) -> dict[str, tor
         agree = (torch.sign(trimmed) == ties_elected(trimmed, trim)) & (trimmed != 0)
         out[name] = scale * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
     return out
+
+
+def ties_weighted(trimmed: torch.Tensor, weights: list[float], trim: str, normalize: bool) -> torch.Tensor:
+    """mergekit's ties on (T, *shape) trimmed task vectors: w_t·τ̂t, γ = elected sign of their sum, then
+    Σ w_t·τ̂t over the entries whose sign is γ, ÷ Σ w_t over those entries (a zero divisor is 1) when normalizing."""
+    w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *[1] * (trimmed.dim() - 1))
+    wd = trimmed * w
+    agree = (torch.sign(wd) == ties_elected(wd, trim)) & (wd != 0)
+    total = (wd * agree).sum(0)
+    if not normalize:
+        return total
+    divisor = (w * agree).sum(0)
+    return total / torch.where(divisor == 0, 1.0, divisor)
 
 
 def lin_or_scaled_mean(model: Model, rule: Callable[[list[torch.Tensor]], torch.Tensor],

@@ -374,7 +374,7 @@ def test_bad_option_or_path(option_runs, case):
 
 def test_unknown_parameter_lists_the_valid_ones(option_runs):
     proc = option_runs["param-name"][0]
-    assert proc.stderr.splitlines()[1] == "hint: valid parameters (with defaults): scale=0.4"
+    assert proc.stderr.splitlines()[1] == "hint: valid parameters (with defaults): scale=0.4, weights=()"
 
 
 def test_debug_shows_the_traceback(option_runs):

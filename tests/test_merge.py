@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowmem_merge import merge, stream
-from lowmem_merge.demo import LlamaShape, build_example
+from lowmem_merge.demo import build_example
 from lowmem_merge.info import TensorClass
 from lowmem_merge.io.checkpoint import open_checkpoint
 from lowmem_merge.methods import REGISTRY, parse_params
@@ -110,7 +109,7 @@ def test_output_loads_in_transformers_and_matches(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits)
     report = json.loads((out / "lowmerge_report.json").read_text())
-    assert report["method"] == "task_arithmetic" and report["params"] == {"scale": 0.4}
+    assert report["method"] == "task_arithmetic" and report["params"] == {"scale": 0.4, "weights": []}
     assert report["inputs"]["experts"][0]["files"][0]["header_sha256"]
     assert report["memory"]["peak_rss_bytes"] > 0 and report["timings_s"]["total"] > 0
     assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())

@@ -558,3 +558,80 @@ def test_parameters_parse_into_params() -> None:
 def test_duplicate_method_names_fail() -> None:
     with pytest.raises(RuntimeError, match="average"):
         _build_registry((Average, TaskArithmetic, Average))
+
+
+# ---- per-expert weights and densities (mergekit's per-model weight / density) -------------------------------------
+
+W3 = (1.0, 0.5, 2.0)
+WEIGHTED = {  # name: (params, reference(trimmed-or-None, taus, params) per tensor)
+    "average": ({"weights": W3}, lambda m, p: {k: ref.weighted_sum(d, W3) / sum(W3) for k, (_, d) in m.items()}),
+    "task_arithmetic": ({"weights": W3, "scale": 0.7},
+                        lambda m, p: {k: 0.7 * ref.weighted_sum(d, W3) for k, (_, d) in m.items()}),
+    "dare": ({"weights": W3, "densities": (1.0, 1.0, 1.0), "scale": 0.7},
+             lambda m, p: {k: 0.7 * ref.weighted_sum(d, W3) for k, (_, d) in m.items()}),
+    "ties_tensor": ({"weights": W3, "densities": (0.3, 0.6, 1.0), "trim": "tensor"}, None),
+    "ties_global": ({"weights": W3, "densities": (0.3, 0.6, 1.0), "scale": 0.5}, None),
+    "ties_sum": ({"weights": (1.0, -0.5, 2.0), "density": 0.5, "trim": "tensor", "normalize": False}, None),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", ["tall", "bf16", "moe_3d"])
+@pytest.mark.parametrize("row", list(WEIGHTED))
+def test_weighted_rules_match_the_fp64_reference(row: str, case: str, seed: int) -> None:
+    name = row.split("_")[0] if row.startswith("ties") else row
+    kwargs, reference = WEIGHTED[row]
+    params = REGISTRY[name].Params(**kwargs)
+    model = make_model(*CASES[case], seed=seed)
+    got = stream(name, params, model)
+    model64 = to64(model)
+    weights = list(params.weights)
+    trimmed = ref.ties_trimmed(model64, params.density, params.trim, params.densities) if name == "ties" else {}
+    if name == "ties":
+        want = {k: params.scale * ref.ties_weighted(t, weights, params.trim, params.normalize)
+                for k, t in trimmed.items()}
+    else:
+        want = reference(model64, params)
+    for key, (_, deltas) in model64.items():
+        mass = sum(abs(w) * d.abs() for w, d in zip(weights, deltas))
+        # (T + 2) roundings of the weighted sum, relative to the smallest divisor a weighted mean can have
+        bound = (len(deltas) + 2) * U32 * mass / min(abs(w) for w in weights)
+        close = (got[key].double() - want[key]).abs() <= bound
+        if name == "ties":  # a weighted fp32 sum within rounding of 0 may elect either sign
+            wd = trimmed[key] * torch.tensor(weights, dtype=torch.float64).reshape(-1, *[1] * deltas[0].dim())
+            total = wd.sum(0)
+            ambiguous = (total != 0) & (total.abs() < 2 * (len(deltas) + 1) * U32 * wd.abs().sum(0))
+            assert ambiguous.double().mean() < 0.01
+            close |= ambiguous
+        assert bool(close.all()), key
+
+
+def test_unit_weights_give_the_unweighted_result_exactly() -> None:
+    model = make_model((12, 10), [1.0, 0.5, 2.0], seed=5)
+    for name, extra in (("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.4}),
+                        ("dare", {"density": 0.5})):
+        plain = stream(name, REGISTRY[name].Params(**extra), model)
+        ones = stream(name, REGISTRY[name].Params(weights=(1.0, 1.0, 1.0), **extra), model)
+        for key in plain:
+            assert torch.equal(plain[key], ones[key]), (name, key)
+
+
+def test_weights_parse_from_a_comma_list() -> None:
+    assert parse_params(REGISTRY["ties"], {"weights": "1,0.5,1"}).weights == (1.0, 0.5, 1.0)
+    assert parse_params(REGISTRY["dare"], {"densities": [0.2, 0.5]}).densities == (0.2, 0.5)
+    assert parse_params(REGISTRY["average"], {"weights": "(1, 2)"}).weights == (1.0, 2.0)
+    for raw in ("1,x", "1,nan"):
+        with pytest.raises(ConfigError, match="comma-separated"):
+            parse_params(REGISTRY["average"], {"weights": raw})
+    with pytest.raises(ConfigError, match="densities"):
+        parse_params(REGISTRY["ties"], {"densities": "0.2,1.5"})
+    with pytest.raises(ConfigError, match="sum to 0"):
+        parse_params(REGISTRY["average"], {"weights": "1,-1"})
+
+
+def test_a_wrong_number_of_weights_names_method_parameter_and_counts() -> None:
+    params = parse_params(REGISTRY["task_arithmetic"], {"weights": "1,0.5"})
+    with pytest.raises(ConfigError) as err:
+        REGISTRY["task_arithmetic"].check_experts(params, 3)
+    assert "'task_arithmetic'" in err.value.msg and "weights has 2 values for 3 experts" in err.value.msg
+    REGISTRY["task_arithmetic"].check_experts(params, 2)

@@ -16,7 +16,7 @@ from lowmem_merge.errors import ConfigError
 from lowmem_merge.info import TensorClass, TensorInfo
 from lowmem_merge.methods import REGISTRY, parse_params
 from lowmem_merge.methods.iso_cts import subspace_sizes
-from test_methods import LIN, SOLVE_C, U32, make_model, rel_err, stream_one, system_condition
+from test_methods import LIN, SOLVE_C, U32, rel_err, stream_one, system_condition
 
 VEC, EMB, CONV = TensorClass.VEC, TensorClass.EMB, TensorClass.CONV
 SPECTRAL = ["ace", "wudi", "tsv", "iso_c", "iso_cts"]

@@ -1,30 +1,49 @@
-"""Weight averaging: W* = mean_t W_t = W0 + (1/T) Σ Δt (ALGORITHMS.md §7)."""
+"""Weight averaging: W* = W0 + Σ w_t Δt / Σ w_t, w_t = 1 by default: the mean of the experts (ALGORITHMS.md §7).
+
+With weights this is mergekit's ``linear`` (normalize: true) on task vectors: Σ w_t W_t / Σ w_t.
+"""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..info import TensorInfo
-from .base import MergeMethod
+from .base import MergeMethod, expert_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class AverageParams:
+    weights: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.weights and sum(self.weights) == 0:
+            raise ConfigError(f"average: weights {','.join(map(str, self.weights))} sum to 0",
+                              hint="the merge divides by the sum of the weights, e.g. -p weights=1,0.5,1")
 
 
 class Average(MergeMethod):
     name = "average"
-    summary = "mean of the experts' weights (W0 + mean of task vectors), every tensor"
+    summary = "weighted mean of the experts' weights (W0 + Σ w_t Δt / Σ w_t), every tensor"
+    Params = AverageParams
+    param_help = {"weights": "w_t, one per expert (comma-separated); empty: all 1"}
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
-        self.total: torch.Tensor | None = None  # Σ Δt, fp32, shape of the tensor
+        self.total: torch.Tensor | None = None  # Σ w_t Δt, fp32, shape of the tensor
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        w = expert_weight(self.params, t)
         if self.total is None:
-            self.total = delta.clone()
+            self.total = delta.clone() if w == 1 else delta * w
         else:
-            self.total.add_(delta)
+            self.total.add_(delta, alpha=w)
 
     def finalize(self) -> torch.Tensor:
-        return self.total.div_(self.n_experts)
+        weights = getattr(self.params, "weights", ())  # rules that average their other tensors have none
+        return self.total.div_(sum(weights) if weights else self.n_experts)
 
     @classmethod
     def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:

@@ -10,6 +10,7 @@ The caller owns ``delta``: a method may read it during ``add`` but must not keep
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, ClassVar
 
@@ -86,6 +87,33 @@ class MergeMethod:
         """Bytes of statistics this rule holds for one tensor (fp32), for the plan's memory estimate."""
         return 4 * info.numel
 
+    @classmethod
+    def check_experts(cls, params: Any, n_experts: int) -> None:
+        """Per-expert parameters (tuples, empty = unset) must give one value per expert; merge calls this first."""
+        for f in dataclasses.fields(params):
+            value = getattr(params, f.name)
+            if isinstance(value, tuple) and value and len(value) != n_experts:
+                raise ConfigError(f"method '{cls.name}': parameter {f.name} has {len(value)} values for "
+                                  f"{n_experts} experts", hint="give one value per expert, in the experts' order")
+
+
+def expert_weight(params: Any, t: int) -> float:
+    """w_t from ``params.weights`` (empty or absent, as in rules that average some tensors: every expert weighs 1)."""
+    weights = getattr(params, "weights", ())
+    return weights[t] if weights else 1.0
+
+
+def expert_density(params: Any, t: int) -> float:
+    """K_t from ``params.densities`` (empty: ``params.density`` for every expert)."""
+    return params.densities[t] if params.densities else params.density
+
+
+def check_densities(method: str, densities: tuple[float, ...]) -> None:
+    bad = [d for d in densities if not 0 < d <= 1]
+    if bad:
+        raise ConfigError(f"{method}: densities {bad[0]} must be in (0, 1]",
+                          hint="one fraction kept per expert, e.g. -p densities=0.2,0.5,0.3")
+
 
 def parse_params(method: type[MergeMethod], raw: dict[str, str]) -> Any:
     """Build ``method.Params`` from ``-p KEY=VALUE`` strings; unknown keys and bad values are ConfigErrors."""
@@ -102,12 +130,23 @@ def parse_params(method: type[MergeMethod], raw: dict[str, str]) -> Any:
         try:
             values[key] = _convert(kind, text)
         except ValueError:
+            example = "1,0.5,1" if _is_float_tuple(kind) else fields[key].default
             raise ConfigError(f"method '{method.name}': parameter {key}={text!r} is not a valid {_kind_name(kind)}",
-                              hint=f"example: -p {key}={fields[key].default}") from None
+                              hint=f"example: -p {key}={example}") from None
     return method.Params(**values)
 
 
+def _is_float_tuple(kind: Any) -> bool:
+    return typing.get_origin(kind) is tuple and typing.get_args(kind) == (float, ...)
+
+
 def _convert(kind: Any, text: Any) -> Any:
+    if _is_float_tuple(kind):  # "1,0.5,1" from -p, "(1, 0.5)" from str(tuple), or a list from YAML / the API
+        items = text if isinstance(text, (list, tuple)) else str(text).strip().strip("()[]").split(",")
+        values = tuple(float(x) for x in items if not isinstance(x, str) or x.strip())
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(text)
+        return values
     if not isinstance(text, str):
         text = str(text)
     if kind is bool:
@@ -130,10 +169,13 @@ def _convert(kind: Any, text: Any) -> Any:
 
 
 def _kind_name(kind: Any) -> str:
+    if _is_float_tuple(kind):
+        return "comma-separated list of numbers"
     if typing.get_origin(kind) is typing.Literal:
         return "choice among " + " | ".join(typing.get_args(kind))
     return getattr(kind, "__name__", str(kind))
 
 
 def params_dict(params: Any) -> dict[str, Any]:
-    return dataclasses.asdict(params)
+    """JSON-shaped: tuples become lists, so a fingerprint read back from JSON compares equal."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}

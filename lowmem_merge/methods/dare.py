@@ -1,4 +1,7 @@
-"""DARE then task arithmetic (ALGORITHMS.md §7): W* = W0 + λ Σ_t (m_t ⊙ Δt) / density, m_t ~ Bernoulli(density).
+"""DARE then task arithmetic (ALGORITHMS.md §7): W* = W0 + λ Σ_t w_t (m_t ⊙ Δt) / K_t, m_t ~ Bernoulli(K_t).
+
+K_t = ``density`` unless ``densities`` gives one per expert; w_t = 1 unless ``weights`` does (mergekit's
+``dare_linear`` with per-model ``weight`` and ``density``).
 
 Dropping entries at random and rescaling the rest keeps E[τ̃] = τ (Yu et al. 2024, "Language Models are Super Mario").
 Every float tensor class gets the same rule.
@@ -20,7 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from ..info import TensorInfo
-from .base import MergeMethod
+from .base import MergeMethod, check_densities, expert_density, expert_weight
 
 _BLOCK = 1 << 20  # mask elements drawn at a time (at least one row): 4 MiB of host memory
 
@@ -30,11 +33,14 @@ class DareParams:
     density: float = 0.5
     scale: float = 0.4
     seed: int = 0
+    weights: tuple[float, ...] = ()
+    densities: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.density <= 1:
             raise ConfigError(f"dare: density={self.density} must be in (0, 1]",
                               hint="density is the probability to keep an entry (1 - drop rate), e.g. -p density=0.5")
+        check_densities("dare", self.densities)
 
 
 def mask_seed(seed: int, t: int, name: str, row_start: int) -> int:
@@ -56,17 +62,21 @@ class Dare(MergeMethod):
         "density": "probability to keep an entry (= 1 - drop rate p)",
         "scale": "λ, multiplies the sum of the rescaled task vectors",
         "seed": "random seed; masks depend on (seed, expert, tensor name, row offset) only",
+        "weights": "w_t, one per expert (comma-separated); empty: all 1",
+        "densities": "K_t, one per expert (comma-separated); empty: density for every expert",
     }
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
-        self.total: torch.Tensor | None = None  # Σ_t m_t ⊙ Δt, fp32, shape of the tensor
+        self.total: torch.Tensor | None = None  # Σ_t (w_t / K_t) m_t ⊙ Δt, fp32, shape of the tensor
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         if self.total is None:
             self.total = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
-        if self.params.density >= 1:  # rand < 1 always holds: every entry is kept, no need to draw
-            self.total.add_(delta)
+        density = expert_density(self.params, t)
+        gain = expert_weight(self.params, t) / density
+        if density >= 1:  # rand < 1 always holds: every entry is kept, no need to draw
+            self.total.add_(delta, alpha=gain)
             return
         x = delta.reshape(1) if delta.dim() == 0 else delta  # masks run along dim 0
         acc = self.total.view(x.shape)
@@ -74,11 +84,11 @@ class Dare(MergeMethod):
         step = _rows_per_block(tuple(x.shape))
         for r0 in range(0, x.shape[0], step):
             rows = x[r0:r0 + step]
-            keep = torch.rand(rows.shape, generator=gen) < self.params.density  # bool, on the host
-            acc[r0:r0 + step].addcmul_(rows, keep.to(rows.device))
+            keep = torch.rand(rows.shape, generator=gen) < density  # bool, on the host
+            acc[r0:r0 + step].addcmul_(rows, keep.to(rows.device), value=gain)
 
     def finalize(self) -> torch.Tensor:
-        return self.total.mul_(self.params.scale / self.params.density)
+        return self.total.mul_(self.params.scale)
 
     @classmethod
     def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:

@@ -1,4 +1,5 @@
-"""Task arithmetic: W* = W0 + λ Σ Δt, λ = 0.4 by default (the TIES paper's no-validation value, ALGORITHMS.md §7)."""
+"""Task arithmetic: W* = W0 + λ Σ w_t Δt, λ = 0.4 by default (the TIES paper's no-validation value, ALGORITHMS.md §7);
+w_t = 1 unless ``weights`` gives one per expert (mergekit's per-model ``weight``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +11,15 @@ from .average import Average
 @dataclasses.dataclass(frozen=True)
 class TaskArithmeticParams:
     scale: float = 0.4
+    weights: tuple[float, ...] = ()
 
 
 class TaskArithmetic(Average):
     name = "task_arithmetic"
-    summary = "W0 + scale * sum of task vectors, every tensor"
+    summary = "W0 + scale * Σ w_t Δt (weights default to 1), every tensor"
     Params = TaskArithmeticParams
-    param_help = {"scale": "λ, multiplies the sum of task vectors"}
+    param_help = {"scale": "λ, multiplies the weighted sum of task vectors",
+                  "weights": "w_t, one per expert (comma-separated); empty: all 1"}
 
     def finalize(self) -> torch.Tensor:
         return self.total.mul_(self.params.scale)

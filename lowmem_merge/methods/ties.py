@@ -8,11 +8,14 @@
    which on a 150k-row embedding needs gigabytes). Ties at κ are kept, where mergekit's top-k drops some arbitrarily.
 2. Elect: γ = sign(Σ_t trimmed Δt).
 3. Disjoint mean: the mean of the trimmed entries whose sign is γ (zeros never count); Δ* = λ · that mean.
+Per-expert ``weights`` w_t (mergekit's per-model ``weight``) multiply each trimmed Δt before the election, and the mean
+becomes Σ w_t·Δt / Σ w_t over the agreeing entries (mergekit's ``ties``; ``normalize=false`` keeps the sum). Per-expert
+``densities`` K_t replace ``density`` in the trim.
 Where the trimmed sum is exactly 0, trim=global gives 0 (lowmerge's rule, §7 "Streaming"; the reference would use the
 model-wide majority sign, which needs one more pass) and trim=tensor elects + like mergekit.
 
-Streaming: per tensor, four buffers P = Σ positive kept, Q = Σ negative kept and their counts c⁺, c⁻; then
-Δ* = λ·P/max(c⁺,1) where γ > 0 and λ·Q/max(c⁻,1) where γ < 0. Every float tensor class gets the same rule.
+Streaming: per tensor, four buffers P = Σ positive kept w_t·Δt, Q = Σ negative kept w_t·Δt and their weights c⁺, c⁻
+(counts when unweighted); then Δ* = λ·P/c⁺ where γ > 0 and λ·Q/c⁻ where γ < 0 (a zero c divides by 1). Every float tensor class gets the same rule.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 
 from ..errors import ConfigError
 from ..info import TensorInfo
-from .base import MergeMethod, Prepass
+from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight
 
 _HIGH = 1 << 15  # buckets of the top 16 bits of a non-negative fp32 (sign bit 0)
 _LOW = 1 << 16   # values of the low 16 bits inside one bucket
@@ -36,8 +39,12 @@ class TiesParams:
     density: float = 0.2
     scale: float = 1.0
     trim: Literal["global", "tensor"] = "global"
+    weights: tuple[float, ...] = ()
+    densities: tuple[float, ...] = ()
+    normalize: bool = True
 
     def __post_init__(self) -> None:
+        check_densities("ties", self.densities)
         if not 0 < self.density <= 1:
             raise ConfigError(f"ties: density={self.density} must be in (0, 1]",
                               hint="density is the fraction of each task vector kept, e.g. -p density=0.2")
@@ -77,9 +84,9 @@ class TiesPrepass(Prepass):
     def end_round(self, round_: int) -> None:
         for t in range(self.n_experts):
             if round_ == 0:
-                d = int(self._high[t].sum())
-                if self.params.density < 1 and d > 0:  # else keep everything: κ_t = 0
-                    rank = d - int(d * self.params.density)  # ≥ 1 because density < 1
+                d, density = int(self._high[t].sum()), expert_density(self.params, t)
+                if density < 1 and d > 0:  # else keep everything: κ_t = 0
+                    rank = d - int(d * density)  # ≥ 1 because density < 1
                     self._bucket[t], self._rank[t] = _locate(self._high[t], rank)
             elif self._rank[t]:
                 low, _ = _locate(self._low[t], self._rank[t])
@@ -122,31 +129,41 @@ class Ties(MergeMethod):
         "density": "K, fraction of each task vector kept by magnitude",
         "scale": "λ, multiplies the merged task vector",
         "trim": "global: one threshold per expert over the whole model (TIES paper); tensor: per tensor (mergekit)",
+        "weights": "w_t, one per expert (comma-separated), multiply the trimmed task vectors; empty: all 1",
+        "densities": "K_t, one per expert (comma-separated); empty: density for every expert",
+        "normalize": "divide the agreeing entries' sum by their (weighted) count; false: keep the sum",
     }
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
         if self.uses_prepass(params) and state is None:
             raise ValueError("ties with trim=global needs the TiesPrepass state (κ_t per expert)")
-        self._count_dtype = _count_dtype(n_experts)
+        self._count_dtype = _count_dtype(n_experts, params)
         self._sums: list[torch.Tensor] = []    # [P, Q], fp32, shape of the tensor
-        self._counts: list[torch.Tensor] = []  # [c⁺, c⁻]
+        self._counts: list[torch.Tensor] = []  # [c⁺, c⁻]: counts, or Σ w_t (fp32) when weighted
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         if not self._sums:
             self._sums = [torch.zeros_like(delta, memory_format=torch.contiguous_format) for _ in range(2)]
             self._counts = [torch.zeros(delta.shape, dtype=self._count_dtype, device=delta.device) for _ in range(2)]
         kappa = self._threshold(t, delta)
+        w = expert_weight(self.params, t)
+        side = -1 if w < 0 else 1  # a negative weight sends Δ > 0 to the negative side of w·Δ
         flat = [x.view(-1) for x in (*self._sums, *self._counts)]
         for d, pos, neg, c_pos, c_neg in zip(delta.reshape(-1).split(_SLAB), *(x.split(_SLAB) for x in flat)):
-            for total, count, mask in ((pos, c_pos, _kept_side(d, kappa, 1)), (neg, c_neg, _kept_side(d, kappa, -1))):
-                total.addcmul_(d, mask)      # slab by slab: the mask and its fp32 cast stay small
-                count.add_(mask)
+            for total, count, mask in ((pos, c_pos, _kept_side(d, kappa, side)),
+                                       (neg, c_neg, _kept_side(d, kappa, -side))):
+                total.addcmul_(d, mask, value=w)  # slab by slab: the mask and its fp32 cast stay small
+                if self.params.weights:
+                    count.add_(mask, alpha=w)
+                else:
+                    count.add_(mask)
 
     def _threshold(self, t: int, delta: torch.Tensor) -> float:
         """κ: entries with |Δ| >= κ are kept (0 keeps all; inf keeps none)."""
-        if self.params.trim == "tensor" and self.params.density < 1:
-            k = int(self.params.density * delta.numel())
+        density = expert_density(self.params, t)
+        if self.params.trim == "tensor" and density < 1:
+            k = int(density * delta.numel())
             return kth_smallest_abs(delta, delta.numel() - k + 1) if k else math.inf
         return self.state[t] if self.uses_prepass(self.params) else 0.0
 
@@ -155,8 +172,11 @@ class Ties(MergeMethod):
         for p, n, c_pos, c_neg in zip(*(x.view(-1).split(_SLAB) for x in (*self._sums, *self._counts))):
             total = p + n
             up = total >= 0 if self.params.trim == "tensor" else total > 0  # tensor: mergekit elects + on a 0 sum
-            p.div_(c_pos.clamp_(min=1)).mul_(up)
-            n.div_(c_neg.clamp_(min=1)).mul_(total < 0)
+            if self.params.normalize:  # mergekit: a zero divisor (no agreeing entry, or weights summing to 0) is 1
+                p.div_(c_pos.masked_fill_(c_pos == 0, 1))
+                n.div_(c_neg.masked_fill_(c_neg == 0, 1))
+            p.mul_(up)
+            n.mul_(total < 0)
         self._counts = []
         return pos.add_(neg).mul_(self.params.scale)
 
@@ -166,12 +186,12 @@ class Ties(MergeMethod):
 
     @classmethod
     def uses_prepass(cls, params: Any) -> bool:
-        return params.trim == "global" and params.density < 1
+        return params.trim == "global" and min(params.densities or (params.density,)) < 1
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
         """P, Q, c⁺ and c⁻; add, finalize and trim=tensor's threshold search work in slabs (small temporaries)."""
-        per_entry = 8 + 2 * _count_dtype(n_experts).itemsize
+        per_entry = 8 + 2 * _count_dtype(n_experts, params).itemsize
         return math.ceil(per_entry * info.numel)
 
 
@@ -182,6 +202,8 @@ def _kept_side(d: torch.Tensor, kappa: float, sign: int) -> torch.Tensor:
     return d > 0 if sign > 0 else d < 0
 
 
-def _count_dtype(n_experts: int) -> torch.dtype:
-    """Counts up to n_experts; int16 halves the fp32 memory for any realistic number of experts."""
+def _count_dtype(n_experts: int, params: Any) -> torch.dtype:
+    """Counts up to n_experts; int16 halves the fp32 memory for any realistic number of experts. Weights need fp32."""
+    if params.weights:
+        return torch.float32
     return torch.int16 if n_experts < 1 << 15 else torch.int32

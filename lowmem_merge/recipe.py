@@ -1,0 +1,194 @@
+"""mergekit recipes (``--config recipe.yaml``) as a lowmerge merge: (base, experts, method, params, dtype).
+
+mergekit methods both tools share keep mergekit's semantics (W_t: model t, Δt = W_t − W0, w_t its ``weight``,
+K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
+  linear           Σ w_t W_t / Σ w_t = W0 + Σ w_t Δt / Σ w_t                      → average(weights)
+  task_arithmetic  W0 + λ Σ w_t Δt (÷ Σ w_t with normalize: true)                 → task_arithmetic(scale, weights)
+  ties             per-tensor top-K_t trim, weighted sign election, Σ w_t Δt / Σ w_t over the agreeing entries
+                   (normalize: true, the default)                                 → ties(trim=tensor, weights, ...)
+  dare_linear      W0 + λ Σ w_t (m_t ⊙ Δt) / K_t (÷ Σ w_t with normalize: true)    → dare(scale, weights, densities)
+A model listed under ``models`` that is the base has no task vector and is skipped, as mergekit does, except in
+linear, where it is an expert with Δ = 0 and counts with its weight. lowmerge's own methods are accepted by name,
+with their parameters under ``parameters`` and per-model ``weight`` / ``density`` where the rule has per-expert ones.
+Anything else is a ConfigError naming it: a recipe never merges differently from what it says.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .methods import REGISTRY
+
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype")
+MODEL_KEYS = ("model", "parameters")
+MODEL_PARAMS = ("weight", "density")
+DTYPES = ("float32", "bfloat16", "float16")
+# mergekit method -> (its global parameters, per-model parameters, normalize default)
+MERGEKIT = {
+    "linear": (("normalize",), ("weight",), True),
+    "task_arithmetic": (("normalize", "lambda", "int8_mask"), ("weight",), False),
+    "ties": (("normalize", "lambda", "int8_mask"), ("weight", "density"), True),
+    "dare_linear": (("normalize", "lambda", "int8_mask"), ("weight", "density"), False),
+}
+NOT_YET = {"dare_ties": "DARE's random drop followed by TIES' sign election is not one lowmerge rule yet"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    base: str
+    experts: list[str]
+    method: str
+    params: dict[str, Any]  # values for parse_params: numbers, bools, strings, tuples
+    dtype: str              # "auto" when the recipe gives none
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read the recipe: {e.strerror}", path=path) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"the recipe is not valid YAML: {e}", path=path) from None
+    try:
+        return parse_recipe(data)
+    except ConfigError as e:
+        e.path = e.path or str(path)
+        raise
+
+
+def parse_recipe(data: Any) -> Recipe:
+    """A parsed YAML document → Recipe; every key is either used or a ConfigError."""
+    top = _mapping(data, "the recipe", TOP_KEYS)
+    name = top.get("merge_method")
+    if name is None:
+        raise ConfigError("the recipe has no merge_method", hint=_methods_hint())
+    if name in NOT_YET:
+        raise ConfigError(f"merge_method {name!r} is not supported yet: {NOT_YET[name]}", hint=_methods_hint())
+    if name not in MERGEKIT and name not in REGISTRY:
+        raise ConfigError(f"unknown merge_method {name!r}", hint=_methods_hint())
+    models = top.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError("the recipe needs a non-empty list 'models' (each '- model: PATH')")
+    base = top.get("base_model")
+    if base is None:
+        hint = ("for linear any of the models works as base_model: the weighted mean does not depend on it"
+                if name == "linear" else "base_model: the model the others were fine-tuned from")
+        raise ConfigError(f"merge_method {name!r}: the recipe has no base_model, and lowmerge merges task vectors "
+                          "against a base", hint=hint)
+    entries = [_model_entry(m, i) for i, m in enumerate(models)]
+    if name != "linear" and name in MERGEKIT:  # mergekit: the base has no task vector
+        entries = [e for e in entries if _differs(e[0], str(base))]
+    if not entries:
+        raise ConfigError("the recipe lists no model besides base_model")
+    dtype = top.get("dtype", "auto")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported", hint="supported: " + ", ".join(DTYPES))
+    glob = _mapping(top.get("parameters") or {}, "parameters", None)
+    if name in MERGEKIT:
+        method, params = _mergekit(name, glob, entries)
+    else:
+        method, params = name, _own(name, glob, entries)
+    return Recipe(str(base), [e[0] for e in entries], method, params, dtype)
+
+
+def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[str, dict[str, Any]]:
+    allowed, per_model, normalize_default = MERGEKIT[name]
+    _only(glob, allowed + per_model, f"merge_method {name!r}: parameter")
+    for model, p in entries:
+        _only(p, per_model, f"merge_method {name!r}: model {model}: parameter")
+    weights = tuple(_number(p.get("weight", glob.get("weight", 1.0)), "weight", m) for m, p in entries)
+    densities = tuple(_number(p.get("density", glob.get("density", 1.0)), "density", m) for m, p in entries)
+    normalize = _bool(glob.get("normalize", normalize_default), "normalize")
+    lam = _number(glob.get("lambda", 1.0), "lambda", "parameters")
+    total = sum(weights)
+    if name == "linear":
+        if not normalize and abs(total - 1) > 1e-6:
+            raise ConfigError(f"merge_method 'linear' with normalize: false and weights summing to {total:g} "
+                              "scales the base weights themselves (Σ w_t W_t), which a task-vector merge cannot express",
+                              hint="use normalize: true, weights summing to 1, or task_arithmetic")
+        return "average", {"weights": weights}
+    if normalize and total == 0 and name != "ties":
+        raise ConfigError(f"merge_method {name!r}: normalize: true divides by the weights' sum, which is 0")
+    scale = lam / total if normalize and name != "ties" else lam
+    if name == "task_arithmetic":
+        return "task_arithmetic", {"scale": scale, "weights": weights}
+    params = {"scale": scale, "weights": weights, **_density_params(densities)}
+    if name == "ties":
+        return "ties", {**params, "trim": "tensor", "normalize": normalize}
+    return "dare", params
+
+
+def _own(name: str, glob: dict, entries: list[tuple[str, dict]]) -> dict[str, Any]:
+    """lowmerge's own method: ``parameters`` as -p would give them; per-model weight/density → weights/densities."""
+    fields = {f.name for f in dataclasses.fields(REGISTRY[name].Params)}
+    params = dict(glob)
+    for key, plural in (("weight", "weights"), ("density", "densities")):
+        given = [p for _, p in entries if key in p]
+        if not given:
+            continue
+        if plural not in fields:
+            raise ConfigError(f"merge_method {name!r} has no per-expert {key}",
+                              hint=f"per-model parameters of {name}: " + (", ".join(
+                                  k for k, pl in (("weight", "weights"), ("density", "densities")) if pl in fields)
+                                  or "none"))
+        if plural in params or len(given) != len(entries):
+            raise ConfigError(f"merge_method {name!r}: give {key} for every model, or {plural} under parameters, "
+                              "not both")
+        params[plural] = tuple(_number(p[key], key, m) for m, p in entries)
+    for model, p in entries:
+        _only(p, MODEL_PARAMS, f"merge_method {name!r}: model {model}: parameter")
+    return params  # parse_params checks the names and values against the rule's Params
+
+
+def _density_params(densities: tuple[float, ...]) -> dict[str, Any]:
+    if len(set(densities)) == 1:
+        return {"density": densities[0]}
+    return {"densities": densities}
+
+
+def _model_entry(entry: Any, i: int) -> tuple[str, dict]:
+    m = _mapping(entry, f"models[{i}]", MODEL_KEYS)
+    if not isinstance(m.get("model"), str):
+        raise ConfigError(f"models[{i}] has no 'model: PATH'")
+    return m["model"], _mapping(m.get("parameters") or {}, f"models[{i}].parameters", None)
+
+
+def _mapping(value: Any, where: str, keys: tuple[str, ...] | None) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values")
+    if keys is not None:
+        _only(value, keys, f"{where}: key")
+    return value
+
+
+def _only(given: dict, allowed: tuple[str, ...], what: str) -> None:
+    unknown = [k for k in given if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{what} {unknown[0]!r} is not supported",
+                          hint="supported: " + (", ".join(allowed) or "none"))
+
+
+def _number(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: {key} must be a number, not {value!r}",
+                          hint="gradients (lists) and tensor filters are not supported")
+    return float(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"parameters: {key} must be true or false, not {value!r}")
+    return value
+
+
+def _differs(a: str, b: str) -> bool:
+    return os.path.normpath(a) != os.path.normpath(b)
+
+
+def _methods_hint() -> str:
+    own = [n for n in REGISTRY if n not in MERGEKIT]
+    return "supported: mergekit's " + ", ".join(MERGEKIT) + "; lowmerge's " + ", ".join(own)
