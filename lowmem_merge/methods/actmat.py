@@ -35,7 +35,7 @@ class ActMat(CovarianceMethod):
     Params = ActMatParams
     param_help = {"rho": "ρ, relative ridge: adds ρ·(tr A / n)·I to A; 0 = exact pseudo-inverse (study only)"}
 
-    def _add_matrices(self, d: torch.Tensor) -> None:
+    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
         self._sums.add(d)
 
     def _ridges(self) -> list[float]:

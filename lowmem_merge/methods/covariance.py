@@ -21,15 +21,9 @@ from typing import Any, ClassVar
 import torch
 
 from ..info import TensorClass, TensorInfo
-from .average import Average
-from .base import MergeMethod, NoParams
+from .matrix_rule import MatrixRule, as_matrices
 
 _EPS32 = torch.finfo(torch.float32).eps
-
-
-def as_matrices(x: torch.Tensor) -> torch.Tensor:
-    """(..., m, n) -> (B, m, n); a view whenever the layout allows (always for a plain matrix)."""
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
 def rows_first(m: int, n: int) -> bool:
@@ -50,45 +44,24 @@ def covariance_state_bytes(shape: tuple[int, ...], eigh: bool) -> int:
     return 4 * (batch * (n * n + m * n) + temporary)
 
 
-class CovarianceMethod(MergeMethod):
+class CovarianceMethod(MatrixRule):
     """A rule with the §1 kernel on LIN tensors and the mean of Δt on every other class (ALGORITHMS.md §13)."""
 
     LIKE_PINV: ClassVar[bool] = False  # True: Δ* = N pinv(A + ridge I) with pinv's cut-off, as the reference code
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
-        self._mean = None if info.cls == TensorClass.LIN else Average(info, n_experts, NoParams())
         self._sums = GramSums(info.shape) if self._mean is None else None
-        self._stats: dict[str, float] = {}
 
-    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
-        if self._mean is not None:
-            self._mean.add(t, delta, pass_)
-        else:
-            self._add_matrices(as_matrices(delta))
-
-    def finalize(self) -> torch.Tensor:
-        if self._mean is not None:
-            return self._mean.finalize()
+    def _finalize_matrices(self) -> torch.Tensor:
         merged, self._stats = self._sums.solve(self._ridges(), like_pinv=self.LIKE_PINV)
-        return merged.view(self.info.shape)
-
-    def stats(self) -> dict[str, float]:
-        return dict(self._stats)
-
-    @classmethod
-    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
-        return info.cls != TensorClass.LIN    # the mean of other classes is elementwise
+        return merged
 
     @classmethod
     def state_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> int:
         if info.cls != TensorClass.LIN:
             return 4 * info.numel
         return covariance_state_bytes(info.shape, eigh=cls.LIKE_PINV or cls._exact(params))
-
-    def _add_matrices(self, d: torch.Tensor) -> None:
-        """Add one expert's (B, m, n) fp32 matrices into ``self._sums``."""
-        raise NotImplementedError
 
     def _ridges(self) -> list[float] | None:
         """Ridge per matrix on top of the accumulated shift; None = none."""

@@ -1,4 +1,4 @@
-"""What the per-matrix rules without a Gram kernel share (ace, wudi, tsv, iso_c, iso_cts): the class split of §13.
+"""What every per-matrix rule shares (covariance rules, ace, wudi, tsv, iso_c, iso_cts): the class split of §13.
 
 LIN tensors go to the rule as a (B, m, n) batch of independent matrices (a plain matrix is a batch of one; 3-D
 mixture-of-experts weights are B = E matrices). Every other class gets scale·mean of Δt (scale = the rule's α where
@@ -15,7 +15,11 @@ import torch
 from ..info import TensorClass, TensorInfo
 from .average import Average
 from .base import MergeMethod, NoParams
-from .covariance import as_matrices
+
+
+def as_matrices(x: torch.Tensor) -> torch.Tensor:
+    """(..., m, n) -> (B, m, n); a view whenever the layout allows (always for a plain matrix)."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
 class MatrixRule(MergeMethod):

@@ -44,7 +44,7 @@ class WudiCfs(CovarianceMethod):
     param_help = {"omega": "ω, ridge added to every normalized Gram ΔtᵀΔt/‖Δt‖² (0 = exact pseudo-inverse)"}
     LIKE_PINV = True
 
-    def _add_matrices(self, d: torch.Tensor) -> None:
+    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
         norms = torch.linalg.vector_norm(d, dim=(1, 2)).tolist()  # ‖Δt‖F per matrix
         weights = [1.0 / (norm * norm) if norm > 0 else 0.0 for norm in norms]
         self._sums.add(d, weights, eps=self.params.omega)  # the ridge ω Σ_t w_t accumulates in the shift
