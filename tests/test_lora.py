@@ -161,6 +161,14 @@ def test_plain_expert_files_are_untouched_and_nothing_is_materialized(llama, tmp
                                                               "adapter_model.safetensors"]
 
 
+def _edited_adapter(adapter: Path, out: Path, edit) -> Path:
+    """A copy of ``adapter`` whose tensors went through ``edit(state_dict) -> state_dict``."""
+    out.mkdir()
+    (out / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    save_file(edit(load_file(adapter / "adapter_model.safetensors")), out / "adapter_model.safetensors")
+    return out
+
+
 def _one_line_error(proc) -> str:
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     return proc.stderr.splitlines()[0]
@@ -168,12 +176,8 @@ def _one_line_error(proc) -> str:
 
 def test_adapter_naming_a_module_the_base_lacks_is_a_one_line_error(llama, tmp_path):
     base, adapters, _ = llama
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text((adapters[0] / "adapter_config.json").read_text())
-    sd = load_file(adapters[0] / "adapter_model.safetensors")
-    sd = {k.replace("layers.1.", "layers.7."): v for k, v in sd.items()}
-    save_file(sd, bad / "adapter_model.safetensors")
+    bad = _edited_adapter(adapters[0], tmp_path / "bad",
+                          lambda sd: {k.replace("layers.1.", "layers.7."): v for k, v in sd.items()})
     out = tmp_path / "out"
     line = _one_line_error(run_cli("merge", base, bad, "-o", out))
     assert "adapter_model.safetensors" in line and "layers.7.self_attn.q_proj.lora_A" in line, line
@@ -182,13 +186,9 @@ def test_adapter_naming_a_module_the_base_lacks_is_a_one_line_error(llama, tmp_p
 
 def test_adapter_shape_mismatch_is_a_one_line_error(llama, tmp_path):
     base, adapters, _ = llama
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text((adapters[0] / "adapter_config.json").read_text())
-    sd = load_file(adapters[0] / "adapter_model.safetensors")
-    key = next(k for k in sd if "layers.0.self_attn.q_proj.lora_B" in k)
-    sd[key] = torch.randn(40, 4)
-    save_file(sd, bad / "adapter_model.safetensors")
+    key = next(k for k in load_file(adapters[0] / "adapter_model.safetensors")
+               if "layers.0.self_attn.q_proj.lora_B" in k)
+    bad = _edited_adapter(adapters[0], tmp_path / "bad", lambda sd: {**sd, key: torch.randn(40, 4)})
     out = tmp_path / "out"
     line = _one_line_error(run_cli("merge", base, adapters[1], bad, "-o", out))
     assert "adapter_model.safetensors" in line and key in line and "[40, 32]" in line, line
@@ -197,12 +197,8 @@ def test_adapter_shape_mismatch_is_a_one_line_error(llama, tmp_path):
 
 def test_unknown_adapter_tensor_and_adapter_as_base_are_errors(llama, tmp_path):
     base, adapters, _ = llama
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text((adapters[0] / "adapter_config.json").read_text())
-    sd = load_file(adapters[0] / "adapter_model.safetensors")
-    sd["base_model.model.model.extra_gate.weight"] = torch.zeros(3)
-    save_file(sd, bad / "adapter_model.safetensors")
+    bad = _edited_adapter(adapters[0], tmp_path / "bad",
+                          lambda sd: {**sd, "base_model.model.model.extra_gate.weight": torch.zeros(3)})
     line = _one_line_error(run_cli("merge", base, bad, "-o", tmp_path / "out"))
     assert "adapter_model.safetensors" in line and "model.extra_gate.weight" in line and "not in the base" in line
     line = _one_line_error(run_cli("merge", adapters[0], base, "-o", tmp_path / "out2"))
