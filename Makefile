@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+# onnxruntime-gpu where an NVIDIA driver answers, the CPU build elsewhere (the two cannot share an environment)
+ONNX_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo onnx-gpu || echo onnx-cpu)
 
 .PHONY: setup demo test bench-speed clean
 
@@ -11,7 +13,7 @@ setup: $(VENV)/.lowmerge-installed
 $(VENV)/.lowmerge-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,bnb,$(ONNX_EXTRA)]"
 	touch $@
 
 demo: setup

@@ -524,8 +524,8 @@ def render(run: Run, when: datetime.datetime, commit: str, machine_line: str) ->
         f"{BUFFER_BYTES >> 20} MiB buffer, then one write of the output's bytes to bench/_work + fsync): "
         f"cold {fmt_s(cold.total_s)} s (read {fmt_s(cold.read_s)}, write {fmt_s(cold.write_s)}), "
         f"warm {fmt_s(warm.total_s)} s (read {fmt_s(warm.read_s)}, write {fmt_s(warm.write_s)})",
-        f"- merges: `python -m lowmem_merge merge BASE EXPERT... -o bench/_work/out-... --method M [-p K=V] "
-        f"--device cpu -q` in a fresh subprocess; wall includes interpreter start and imports; output deleted after",
+        "- merges: `python -m lowmem_merge merge BASE EXPERT... -o bench/_work/out-... --method M [-p K=V] "
+        "--device cpu -q` in a fresh subprocess; wall includes interpreter start and imports; output deleted after",
         f"- interpreter start + `import lowmem_merge.cli, torch`: {fmt_s(run.import_s)} s "
         f"(best of {IMPORT_REPEAT}); "
         "every ratio below is (wall − this) ÷ the floor named",

@@ -1,35 +1,89 @@
-"""How much memory one piece of a merge needs, from the plan alone (no tensor is read)."""
+"""How much memory one piece of a merge needs, from the plan alone (no tensor is read), and how to run within a
+budget: smaller row chunks (with a shorter read-ahead) for elementwise rules, the CPU for a tensor whose statistics
+do not fit the device, or a refusal before anything starts."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .errors import BudgetError
 from .methods.base import MergeMethod
 from .plan import Plan
 from .sizes import format_size
-from .stream import MERGED, PREFETCH_BYTES, Piece, request_bytes
+from .stream import CHUNK_ELEMS, MERGED, PREFETCH_BYTES, Piece, make_pieces, request_bytes
 
 RUNTIME_BYTES = 230 << 20   # Python, torch and lowmerge loaded, measured on Linux x86-64 (torch 2.13 CPU)
+SHRINK_STEPS = 6            # row chunks down to CHUNK_ELEMS / 64 (64K elements) and read-ahead to 1 MiB
+DEVICE_HEADROOM = 0.9       # of the device memory free at the start: the CUDA context and allocator need the rest
 
 
-def piece_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any) -> int:
+@dataclass(frozen=True)
+class Strategy:
+    """How the stream runs: its pieces, the read-ahead, and the tensors computed on the CPU instead of the device."""
+    pieces: list[Piece]
+    chunk_elems: int
+    prefetch_bytes: int
+    cpu_tensors: frozenset[str]
+    peak_bytes: int             # the largest piece's host buffers (the runtime excluded)
+
+    def describe(self) -> dict:
+        return {"chunk_elems": self.chunk_elems, "prefetch_bytes": self.prefetch_bytes,
+                "cpu_tensors": sorted(self.cpu_tensors), "peak_buffer_bytes": self.peak_bytes}
+
+
+def piece_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any,
+                prefetch: int = PREFETCH_BYTES) -> int:
     """Buffers for one piece: the method's statistics, Δ and the result in fp32, the base and one expert piece as
-    read, the read-ahead, and two output pieces with the writer."""
+    read, the read-ahead, two output pieces with the writer, and the idle buffers the pool keeps (as many bytes as
+    the read-ahead: the stream sizes both alike)."""
     if piece.info.cls not in MERGED:
         return request_bytes(plan.base, piece.info.name, piece.rows)
     stored = request_bytes(plan.base, piece.info.name, piece.rows)
     return method.state_bytes(piece.info, plan.n_experts, params) + 8 * piece.info.numel \
-        + 4 * stored + max(PREFETCH_BYTES, stored)
+        + 4 * stored + max(prefetch, stored) + prefetch
 
 
-def largest_piece(plan: Plan, pieces: list[Piece], method: type[MergeMethod], params: Any) -> tuple[int, str]:
+def device_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any) -> int:
+    """Device memory for one piece: the statistics, Δ and the result in fp32, and the base piece as stored."""
+    if piece.info.cls not in MERGED:
+        return 0
+    stored = request_bytes(plan.base, piece.info.name, piece.rows)
+    return method.state_bytes(piece.info, plan.n_experts, params) + 8 * piece.info.numel + stored
+
+
+def largest_piece(plan: Plan, pieces: list[Piece], method: type[MergeMethod], params: Any,
+                  prefetch: int = PREFETCH_BYTES) -> tuple[int, str]:
     """The most any one piece needs, and the tensor it belongs to."""
-    return max(((piece_bytes(plan, p, method, params), p.info.name) for p in pieces), default=(0, ""))
+    return max(((piece_bytes(plan, p, method, params, prefetch), p.info.name) for p in pieces), default=(0, ""))
 
 
-def check_budget(plan: Plan, pieces: list[Piece], method: type[MergeMethod], params: Any, budget: int) -> None:
-    """Refuse before starting when one piece's buffers exceed ``budget`` (the runtime excluded)."""
-    need, name = largest_piece(plan, pieces, method, params)
-    if need > budget:
-        raise BudgetError(f"needs {format_size(need)} of buffers, more than --max-memory {format_size(budget)}",
-                          tensor=name, hint="raise --max-memory or choose an elementwise method")
+def choose_strategy(plan: Plan, method: type[MergeMethod], params: Any, budget: int | None = None,
+                    device_budget: int | None = None) -> Strategy:
+    """The largest row chunks (and read-ahead) whose buffers fit ``budget``; BudgetError naming the tensor if even
+    the smallest do not (a matrix rule's LIN statistics cannot be chunked). Pieces needing more than
+    ``device_budget`` on the device run on the CPU."""
+    for step in range(SHRINK_STEPS + 1):
+        chunk, prefetch = CHUNK_ELEMS >> step, PREFETCH_BYTES >> step
+        pieces = make_pieces(plan, method, params, chunk)
+        need, name = largest_piece(plan, pieces, method, params, prefetch)
+        if budget is None or need <= budget:
+            break
+    else:
+        raise BudgetError(f"needs {format_size(need)} of buffers, more than --max-memory {format_size(budget)} "
+                          f"(even in row chunks of {chunk} elements)", tensor=name,
+                          hint="raise --max-memory or choose an elementwise method (they work in row chunks)")
+    cpu = frozenset(p.info.name for p in pieces
+                    if device_budget is not None and device_bytes(plan, p, method, params) > device_budget)
+    return Strategy(pieces, chunk, prefetch, cpu, need)
+
+
+def device_budget(device: torch.device, given: int | None) -> int | None:
+    """Bytes of device memory a merge may use: ``given``, else a share of what is free now; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    if given is not None:
+        return given
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * DEVICE_HEADROOM)

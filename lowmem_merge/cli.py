@@ -18,6 +18,7 @@ Examples:
   lowmerge merge ./base ./a ./b -o ./merged --method ties -p density=0.3 -p scale=1.0
   lowmerge merge ./base ./a ./b -o ./merged --method actmat -p rho=1e-3 --device cuda --dtype bfloat16
   lowmerge merge ./base ./a ./b -o ./merged --resume      # continue a run that was interrupted
+  lowmerge merge ./base ./a ./b -o ./merged --quantize nf4  # 4-bit bitsandbytes weights for transformers
   lowmerge merge --config recipe.yaml -o ./merged         # a mergekit recipe (linear, task_arithmetic, ties, ...)
 
 Inputs are Hugging Face directories (model.safetensors, or shards with model.safetensors.index.json), single
@@ -69,11 +70,12 @@ def _parse_kv(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _progress_bar(quiet: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+def _progress_bar(quiet: bool, desc: str = "merging") -> tuple[Callable[[int, int], None] | None,
+                                                               Callable[[], None]]:
     if quiet or not sys.stderr.isatty():
         return None, lambda: None
     from tqdm import tqdm
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True)
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -100,8 +102,16 @@ def _progress_bar(quiet: bool) -> tuple[Callable[[int, int], None] | None, Calla
               help="Output dtype of float tensors; auto keeps the base's.")
 @click.option("--shard-size", default="4GB", show_default=True, help="Largest output shard (e.g. 4GB, 500MB).")
 @click.option("--max-memory", default=None,
-              help="Refuse to start when one tensor's merge buffers would exceed this (e.g. 8GB); "
-                   "names the tensor. The Python/torch runtime (~0.3 GB) comes on top.")
+              help="Host memory for merge buffers (e.g. 8GB; the Python/torch runtime, ~0.3 GB, comes on top): "
+                   "elementwise rules take smaller row chunks and read-ahead to fit; a tensor that cannot fit "
+                   "(a matrix rule's statistics) stops the run before it starts, naming the tensor.")
+@click.option("--max-device-memory", default=None,
+              help="GPU memory a merge may use (default: 90% of what is free at the start); a tensor whose "
+                   "statistics need more is merged on the CPU.")
+@click.option("--quantize", default=None, type=click.Choice(["int8", "nf4"]),
+              help="Write linear weights quantized with bitsandbytes (int8: LLM.int8 row-wise; nf4: 4-bit, "
+                   "double-quantized), loadable by transformers from config.json's quantization_config; other "
+                   "tensors keep --dtype. Needs pip install 'lowmerge[bnb]'.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge in OUT: keeps the shards it "
                                              "finished (verified by sha256) after checking inputs and options.")
 @click.option("--force", is_flag=True, help="Replace a previous lowmerge output in OUT (deletes only files "
@@ -109,8 +119,9 @@ def _progress_bar(quiet: bool) -> tuple[Callable[[int, int], None] | None, Calla
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path | None, method: str,
-          params: tuple[str, ...], device: str, dtype: str, shard_size: str, max_memory: str | None, resume: bool,
-          force: bool, quiet: bool, debug: bool) -> None:
+          params: tuple[str, ...], device: str, dtype: str, shard_size: str, max_memory: str | None,
+          max_device_memory: str | None, quantize: str | None, resume: bool, force: bool, quiet: bool,
+          debug: bool) -> None:
     """Merge EXPERTS (fine-tunes of BASE) into one model in OUT.
 
     OUT receives the merged safetensors shards, config and tokenizer files copied from BASE,
@@ -127,7 +138,8 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
     update, close = _progress_bar(quiet)
     try:
         report = run(base, list(experts), out, method, device=device, dtype=dtype, shard_size=shard_size,
-                     max_memory=max_memory, resume=resume, force=force, progress=update, **kv)
+                     max_memory=max_memory, max_device_memory=max_device_memory, resume=resume, force=force,
+                     quantize=quantize, progress=update, **kv)
     finally:
         close()
     if not quiet:
@@ -167,36 +179,66 @@ def methods() -> None:
 @click.argument("directory", default="demo-output", type=click.Path(path_type=Path))
 @click.option("--method", default="actmat", show_default=True, type=click.Choice(list(REGISTRY)))
 @click.option("--force", is_flag=True, help="Rebuild DIRECTORY if a previous demo is there.")
+@click.option("--export/--no-export", "export_onnx", default=True, show_default=True,
+              help="Go on to ONNX: export the merged model, validate it against PyTorch and quantize it to int8 "
+                   "(needs the onnx-cpu or onnx-gpu extra; skipped with a note without it).")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-def demo(directory: Path, method: str, force: bool, debug: bool) -> None:
-    """Build a small Llama-shaped base and three experts in DIRECTORY (no download), then merge them.
+def demo(directory: Path, method: str, force: bool, export_onnx: bool, debug: bool) -> None:
+    """Build a small Llama-shaped base and three experts in DIRECTORY (no download), merge them, and export
+    the merged model to ONNX (validated, then quantized to int8).
 
-    The inputs go to DIRECTORY/inputs, the merged model to DIRECTORY/merged.
+    The inputs go to DIRECTORY/inputs, the merged model to DIRECTORY/merged, the ONNX files to DIRECTORY/onnx.
+    Ends with one table: time, peak memory, size, onnxruntime latency and error of each step.
     """
     from .demo import run_demo
-    for line in run_demo(directory, method, force=force):
+    for line in run_demo(directory, method, force=force, export=export_onnx):
         click.echo(line)
 
 
-@main.command()
+_EPILOG_INSPECT = """\b
+Examples:
+  lowmerge inspect ./base ./math ./code                  # the plan, at once
+  lowmerge inspect ./base ./math ./code --stats          # + one read of the weights: per-layer diagnostics
+  lowmerge inspect ./base ./a ./b --stats --json > stats.json   # every tensor's numbers
+
+--stats, per layer (a layer's tensors taken as one vector) and for the whole model: ‖Δ_t‖ of each expert, the
+range of cosines between task vectors, ACE's γ (the largest over the layer's LIN tensors; γ > τ = 0.3 takes ACE's
+normalized branch) and the largest condition number λmax/λmin of ACTMat's A = Σ_t Δ_tᵀΔ_t (fp64, no ridge) over
+LIN tensors with n ≤ --cond-max-dim input features; ∞ (k): k tensors whose A is singular (LoRA experts, n > T·m).
+--json has every tensor's norms, cosine matrix, γ, condition number and rank. Warnings: an expert equal to the
+base, total ‖Δ_t‖ of two experts more than 10× apart, tied embeddings."""
+
+
+@main.command(epilog=_EPILOG_INSPECT)
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("experts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Output dtype, as for merge.")
 @click.option("--tensors", "show_tensors", is_flag=True, help="Also list every tensor with its class and shape.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--stats", is_flag=True, help="Also read every weight once for task-vector diagnostics (below).")
+@click.option("--device", default="auto", show_default=True,
+              help="With --stats: auto (CUDA when present), cpu, cuda or cuda:N: where Δ and statistics are computed.")
+@click.option("--cond-max-dim", default=4096, show_default=True, type=click.IntRange(min=0),
+              help="With --stats: condition numbers only for LIN tensors with at most this many input features "
+                   "(A costs 8n² bytes and about an ACTMat merge's time); 0: none.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (and --stats) as JSON.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-def inspect(base: Path, experts: tuple[Path, ...], dtype: str, show_tensors: bool, as_json: bool,
-            debug: bool) -> None:
+def inspect(base: Path, experts: tuple[Path, ...], dtype: str, show_tensors: bool, stats: bool, device: str,
+            cond_max_dim: int, as_json: bool, debug: bool) -> None:
     """Show what a merge of EXPERTS into BASE would do, from the headers alone (reads no weights).
 
     Tensor classes and sizes, bytes each pass reads, the peak memory each method would need, and the input
-    errors a merge would stop on.
+    errors a merge would stop on. With --stats it reads the inputs once more for per-layer diagnostics.
     """
     import json
 
     from .inspect import describe_plan
-    data = describe_plan(base, list(experts), dtype)
+    update, close = _progress_bar(not stats, "reading")
+    try:
+        data = describe_plan(base, list(experts), dtype, stats=stats, device=device, cond_max_dim=cond_max_dim,
+                             progress=update)
+    finally:
+        close()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -215,6 +257,18 @@ def _plan_lines(data: dict, show_tensors: bool) -> list[str]:
         lines.append(f"  {name:16s} {format_size(m['peak_bytes']):>9s}  reads x{m['reads']}  "
                      f"largest: {m['largest_tensor']}")
     lines += [f"warning: {w}" for w in data["warnings"]]
+    if "stats" in data:
+        from .diagnostics import stats_lines
+        lines += stats_lines(data["stats"])
     if show_tensors:
         lines += [f"  {t['name']}  {t['class']}  {t['shape']}  {t['dtype']}" for t in data["tensors"]]
     return lines
+
+
+def _add_export_command() -> None:
+    """`lowmerge export` lives in export/ (which knows nothing of merging); importing it costs only click."""
+    from export.cli import export
+    main.add_command(export)
+
+
+_add_export_command()

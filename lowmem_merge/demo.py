@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import LowmergeError
 from .io.writer import write_model
 
 
@@ -96,8 +97,9 @@ def build_example(root: Path, shape: LlamaShape = LlamaShape(), n_experts: int =
     return dirs[0], dirs[1:]
 
 
-def run_demo(directory: Path, method: str, force: bool = False) -> Iterator[str]:
-    """Build the example (if absent), merge it, and try the result in transformers when it is installed."""
+def run_demo(directory: Path, method: str, force: bool = False, export: bool = True) -> Iterator[str]:
+    """Build the example (if absent), merge it, try it in transformers; then export it to ONNX, validate it,
+    quantize it to int8 and end with one table of what each step cost (skipped without the ONNX extras)."""
     from .merge import merge
     inputs, merged = directory / "inputs", directory / "merged"
     if force and directory.exists():
@@ -113,6 +115,49 @@ def run_demo(directory: Path, method: str, force: bool = False) -> Iterator[str]
     yield f"merged model: {merged}"
     yield f"report: {report.path}"
     yield from _try_transformers(merged)
+    if export:
+        yield from _export(report.data, merged, directory / "onnx" / "model.onnx")
+
+
+def _export(merge_data: dict, merged: Path, onnx_path: Path) -> Iterator[str]:
+    """The deployment half: ONNX export + validation + int8, summarized with the merge in one table."""
+    try:
+        from export.runtime import require
+        require("onnx", "onnx_ir", "onnxscript", "transformers", "onnxruntime")
+    except LowmergeError as e:
+        yield f"(skipping the ONNX export: {e.msg}; {e.hint})"
+        return
+    from export.pipeline import report_path, run
+    yield f"exporting to {onnx_path}, validating against PyTorch, quantizing to int8 ..."
+    data = run(merged, onnx_path, check=True, schemes=("int8",), force=True)
+    yield from demo_table(merge_data, data)
+    yield f"onnx report: {report_path(onnx_path)}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def demo_table(merge_data: dict, export_data: dict) -> list[str]:
+    """One row per step: time, peak memory, size on disk, onnxruntime latency, error against its reference."""
+    e, v, q = export_data["export"], export_data["validation"], export_data["quantized"]
+    fp32, int8 = q["fp32"], q["int8"]
+    rows = [("step", "time", "peak memory", "size", f"latency {fp32['latency_input']}", "error vs reference"),
+            (f"merge ({merge_data['method']}, {len(merge_data['inputs']['experts'])} experts)",
+             f"{merge_data['timings_s']['total']:.1f} s", _mb(merge_data["memory"]["peak_rss_bytes"]),
+             _mb(merge_data["output"]["bytes"]), "-", "-"),
+            ("ONNX export fp32 + validation", f"{e['seconds'] + v['seconds']:.1f} s",
+             _mb(max(e["peak_rss_bytes"], v["peak_rss_bytes"])),
+             _mb(e["bytes"]), f"{fp32['latency_ms']:.2f} ms",
+             f"vs PyTorch: max abs {v['max_abs']:.1e}, rel {v['max_rel']:.1e}, top-1 {100 * v['top1']:.0f}%"),
+            ("ONNX int8 (dynamic)", f"{int8['seconds']:.1f} s", _mb(int8["peak_rss_bytes"]), _mb(int8["bytes"]),
+             f"{int8['latency_ms']:.2f} ms",
+             f"vs fp32 ONNX: max abs {int8['vs_fp32']['max_abs']:.1e}, rel {int8['vs_fp32']['max_rel']:.1e}, "
+             f"top-1 {100 * int8['vs_fp32']['top1']:.0f}%")]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    return [lines[0], "-" * len(lines[0]), *lines[1:]]
 
 
 def _try_transformers(merged: Path) -> Iterator[str]:

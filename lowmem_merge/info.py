@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 
 class TensorClass(str, enum.Enum):
-    LIN = "LIN"    # weight of a linear map, stored (out, in) after any transpose
+    LIN = "LIN"    # weight of a linear map, (out, in) after any transpose; (E, out, in) for stacked MoE experts
     EMB = "EMB"    # token / position embeddings, tied lm_head
     VEC = "VEC"    # 1-D: biases, norm gains
     CONV = "CONV"  # ndim >= 3
@@ -20,7 +20,7 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]      # as the method sees it: (out, in) for LIN even when stored transposed
     cls: TensorClass
-    transposed: bool = False    # stored (in, out) on disk (GPT-2 Conv1D); the stream transposes
+    transposed: bool = False    # stored (in, out) on disk (GPT-2 Conv1D, GPT-OSS experts); the stream transposes
     tied_to: str | None = None  # canonical tensor name for TIED
     row_start: int = 0          # first row of this piece when an elementwise rule works in row chunks
 

@@ -1,11 +1,14 @@
-"""The plan as data, for `lowmerge inspect`: classes, read volume and each method's peak memory, from headers."""
+"""The plan as data, for `lowmerge inspect`: classes, read volume and each method's peak memory, from headers;
+with ``stats``, the task-vector diagnostics of one read of the inputs (diagnostics.py)."""
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from .budget import RUNTIME_BYTES, largest_piece
+from .diagnostics import COND_MAX_DIM, collect_stats
 from .io.checkpoint import open_checkpoint
 from .merge import _parse_dtype
 from .methods import REGISTRY
@@ -13,8 +16,13 @@ from .plan import make_plan
 from .stream import make_pieces, read_volume
 
 
-def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "auto") -> dict:
-    """What ``merge`` would do with these inputs; raises the same input errors it would, before any work."""
+def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "auto", *, stats: bool = False,
+                  device: str = "auto", cond_max_dim: int = COND_MAX_DIM,
+                  progress: Callable[[int, int], None] | None = None) -> dict:
+    """What ``merge`` would do with these inputs; raises the same input errors it would, before any work.
+
+    ``stats``: also read every merged tensor once on ``device`` and add ``"stats"`` (``diagnostics.collect_stats``).
+    """
     with contextlib.ExitStack() as stack:
         base_ck = stack.enter_context(open_checkpoint(base))
         expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
@@ -34,7 +42,7 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
                              "reads": rounds + cls.passes}
         first = [p for p in make_pieces(plan, REGISTRY["average"], REGISTRY["average"].Params())
                  if p.target == p.info.name]
-        return {
+        data = {
             "base": str(base_ck.path), "experts": [str(e.path) for e in expert_cks],
             "classes": {c: {"count": counts[c], "bytes": sizes[c]} for c in sorted(counts)},
             "bytes_per_pass": read_volume(plan, first, 1), "runtime_bytes": RUNTIME_BYTES,
@@ -44,3 +52,6 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
                          **({"transposed": True} if i.transposed else {}),
                          **({"tied_to": i.tied_to} if i.tied_to else {})} for i in plan.tensors],
         }
+        if stats:
+            data["stats"] = collect_stats(plan, device, cond_max_dim, progress)
+        return data

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .budget import check_budget
+from .budget import choose_strategy, device_budget
 from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device, tune_malloc
 from .errors import ConfigError
 from .io.checkpoint import open_checkpoint
@@ -22,9 +22,10 @@ from .io.reader import INDEX_NAME
 from .io.writer import ShardWriter, output_error, plan_shards
 from .methods import DEFAULT_METHOD, get_method, params_dict, parse_params
 from .plan import Expert, Plan, make_plan
+from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from .sizes import parse_size
-from .stream import Piece, StreamContext, make_pieces, read_volume, run_merge, run_prepass
+from .stream import Piece, StreamContext, read_volume, run_merge, run_prepass
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -34,11 +35,13 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
 
 def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, method: str | None = None, *,
           device: str = "auto", dtype: str = "auto", shard_size: str | int = "4GB",
-          max_memory: str | int | None = None, resume: bool = False, force: bool = False,
+          max_memory: str | int | None = None, max_device_memory: str | int | None = None,
+          resume: bool = False, force: bool = False, quantize: str | None = None,
           progress: Callable[[int, int], None] | None = None, **params: Any) -> Report:
     """Merge ``experts`` (fine-tunes of ``base``, or LoRA adapters of it) into ``out``.
 
     Options are those of ``lowmerge merge --help``; ``params`` are the method's (``lowmerge methods``).
+    ``quantize`` (int8 or nf4) writes linear weights in bitsandbytes' format (``quantize.py``).
     ``progress(done_bytes, total_bytes)`` is called as inputs are consumed.
     """
     t_start = time.perf_counter()
@@ -53,30 +56,41 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         base_ck = stack.enter_context(open_checkpoint(base))
         expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
         plan = make_plan(base_ck, expert_cks, out_dtype)
-        pieces = make_pieces(plan, method_cls, parsed)
-        if max_memory is not None:
-            check_budget(plan, pieces, method_cls, parsed, parse_size(max_memory, "--max-memory"))
+        quantizer = _quantizer(plan, quantize, dev)
+        strategy = choose_strategy(
+            plan, method_cls, parsed, None if max_memory is None else
+            parse_size(max_memory, "--max-memory") - (quantizer.extra_bytes() if quantizer else 0),
+            device_budget(dev, None if max_device_memory is None else parse_size(max_device_memory,
+                                                                                  "--max-device-memory")))
+        pieces = strategy.pieces
         timings = {"plan": time.perf_counter() - t_start}
-        outdir = OutputDir(out, _fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
+        outdir = OutputDir(out, {**_fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
+                                 "chunk_elems": strategy.chunk_elems, "quantize": quantize},
                            resume=resume, force=force)
         specs = [(i.name, plan.out_dtype[i.name], plan.entry(i.name).shape) for i in plan.tensors]
-        shards = plan_shards(specs, shard_bytes)
+        if quantizer:
+            specs = [q for spec in specs for q in quantizer.specs(*spec)]
+        shards = plan_shards(specs, shard_bytes, quantizer.attached() if quantizer else frozenset())
         final = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + _extra_files(plan)
         outdir.claim(final + [REPORT_NAME, CARD_NAME])
         resumed = sorted(outdir.done_shards)          # kept from the interrupted run; the writer adds to it
-        ctx = StreamContext(plan, method_cls, parsed, dev, lambda n: None, BufferPool(pin=dev.type == "cuda"))
-        stats, bytes_read = _stream(ctx, pieces, outdir, shards, timings, progress)
+        pool = BufferPool(limit=strategy.prefetch_bytes, pin=dev.type == "cuda")
+        ctx = StreamContext(plan, method_cls, parsed, dev, lambda n: None, pool,
+                            strategy.prefetch_bytes, strategy.cpu_tensors)
+        stats, bytes_read = _stream(ctx, pieces, outdir, shards, timings, progress, quantizer)
         try:
             _write_heads(plan, outdir.path)
-            _copy_base_files(plan, outdir.path, out_dtype)
+            _copy_base_files(plan, outdir.path, out_dtype, quantizer.config() if quantizer else None)
             data = {
                 "lowmerge_version": versions()["lowmerge"], "created": now_utc(),
                 "method": method_cls.name, "params": params_dict(parsed),
                 "inputs": {"base": _describe(base_ck), "experts": [_describe(e) for e in expert_cks]},
                 "output": {"dir": str(outdir.path), "dtype": dtype if out_dtype else "base",
                            "tensors": len(plan.tensors), "shards": [s.name for s in shards],
-                           "bytes": sum(s.size for s in shards), "resumed_shards": resumed},
+                           "bytes": sum(s.size for s in shards), "resumed_shards": resumed,
+                           "quantize": quantize, "quantized_tensors": len(quantizer.targets) if quantizer else 0},
                 "device": str(dev), "threads": torch.get_num_threads(), "bytes_read": bytes_read,
+                "strategy": strategy.describe(),
                 "timings_s": {**timings, "total": time.perf_counter() - t_start},
                 "memory": {"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(dev)},
                 "heads": {str(e.path): names for e, names in zip(expert_cks, plan.heads) if names},
@@ -102,8 +116,9 @@ def _prepare_process() -> None:
 
 
 def _stream(ctx: StreamContext, pieces: list[Piece], outdir: OutputDir, shards: list, timings: dict,
-            progress: Callable[[int, int], None] | None) -> tuple[dict, int]:
-    """Pre-pass (if the method has one) and merge of every piece not already in a finished shard.
+            progress: Callable[[int, int], None] | None, quantizer: Quantizer | None = None) -> tuple[dict, int]:
+    """Pre-pass (if the method has one) and merge of every piece not already in a finished shard; with a
+    ``quantizer``, its targets are quantized on their way to the writer.
 
     Returns the per-tensor statistics and the bytes read; fills ``timings`` (prepass, merge).
     """
@@ -125,13 +140,25 @@ def _stream(ctx: StreamContext, pieces: list[Piece], outdir: OutputDir, shards: 
     try:
         state = run_prepass(ctx, pieces)
         t1 = time.perf_counter()
-        stats = run_merge(ctx, todo, state, writer.write)
+        stats = run_merge(ctx, todo, state, quantizer.writer(writer.write, ctx.pool.give) if quantizer
+                          else writer.write)
         writer.close()
     except BaseException:
         writer.abort()
         raise
     timings.update(prepass=t1 - t0, merge=time.perf_counter() - t1)
     return stats, done[0]
+
+
+def _quantizer(plan: Plan, quantize: str | None, dev: torch.device) -> Quantizer | None:
+    """The --quantize writer side; refused without the base's config.json, which must carry its config."""
+    if quantize is None:
+        return None
+    if not (plan.base.model_dir and (plan.base.model_dir / "config.json").is_file()):
+        raise ConfigError("--quantize needs the base's config.json (transformers reads the quantization "
+                          "config from it)", path=plan.base.path,
+                          hint="pass the base as a Hugging Face directory with its config.json")
+    return Quantizer(quantize, plan.tensors, plan.out_dtype, dev)
 
 
 def _parse_dtype(dtype: str) -> torch.dtype | None:
@@ -174,16 +201,22 @@ def _write_heads(plan: Plan, out: Path) -> None:
             save_file({n: ck.read(n) for n in names}, str(out / _head_file(i, ck)), metadata={"format": "pt"})
 
 
-def _copy_base_files(plan: Plan, out: Path, out_dtype: torch.dtype | None) -> None:
+def _copy_base_files(plan: Plan, out: Path, out_dtype: torch.dtype | None,
+                     quantization_config: dict | None = None) -> None:
+    """Config and tokenizer files; config.json gets the output dtype and, with --quantize, the
+    ``quantization_config`` transformers reads to load the bitsandbytes weights."""
     import json
     for name in COPIED_FILES:
         src = plan.base.model_dir / name if plan.base.model_dir else None
         if not (src and src.is_file()):
             continue
-        if name == "config.json" and out_dtype is not None:
+        if name == "config.json" and (out_dtype is not None or quantization_config):
             cfg = json.loads(src.read_text())
-            key = "dtype" if "dtype" in cfg else "torch_dtype"
-            cfg[key] = str(out_dtype).removeprefix("torch.")
+            if out_dtype is not None:
+                key = "dtype" if "dtype" in cfg else "torch_dtype"
+                cfg[key] = str(out_dtype).removeprefix("torch.")
+            if quantization_config:
+                cfg["quantization_config"] = quantization_config
             (out / name).write_text(json.dumps(cfg, indent=2) + "\n")
         else:
             shutil.copyfile(src, out / name)

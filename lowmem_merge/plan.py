@@ -22,6 +22,9 @@ _HEAD = re.compile(r"(^|\.)(classifier|score)(\.|$)")
 _CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")   # GPT-2 Conv1D: stored (in, out)
 _CONV1D_MODELS = {"gpt2", "gpt_bigcode", "openai-gpt", "imagegpt", "decision_transformer"}
 _LM_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
+_BIAS = re.compile(r"(^|[._])bias$")
+_MOE = re.compile(r"\.experts\.[^.]+$")                    # stacked experts: (E, out, in), transformers 5 MoE
+_MOE_IN_OUT_MODELS = {"gpt_oss"}                             # stacked (E, in, out): x @ W[e]
 
 
 @dataclass
@@ -52,12 +55,13 @@ def make_plan(base: Checkpoint, experts: list[Expert], dtype: torch.dtype | None
         raise InputError("the base holds no tensors", path=base.path)
     config = base.config or {}
     conv1d = config.get("model_type") in _CONV1D_MODELS
+    moe_in_out = config.get("model_type") in _MOE_IN_OUT_MODELS
     canonical_emb = _tied_embedding(base, config)
     infos: list[TensorInfo] = []
     out_dtype: dict[str, torch.dtype] = {}
     order = sorted(base.entries.values(), key=lambda e: (str(e.path), e.offset))
     for entry in order:
-        info = _classify(entry, conv1d, canonical_emb)
+        info = _classify(entry, conv1d, moe_in_out, canonical_emb)
         for ex in experts:
             _check_expert(entry, info, ex)
         infos.append(info)
@@ -83,7 +87,8 @@ def _tied_embedding(base: Checkpoint, config: dict) -> str | None:
     return None
 
 
-def _classify(entry: TensorEntry, conv1d: bool, canonical_emb: str | None) -> TensorInfo:
+def _classify(entry: TensorEntry, conv1d: bool, moe_in_out: bool, canonical_emb: str | None) -> TensorInfo:
+    """The tensor's class and its shape as the method sees it (ALGORITHMS.md §13)."""
     name, shape = entry.name, entry.shape
     if not entry.is_float:
         return TensorInfo(name, shape, TensorClass.INT)
@@ -91,8 +96,12 @@ def _classify(entry: TensorEntry, conv1d: bool, canonical_emb: str | None) -> Te
         return TensorInfo(name, shape, TensorClass.HEAD)
     if canonical_emb and _LM_HEAD.search(name) and name != canonical_emb:
         return TensorInfo(name, shape, TensorClass.TIED, tied_to=canonical_emb)
-    if len(shape) <= 1:
+    if len(shape) <= 1 or _BIAS.search(name):  # stacked MoE biases (E, out) are vectors too
         return TensorInfo(name, shape, TensorClass.VEC)
+    if len(shape) == 3 and _MOE.search(name):  # a batch of E linear maps, each merged with the LIN rule
+        if moe_in_out:
+            return TensorInfo(name, (shape[0], shape[2], shape[1]), TensorClass.LIN, transposed=True)
+        return TensorInfo(name, shape, TensorClass.LIN)
     if len(shape) >= 3:
         return TensorInfo(name, shape, TensorClass.CONV)
     if _EMB.search(name):

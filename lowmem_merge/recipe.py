@@ -7,6 +7,8 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
   ties             per-tensor top-K_t trim, weighted sign election, Σ w_t Δt / Σ w_t over the agreeing entries
                    (normalize: true, the default)                                 → ties(trim=tensor, weights, ...)
   dare_linear      W0 + λ Σ w_t (m_t ⊙ Δt) / K_t (÷ Σ w_t with normalize: true)    → dare(scale, weights, densities)
+  dare_ties        DARE's drop and rescale, then ties' election and agreeing sum
+                   (÷ agreeing Σ w_t with normalize: true; false by default)       → dare_ties(scale, weights, ...)
 A model listed under ``models`` that is the base has no task vector and is skipped, as mergekit does, except in
 linear, where it is an expert with Δ = 0 and counts with its weight. lowmerge's own methods are accepted by name,
 with their parameters under ``parameters`` and per-model ``weight`` / ``density`` where the rule has per-expert ones.
@@ -32,8 +34,9 @@ MERGEKIT = {
     "task_arithmetic": (("normalize", "lambda", "int8_mask"), ("weight",), False),
     "ties": (("normalize", "lambda", "int8_mask"), ("weight", "density"), True),
     "dare_linear": (("normalize", "lambda", "int8_mask"), ("weight", "density"), False),
+    "dare_ties": (("normalize", "lambda", "int8_mask"), ("weight", "density"), False),
 }
-NOT_YET = {"dare_ties": "DARE's random drop followed by TIES' sign election is not one lowmerge rule yet"}
+ELECTING = ("ties", "dare_ties")  # normalize divides by the agreeing weights, inside the rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +69,6 @@ def parse_recipe(data: Any) -> Recipe:
     name = top.get("merge_method")
     if name is None:
         raise ConfigError("the recipe has no merge_method", hint=_methods_hint())
-    if name in NOT_YET:
-        raise ConfigError(f"merge_method {name!r} is not supported yet: {NOT_YET[name]}", hint=_methods_hint())
     if name not in MERGEKIT and name not in REGISTRY:
         raise ConfigError(f"unknown merge_method {name!r}", hint=_methods_hint())
     models = top.get("models")
@@ -111,14 +112,16 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
                               "scales the base weights themselves (Σ w_t W_t), which a task-vector merge cannot express",
                               hint="use normalize: true, weights summing to 1, or task_arithmetic")
         return "average", {"weights": weights}
-    if normalize and total == 0 and name != "ties":
+    if normalize and total == 0 and name not in ELECTING:
         raise ConfigError(f"merge_method {name!r}: normalize: true divides by the weights' sum, which is 0")
-    scale = lam / total if normalize and name != "ties" else lam
+    scale = lam / total if normalize and name not in ELECTING else lam
     if name == "task_arithmetic":
         return "task_arithmetic", {"scale": scale, "weights": weights}
     params = {"scale": scale, "weights": weights, **_density_params(densities)}
     if name == "ties":
         return "ties", {**params, "trim": "tensor", "normalize": normalize}
+    if name == "dare_ties":
+        return "dare_ties", {**params, "normalize": normalize}
     return "dare", params
 
 

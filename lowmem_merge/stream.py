@@ -19,6 +19,7 @@ from .errors import InputError
 from .info import TensorClass, TensorInfo
 from .io.lora import LoraAdapter, LowRank
 from .methods.base import MergeMethod
+from .methods.covariance import Factors
 from .plan import Expert, Plan
 
 MERGED = (TensorClass.LIN, TensorClass.EMB, TensorClass.VEC, TensorClass.CONV)
@@ -36,22 +37,23 @@ class Piece:
     rows: tuple[int, int] | None       # stored rows, or None for the whole tensor
 
 
-def make_pieces(plan: Plan, method: type[MergeMethod], params: Any) -> list[Piece]:
-    """Output order. A TIED alias is the canonical tensor merged again (deterministic) and written under its name."""
+def make_pieces(plan: Plan, method: type[MergeMethod], params: Any, chunk_elems: int | None = None) -> list[Piece]:
+    """Output order. A TIED alias is the canonical tensor merged again (deterministic) and written under its name.
+    Row chunks hold at most ``chunk_elems`` elements (CHUNK_ELEMS by default), at least one row."""
     by_name = {i.name: i for i in plan.tensors}
     pieces: list[Piece] = []
     for info in plan.tensors:
         src = by_name[info.tied_to] if info.cls == TensorClass.TIED else info
-        pieces.extend(_split(src, info.name, method.row_chunkable(params, src)))
+        pieces.extend(_split(src, info.name, method.row_chunkable(params, src), chunk_elems or CHUNK_ELEMS))
     return pieces
 
 
-def _split(info: TensorInfo, target: str, chunkable: bool) -> list[Piece]:
+def _split(info: TensorInfo, target: str, chunkable: bool, chunk_elems: int) -> list[Piece]:
     if not (chunkable and info.cls in MERGED and not info.transposed and len(info.shape) >= 2
-            and info.numel > CHUNK_ELEMS):
+            and info.numel > chunk_elems):
         return [Piece(info, target, None)]
     rows = info.shape[0]
-    step = max(1, CHUNK_ELEMS // (info.numel // rows))
+    step = max(1, chunk_elems // (info.numel // rows))
     return [Piece(replace(info, shape=(min(r + step, rows) - r,) + info.shape[1:], row_start=r), target,
                   (r, min(r + step, rows))) for r in range(0, rows, step)]
 
@@ -134,6 +136,8 @@ class StreamContext:
     device: torch.device
     progress: Callable[[int], None]          # called with bytes consumed
     pool: BufferPool                         # host buffers: reads, and Δ when the device is the CPU
+    prefetch_bytes: int = PREFETCH_BYTES     # read-ahead budget
+    cpu_tensors: frozenset[str] = frozenset()  # merged on the CPU: their statistics do not fit the device
 
 
 def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Expert, str, tuple[int, int] | None]]:
@@ -176,24 +180,44 @@ def _inplace(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], acc: torc
 
 
 def _delta(ctx: StreamContext, ckpt: Expert, x: torch.Tensor | LowRank, base: torch.Tensor,
-           info: TensorInfo) -> torch.Tensor:
+           info: TensorInfo) -> torch.Tensor | Factors:
     """Δ = W_t − W_0 (or a LoRA adapter's s·B·A) in fp32 on the device, in the method's orientation; checks that
-    it is finite.
+    it is finite. A LoRA Δ stays factors when the method takes them for this tensor (ALGORITHMS.md §2).
 
     ``base`` is in its stored dtype and orientation. Takes ``x`` (the reader's buffer); the caller gives the
     result back to the pool after use.
     """
     if isinstance(x, LowRank):
+        hint = "this adapter's weights are corrupt: re-export it or leave it out"
+        if ctx.method.takes_factors(info):
+            f = _lora_factors(ctx, x, info)
+            for part in (f.b, f.a):
+                _check_finite(part, ckpt.path, info.name, hint)
+            return f
         d = _lora_delta(ctx, x, info)
-        _check_finite(d, ckpt.path, info.name, "this adapter's weights are corrupt: re-export it or leave it out")
+        _check_finite(d, ckpt.path, info.name, hint)
         return d
     d = _inplace(torch.Tensor.sub_, _fp32(ctx, x), base)
     _check_finite(d, ckpt.path, info.name, "this expert's weights are corrupt: re-export it or leave it out")
     if info.transposed:
-        t = d.T.contiguous()
+        t = d.mT.contiguous()
         ctx.pool.give(d)
         return t
     return d
+
+
+def _lora_factors(ctx: StreamContext, x: LowRank, info: TensorInfo) -> Factors:
+    """s·B·A as fp32 factors (b, a) on the device with b a shaped ``info.shape`` (orientation as in _lora_delta)."""
+    m, n = info.shape
+    if x.b is None:
+        return Factors(torch.zeros(m, 0, device=ctx.device), torch.zeros(0, n, device=ctx.device))
+    b = x.b.to(ctx.device, torch.float32, copy=True).mul_(x.scale)  # small copies the method keeps: the reader's
+    a = x.a.to(ctx.device, torch.float32, copy=True)                # buffers go back to the pool
+    ctx.pool.give(x.b)
+    ctx.pool.give(x.a)
+    if x.fan_in_fan_out == info.transposed:
+        return Factors(b, a)
+    return Factors(a.T.contiguous(), b.T.contiguous())    # (B·A)ᵀ = Aᵀ Bᵀ
 
 
 def _lora_delta(ctx: StreamContext, x: LowRank, info: TensorInfo) -> torch.Tensor:
@@ -233,7 +257,7 @@ def run_prepass(ctx: StreamContext, pieces: list[Piece]) -> Any:
     sources = [p for p in pieces if p.info.cls in MERGED and p.target == p.info.name]
     pre = ctx.method.prepass(ctx.plan.n_experts, ctx.params)
     for round_ in range(pre.rounds):
-        fetch = Prefetcher((r for p in sources for r in _reads(ctx.plan, p, 1)), ctx.pool)
+        fetch = Prefetcher((r for p in sources for r in _reads(ctx.plan, p, 1)), ctx.pool, ctx.prefetch_bytes)
         try:
             for piece in sources:
                 _, x = fetch.next()
@@ -256,7 +280,7 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
               write: Callable[[str, torch.Tensor], None]) -> dict[str, dict[str, float]]:
     """Merge and ``write`` every piece in order; returns per-tensor statistics the method reported."""
     passes = ctx.method.passes
-    fetch = Prefetcher((r for p in pieces for r in _reads(ctx.plan, p, passes)), ctx.pool)
+    fetch = Prefetcher((r for p in pieces for r in _reads(ctx.plan, p, passes)), ctx.pool, ctx.prefetch_bytes)
     stats: dict[str, dict[str, float]] = {}
     try:
         for piece in pieces:
@@ -266,9 +290,10 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
             if piece.info.cls not in MERGED:         # INT buffers and HEADs keep the base's value
                 write(piece.target, x.to(out_dtype))
                 continue
-            base = _base_on_device(ctx, x, piece.info)
+            pctx = replace(ctx, device=torch.device("cpu")) if piece.info.name in ctx.cpu_tensors else ctx
+            base = _base_on_device(pctx, x, piece.info)
             del x
-            merged, piece_stats = _merge_piece(ctx, piece, base, state, fetch)
+            merged, piece_stats = _merge_piece(pctx, piece, base, state, fetch)
             ctx.pool.give(base)
             if piece.rows is None and piece_stats:
                 stats[piece.target] = piece_stats
@@ -281,7 +306,7 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
 def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: Any,
                  fetch: Prefetcher) -> tuple[torch.Tensor, dict[str, float]]:
     m = ctx.method(piece.info, ctx.plan.n_experts, ctx.params, state)
-    base_m = base.T if piece.info.transposed else base
+    base_m = base.mT if piece.info.transposed else base
     for pass_ in range(ctx.method.passes):
         for t in range(ctx.plan.n_experts):
             ckpt, y = fetch.next()
@@ -289,9 +314,10 @@ def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: An
             delta = _delta(ctx, ckpt, y, base, piece.info)
             del y                                 # back in the pool before the method works
             m.add(t, delta, pass_)
-            ctx.pool.give(delta)
+            if not isinstance(delta, Factors):        # factors stay with the method until it finalizes
+                ctx.pool.give(delta)
     out = _inplace(torch.Tensor.add_, m.finalize(), base_m)          # W* = W0 + Δ*, fp32
-    return (out.T if piece.info.transposed else out), m.stats()
+    return (out.mT if piece.info.transposed else out), m.stats()
 
 
 def _to_output(ctx: StreamContext, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

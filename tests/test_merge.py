@@ -208,9 +208,11 @@ def test_gpt2_conv1d_weights_are_merged_in_out_in_orientation(tmp_path):
 
 
 def test_demo_command_runs_end_to_end(tmp_path):
-    proc = run_cli("demo", tmp_path / "demo", check=True)
+    """The merge half of the demo; tests/test_export.py runs it on to ONNX."""
+    proc = run_cli("demo", tmp_path / "demo", "--no-export", check=True)
     assert "merged model:" in proc.stdout and "transformers loaded it" in proc.stdout
     assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
+    assert not (tmp_path / "demo" / "onnx").exists()
 
 
 def test_methods_command_lists_every_method_with_defaults():
@@ -263,3 +265,52 @@ def test_inspect_stops_on_the_same_input_errors_as_merge(tiny, tmp_path):
     save_file(sd, experts[0] / "model.safetensors")
     proc = run_cli("inspect", base, *experts)
     assert proc.returncode == 1 and "model.layers.0.mlp.up_proj.weight" in proc.stderr
+
+
+def test_max_memory_shrinks_row_chunks_of_elementwise_rules_to_fit(tmp_path):
+    """A 4M-element embedding: at the default chunking its buffers need ~150 MB; under --max-memory 20MB the run
+    takes smaller row chunks and read-ahead, records them in the report, and writes the same bytes (average is
+    elementwise and deterministic). The same budget refuses actmat, naming the LIN tensor it cannot chunk."""
+    g = torch.Generator().manual_seed(0)
+    names = {"embed_tokens.weight": (4096, 1024), "layers.0.mlp.weight": (1024, 1024)}
+    paths = [tmp_path / f"m{t}.safetensors" for t in range(3)]
+    for t, p in enumerate(paths):
+        save_file({n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in names.items()}, p)
+    run_cli("merge", *paths, "-o", tmp_path / "free", "--method", "average", "-q", check=True)
+    run_cli("merge", *paths, "-o", tmp_path / "tight", "--method", "average", "-q", "--max-memory", "20MB",
+            check=True)
+    report = json.loads((tmp_path / "tight" / "lowmerge_report.json").read_text())
+    assert report["strategy"]["chunk_elems"] < 1 << 22 and report["strategy"]["peak_buffer_bytes"] <= 20 * 10**6
+    free = json.loads((tmp_path / "free" / "lowmerge_report.json").read_text())["strategy"]
+    assert free["chunk_elems"] == 1 << 22 and free["peak_buffer_bytes"] > 20 * 10**6
+    assert (tmp_path / "free" / "model.safetensors").read_bytes() == \
+        (tmp_path / "tight" / "model.safetensors").read_bytes()
+    proc = run_cli("merge", *paths, "-o", tmp_path / "no", "--method", "actmat", "--max-memory", "20MB")
+    assert proc.returncode == 1 and "layers.0.mlp.weight" in proc.stderr and "even in row chunks" in proc.stderr
+
+
+def test_tensors_too_large_for_the_device_budget_run_on_the_cpu(tiny):
+    from lowmem_merge.budget import choose_strategy, device_bytes
+    base, experts = tiny
+    with open_checkpoint(base) as b, open_checkpoint(experts[0]) as e:
+        plan = make_plan(b, [e])
+        actmat = REGISTRY["actmat"]
+        params = actmat.Params()
+        pieces = choose_strategy(plan, actmat, params).pieces
+        sizes = {p.info.name: device_bytes(plan, p, actmat, params) for p in pieces}
+        limit = sorted(sizes.values())[len(sizes) // 2]
+        strategy = choose_strategy(plan, actmat, params, device_budget=limit)
+    assert strategy.cpu_tensors == {n for n, s in sizes.items() if s > limit} and strategy.cpu_tensors
+
+
+@pytest.mark.gpu
+def test_cuda_merge_with_a_small_device_budget_equals_the_cpu_fallback(tiny, tmp_path):
+    base, experts = tiny
+    run_cli("merge", base, *experts, "-o", tmp_path / "gpu", "--method", "actmat", "--device", "cuda", "-q",
+            "--max-device-memory", "20KB", check=True)
+    report = json.loads((tmp_path / "gpu" / "lowmerge_report.json").read_text())
+    assert report["strategy"]["cpu_tensors"]
+    run_cli("merge", base, *experts, "-o", tmp_path / "cpu", "--method", "actmat", "--device", "cpu", "-q", check=True)
+    got, want = load_model(tmp_path / "gpu"), load_model(tmp_path / "cpu")
+    for name in report["strategy"]["cpu_tensors"]:
+        assert torch.equal(got[name], want[name]), name

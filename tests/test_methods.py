@@ -122,6 +122,9 @@ REFERENCES = {
                          0.4)],
     "dare": [({"density": 1.0, "scale": 0.7},
               lambda m, p: {k: ref.task_arithmetic(d, p.scale) for k, (_, d) in m.items()}, 0.7)],
+    "dare_ties": [({"density": 1.0, "scale": 0.7, "normalize": True},  # no drop: mergekit's ties without a trim
+                   lambda m, p: {k: p.scale * ref.ties_weighted(torch.stack(d), [1.0] * len(d), "tensor", True)
+                                 for k, (_, d) in m.items()}, 0.7)],
     "ties": [({}, lambda m, p: ref.ties(m, p.density, p.scale, p.trim), 1.0),
              ({"density": 0.5, "scale": 0.7, "trim": "tensor"}, lambda m, p: ref.ties(m, p.density, p.scale, p.trim),
               0.7),
@@ -498,6 +501,25 @@ def test_dare_row_chunks_are_deterministic_and_depend_on_their_offset() -> None:
     assert not torch.equal(_dare(chunk, row_start=10), _dare(chunk, row_start=20))
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dare_ties_elects_signs_over_the_dropped_and_rescaled_task_vectors(normalize: bool) -> None:
+    """dare_ties = mergekit's ties formula applied to DARE's own dropped vectors m_t ⊙ Δt / K_t (the masks are
+    the ones ``dare`` draws: dare at scale 1 with one expert and weight 1 returns exactly m_t ⊙ Δt / K_t)."""
+    from lowmem_merge.methods.dare import kept_blocks
+    model = make_model((40, 30), [1.0, 0.5, 2.0], seed=23)
+    info, deltas = model["layer.weight"]
+    weights, densities = [1.0, 0.5, 2.0], [0.3, 0.6, 0.9]
+    dropped = []
+    for t, (d, k) in enumerate(zip(deltas, densities)):
+        kept = torch.cat([keep.reshape(-1) for _, _, keep in kept_blocks(0, t, info, d, k)]).view(d.shape)
+        dropped.append(d.double() * kept / k)
+    want = 0.8 * ref.ties_weighted(torch.stack(dropped), weights, "tensor", normalize)
+    got = stream("dare_ties", REGISTRY["dare_ties"].Params(scale=0.8, weights=tuple(weights),
+                                                           densities=tuple(densities), normalize=normalize),
+                 {info.name: (info, deltas)})[info.name]
+    assert rel_err(got, want) < 1e-6
+
+
 def test_dare_handles_a_scalar_tensor() -> None:
     out = _dare([torch.tensor(2.0)], density=0.5, scale=1.0)
     assert out.shape == () and float(out) in (0.0, 4.0)
@@ -526,7 +548,7 @@ def test_row_chunks_concatenate_to_the_whole_tensor(name: str, kwargs: dict) -> 
 def test_only_elementwise_rules_are_row_chunkable() -> None:
     lin = TensorInfo("layer.weight", (23, 9), LIN)
     chunkable = {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), lin)}
-    assert chunkable == {"average", "task_arithmetic", "ties", "dare"}
+    assert chunkable == {"average", "task_arithmetic", "ties", "dare", "dare_ties"}
     assert not REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"), lin)
     emb = TensorInfo("embed_tokens.weight", (23, 9), TensorClass.EMB)   # covariance rules average it: elementwise
     assert {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), emb)} == set(REGISTRY)
@@ -635,3 +657,101 @@ def test_a_wrong_number_of_weights_names_method_parameter_and_counts() -> None:
         REGISTRY["task_arithmetic"].check_experts(params, 3)
     assert "'task_arithmetic'" in err.value.msg and "weights has 2 values for 3 experts" in err.value.msg
     REGISTRY["task_arithmetic"].check_experts(params, 2)
+
+
+# ---- LoRA experts as factors: the core-space solve (ALGORITHMS.md §2) ---------------------------------------------
+
+@pytest.mark.parametrize("name,params", [("actmat", {}), ("actmat", {"rho": 0.0}), ("wudi_cfs", {}),
+                                         ("wudi_cfs", {"omega": 0.0})])
+def test_core_space_lora_solve_matches_fp64(name: str, params: dict) -> None:
+    """Factors b_t a_t (one of rank 0, one repeated: a rank-deficient stack) solved in the span of the stacked a_t
+    equal the fp64 rule on the dense Δt = b_t a_t; the dense fp32 path on the same rank-deficient Gram is the
+    less accurate one (measured: 3e-4 for actmat, 2e-2 for wudi_cfs, against < 1e-6 in core space)."""
+    from lowmem_merge.methods.covariance import Factors
+    g = torch.Generator().manual_seed(24)
+    m, n, r = 48, 32, 4
+    bs = [0.05 * torch.randn(m, r, generator=g) for _ in range(2)]
+    as_ = [torch.randn(r, n, generator=g) for _ in range(2)]
+    factors = [(bs[0], as_[0]), (torch.zeros(m, 0), torch.zeros(0, n)), (bs[1], as_[1]), (2 * bs[0], as_[0])]
+    cls = REGISTRY[name]
+    p = cls.Params(**params)
+    method = cls(TensorInfo("w", (m, n), LIN), len(factors), p)
+    for t, (b, a) in enumerate(factors):
+        method.add(t, Factors(b, a))
+    got = method.finalize()
+    assert method.stats()["core_dim"] == 3 * r            # Q spans the stacked rows of every a_t, zero rank included
+    taus = [(b @ a).double() for b, a in factors]
+    want = ref.actmat_matrix(taus, p.rho) if name == "actmat" else ref.wudi_cfs_matrix(taus, p.omega)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["actmat", "wudi_cfs"])
+def test_a_dense_expert_among_factors_takes_the_dense_path(name: str) -> None:
+    from lowmem_merge.methods.covariance import Factors
+    g = torch.Generator().manual_seed(25)
+    b, a = torch.randn(12, 2, generator=g), torch.randn(2, 10, generator=g)
+    dense = torch.randn(12, 10, generator=g)
+    for order in ([Factors(b, a), dense], [dense, Factors(b, a)]):
+        method = REGISTRY[name](TensorInfo("w", (12, 10), LIN), 2, REGISTRY[name].Params())
+        for t, d in enumerate(order):
+            method.add(t, d)
+        got = method.finalize()
+        assert "core_dim" not in method.stats()
+        assert torch.equal(got, stream_one(name, [b @ a, dense] if isinstance(order[0], Factors) else [dense, b @ a]))
+
+
+def test_wudi_descent_is_torch_adam_bitwise() -> None:
+    """The hand-written update (one buffer fewer than torch's step) is torch.optim.Adam's single-tensor update."""
+    from lowmem_merge.methods.wudi import Wudi
+    g = torch.Generator().manual_seed(26)
+    m, n = 40, 30
+    tau, b = torch.randn(m, n, generator=g), torch.randn(m, n, generator=g)
+    a = torch.randn(n, n, generator=g)
+    a = a @ a.T
+    mine = tau.clone()
+    Wudi(TensorInfo("w", (m, n), LIN), 2, Wudi.Params(lr=1e-2, steps=50))._descend(mine, a, b)
+    param = tau.clone().requires_grad_(True)
+    param.grad = torch.empty_like(tau)
+    opt = torch.optim.Adam([param], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    with torch.no_grad():
+        for _ in range(50):
+            torch.addmm(b, param, a, beta=-2.0, alpha=2.0, out=param.grad)
+            opt.step()
+    assert torch.equal(mine, param.detach())
+
+
+# ---- thin_svd: the Gram route and its accuracy ---------------------------------------------------------------------
+
+def _with_spectrum(m: int, n: int, cond: float, seed: int) -> torch.Tensor:
+    """An fp32 m×n matrix with singular values spread geometrically from 1 down to 1/cond."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)
+    return ((u * s) @ v.T).float()
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+@pytest.mark.parametrize("cond,gram", [(10.0, True), (900.0, True), (1e5, False)])
+def test_thin_svd_is_as_accurate_as_fp32_lapack(shape: tuple[int, int], cond: float, gram: bool) -> None:
+    """Against fp64 LAPACK: singular values, reconstruction, orthonormal factors and the polar factor U·Vh (what
+    TSV-M, Iso-C and Iso-CTS use) within a few fp32 roundings; the Gram route is taken exactly when σ_min ≥
+    σ_max / GRAM_COND, and a top-k request only needs its own σs to clear that bar."""
+    from lowmem_merge.methods.matrix_rule import _gram_svd, thin_svd
+    x = _with_spectrum(*shape, cond, seed=27)
+    assert (_gram_svd(x, min(shape)) is not None) == gram
+    assert _gram_svd(x, 5) is not None                       # the top 5 are well inside the bar
+    u, s, vh = thin_svd(x)
+    x64 = x.double()
+    u0, s0, vh0 = torch.linalg.svd(x64, full_matrices=False)
+    eye = torch.eye(min(shape), dtype=torch.float64)
+    assert float((s.double() - s0).abs().max()) < 1e-6 * float(s0[0])  # backward-stable: relative to σ_max
+    assert float(((u.double() * s.double()) @ vh.double() - x64).norm() / x64.norm()) < 1e-6
+    assert float((u.double().T @ u.double() - eye).abs().max()) < 1e-5
+    assert float((vh.double() @ vh.double().T - eye).abs().max()) < 1e-5
+    polar_err = float((u.double() @ vh.double() - u0 @ vh0).norm() / math.sqrt(min(shape)))
+    assert polar_err < 1e-5 * (1 if gram else cond / 100), polar_err
+    ut, st, vht = thin_svd(x, top=7)
+    assert ut.shape == (shape[0], 7) and st.shape == (7,) and vht.shape == (7, shape[1])
+    assert torch.allclose(st, s[:7], rtol=1e-6)

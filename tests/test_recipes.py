@@ -122,6 +122,24 @@ def test_ties_trims_per_tensor_and_takes_the_weighted_disjoint_mean(tiny, tmp_pa
     _check(got, base, experts, rule)
 
 
+def test_dare_ties_elects_signs_over_the_dropped_task_vectors(tiny, tmp_path: Path) -> None:
+    """mergekit's dare_ties example (normalize false by default): DARE's masks (seed 0, the ones lowmerge draws for
+    (expert, tensor)), rescale by 1/K_t, weighted sign election, agreeing sum."""
+    from lowmem_merge.info import TensorClass, TensorInfo
+    from lowmem_merge.methods.dare import kept_blocks
+    base, experts = tiny
+    got = _merge(tmp_path, _write(tmp_path, TIES.replace("merge_method: ties", "merge_method: dare_ties")
+                                  .replace("normalize: true", "normalize: false"), base, experts))
+    weights, densities = [0.5, 0.3, 1.0], [0.5, 0.5, 0.7]
+
+    def rule(name: str, taus: list[torch.Tensor]) -> torch.Tensor:
+        info = TensorInfo(name, tuple(taus[0].shape), TensorClass.LIN)
+        dropped = [x * torch.cat([m.reshape(-1) for _, _, m in kept_blocks(0, t, info, x, k)]).view(x.shape) / k
+                   for t, (x, k) in enumerate(zip(taus, densities))]
+        return ref.ties_weighted(torch.stack(dropped), weights, "tensor", normalize=False)
+    _check(got, base, experts, rule)
+
+
 DARE_LINEAR = """\
 models:
   - model: {e0}
@@ -181,7 +199,6 @@ def test_own_method_with_its_parameters(tiny, tmp_path: Path) -> None:
     (LINEAR.replace("dtype", "tokenizer_source: base\ndtype"), "key 'tokenizer_source' is not supported"),
     (LINEAR.replace("weight: 0.5", "weight: 0.5\n      gamma: 0.1"), "parameter 'gamma' is not supported"),
     (LINEAR.replace("merge_method: linear", "merge_method: slerp"), "unknown merge_method 'slerp'"),
-    (LINEAR.replace("merge_method: linear", "merge_method: dare_ties"), "'dare_ties' is not supported yet"),
     (LINEAR.replace("base_model: {base}\n", ""), "no base_model"),
     (TIES.replace("density: 0.7", "density: [1, 0.7, 0.1]"), "density must be a number"),
     (TIES.replace("normalize: true", "normalize: true\n  rescale: true"), "parameter 'rescale' is not supported"),

@@ -47,13 +47,17 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return n
 
 
-def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[Shard]:
-    """Split tensors in order into shards of at most ``shard_size`` bytes (a larger tensor gets its own)."""
+def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int,
+                attached: frozenset[str] | set[str] = frozenset()) -> list[Shard]:
+    """Split tensors in order into shards of at most ``shard_size`` bytes (a larger tensor gets its own).
+
+    A name in ``attached`` stays in the shard of the tensor before it (a quantized weight's statistics: --resume
+    skips or redoes a weight with everything written after it)."""
     groups: list[list] = [[]]
     used = 0
     for spec in specs:
         n = _nbytes(spec[1], spec[2])
-        if groups[-1] and used + n > shard_size:
+        if groups[-1] and used + n > shard_size and spec[0] not in attached:
             groups.append([])
             used = 0
         groups[-1].append(spec)

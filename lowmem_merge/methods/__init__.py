@@ -7,6 +7,7 @@ from .actmat import ActMat
 from .average import Average
 from .base import MergeMethod, NoParams, Prepass, parse_params, params_dict
 from .dare import Dare
+from .dare_ties import DareTies
 from .iso_c import IsoC
 from .iso_cts import IsoCts
 from .task_arithmetic import TaskArithmetic
@@ -20,6 +21,7 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     TaskArithmetic,
     Ties,
     Dare,
+    DareTies,
     ActMat,
     WudiCfs,
     Wudi,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .matrix_rule import MatrixRule, svd_floats
+from .matrix_rule import MatrixRule, svd_floats, thin_svd
 
 _TINY = 1e-12  # the reference's guards
 
@@ -139,7 +139,7 @@ class Ace(MatrixRule):
         k = math.floor(self.params.k_frac * min(m, n))
         if refine is None or k == 0:
             return pre
-        u, s, vh = torch.linalg.svd(refine.add_(pre), full_matrices=False)  # F = Δ_pre + R
+        u, s, vh = thin_svd(refine.add_(pre), top=k)  # F = Δ_pre + R
         return pre.addmm_(u[:, :k], vh[:k], alpha=float(s[:k].mean()))
 
     @classmethod

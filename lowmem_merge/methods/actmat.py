@@ -13,8 +13,6 @@ import dataclasses
 import math
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError
 from .covariance import CovarianceMethod
 
@@ -35,11 +33,8 @@ class ActMat(CovarianceMethod):
     Params = ActMatParams
     param_help = {"rho": "ρ, relative ridge: adds ρ·(tr A / n)·I to A; 0 = exact pseudo-inverse (study only)"}
 
-    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
-        self._sums.add(d)
-
-    def _ridges(self) -> list[float]:
-        return [self.params.rho * trace / self._sums.n for trace in self._sums.traces()]
+    def _ridges(self, traces: list[float]) -> list[float]:
+        return [self.params.rho * trace / self.info.shape[-1] for trace in traces]
 
     @staticmethod
     def _exact(params: Any) -> bool:

@@ -5,7 +5,8 @@ Life of a method instance (one per output tensor, or per row chunk of it):
     for pass_ in range(Method.passes):
         for t in range(n_experts): m.add(t, delta_t, pass_)   # delta_t: (shape of info) fp32 on the device
     merged_delta = m.finalize()                     # Δ*, same shape, fp32; W* = W0 + Δ*
-The caller owns ``delta``: a method may read it during ``add`` but must not keep a reference to it.
+The caller owns ``delta``: a method may read it during ``add`` but must not keep a reference to it (LoRA factors,
+given only to a method whose ``takes_factors`` says so, are the exception: they are small and the method keeps them).
 """
 from __future__ import annotations
 
@@ -81,6 +82,12 @@ class MergeMethod:
     @classmethod
     def uses_prepass(cls, params: Any) -> bool:
         return cls.prepass is not None
+
+    @classmethod
+    def takes_factors(cls, info: TensorInfo) -> bool:
+        """True when ``add`` accepts a LoRA expert's Δ of this tensor as ``covariance.Factors`` (b, a) instead of the
+        dense b·a: rules for which the factor form is cheaper (ALGORITHMS.md §2)."""
+        return False
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:

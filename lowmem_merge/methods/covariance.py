@@ -11,6 +11,12 @@ Memory is n² + m·n per matrix plus one temporary, whatever the number of exper
 
 A LIN tensor with more than two dims (mixture-of-experts weights stored (E, out, in), ALGORITHMS.md §13) is a batch of
 independent matrices: each gets its own weights, statistics and ridge. A plain matrix is a batch of one.
+
+LoRA experts (ALGORITHMS.md §2, "core space"): when every expert of a matrix arrives as factors Δt = b_t a_t (rank r),
+A = Σ w_t a_tᵀ(b_tᵀb_t)a_t lives in the row span of the stacked a_t. With Q an orthonormal basis of that span
+(k ≤ rT columns), A = Q K Qᵀ and N's rows lie in span(Q), so Δ* = (N Q)(K + ridge·I)⁻¹ Qᵀ exactly, for any ridge:
+O(m·n·k) work and a k×k solve instead of O(m·n²) and an n×n one. A dense expert among them turns the kept factors into
+dense deltas (the plain path); the result is the same up to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -45,16 +51,53 @@ def covariance_state_bytes(shape: tuple[int, ...], eigh: bool) -> int:
 
 
 class CovarianceMethod(MatrixRule):
-    """A rule with the §1 kernel on LIN tensors and the mean of Δt on every other class (ALGORITHMS.md §13)."""
+    """A rule with the §1 kernel on LIN tensors and the mean of Δt on every other class (ALGORITHMS.md §13).
+
+    A rule says how expert t enters: ``_weights`` (w_t per matrix, from ‖Δt‖F²) and ``_eps`` (ε of §1); ``_ridges``
+    adds a ridge from tr A. The same three serve the dense path and the LoRA core-space path.
+    """
 
     LIKE_PINV: ClassVar[bool] = False  # True: Δ* = N pinv(A + ridge I) with pinv's cut-off, as the reference code
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
         self._sums = GramSums(info.shape) if self._mean is None else None
+        self._factors: CoreSums | None = None  # LoRA experts of a plain matrix, while every expert is one
+
+    @classmethod
+    def takes_factors(cls, info: TensorInfo) -> bool:
+        return info.cls == TensorClass.LIN and len(info.shape) == 2
+
+    def add(self, t: int, delta: torch.Tensor | Factors, pass_: int = 0) -> None:
+        if not isinstance(delta, Factors):
+            self._flush_factors()
+            return super().add(t, delta, pass_)
+        if self._sums.A is not None:  # a dense expert came first: join it
+            return super().add(t, delta.dense(), pass_)
+        self._factors = self._factors or CoreSums(self.info.shape[-1])
+        weight = self._weights(delta.frobenius_sq())[0]
+        if weight:
+            self._factors.add(delta, weight, self._eps())
+
+    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        norms = torch.linalg.vector_norm(d, dim=(1, 2)).square().tolist()  # ‖Δt‖F² per matrix
+        self._sums.add(d, self._weights(norms), eps=self._eps())
+
+    def _flush_factors(self) -> None:
+        """Dense deltas for the experts kept as factors (another expert of this matrix is dense)."""
+        if self._factors is not None:
+            for f, _, _ in self._factors.items:
+                self._add_matrices(0, as_matrices(f.dense()), 0)  # weights from the dense Δ, as for a dense expert
+            self._factors = None
 
     def _finalize_matrices(self) -> torch.Tensor:
-        merged, self._stats = self._sums.solve(self._ridges(), like_pinv=self.LIKE_PINV)
+        if self._factors is not None:
+            merged, self._stats = self._factors.solve(self.info.shape[-2], self._ridges, self.LIKE_PINV)
+            self._stats["core_dim"] = float(self._factors.core_dim)
+            return merged.unsqueeze(0)
+        if self._sums.A is None:  # only zero-rank adapters: every Δt is 0
+            return torch.zeros((1, *self.info.shape), dtype=torch.float32, device=self._device)
+        merged, self._stats = self._sums.solve(self._ridges(self._sums.traces()), like_pinv=self.LIKE_PINV)
         return merged
 
     @classmethod
@@ -63,8 +106,16 @@ class CovarianceMethod(MatrixRule):
             return 4 * info.numel
         return covariance_state_bytes(info.shape, eigh=cls.LIKE_PINV or cls._exact(params))
 
-    def _ridges(self) -> list[float] | None:
-        """Ridge per matrix on top of the accumulated shift; None = none."""
+    def _weights(self, norms_sq: list[float]) -> list[float]:
+        """w_t per matrix from ‖Δt‖F² per matrix; 0 leaves the expert out of that matrix."""
+        return [1.0] * len(norms_sq)
+
+    def _eps(self) -> float:
+        """ε of §1: each expert's Gram gets ε·I (and N gets ε·Δt)."""
+        return 0.0
+
+    def _ridges(self, traces: list[float]) -> list[float] | None:
+        """Ridge per matrix on top of the accumulated shift, from tr A per matrix; None = none."""
         return None
 
     @staticmethod
@@ -129,7 +180,8 @@ class GramSums:
         return self.N, stats
 
 
-def _solve_one(a: torch.Tensor, nn: torch.Tensor, ridge: float, like_pinv: bool) -> tuple[float, bool]:
+def _solve_one(a: torch.Tensor, nn: torch.Tensor, ridge: float, like_pinv: bool,
+               full_dim: int | None = None) -> tuple[float, bool]:
     """nn ← nn (a + ridge I)⁻¹ in place, for symmetric PSD a (n, n) and nn (m, n); a is overwritten.
 
     ridge > 0 makes a positive definite: Cholesky, whose diagonal gives a cheap condition estimate
@@ -140,10 +192,15 @@ def _solve_one(a: torch.Tensor, nn: torch.Tensor, ridge: float, like_pinv: bool)
     eigenvalues are rounding noise of the accumulated a, and inverting them exactly would amplify that noise (a single
     rank-deficient expert came back 120 % off). Cholesky equals pinv only when nothing is dropped, which is sure when
     the ridge (a lower bound of every eigenvalue) exceeds n·eps·‖a + ridge I‖F (a bound of the cut-off); else eigh.
+
+    full_dim: a is the core K = QᵀAQ of an n×n matrix A = Q K Qᵀ (n = full_dim), whose other n − k eigenvalues are 0:
+    pinv's cut-off and the norm are those of the n×n matrix.
     """
+    n = full_dim or a.shape[0]
     if ridge > 0:
         a.diagonal().add_(ridge)
-        if not like_pinv or ridge > a.shape[0] * _EPS32 * float(torch.linalg.matrix_norm(a)):
+        norm = math.sqrt(float(torch.linalg.matrix_norm(a)) ** 2 + (n - a.shape[0]) * ridge * ridge)
+        if not like_pinv or ridge > n * _EPS32 * norm:
             chol, info = torch.linalg.cholesky_ex(a)  # (n, n) lower
             if int(info) == 0:
                 # X A = N  ⇔  L (Lᵀ Xᵀ) = Nᵀ: two triangular solves on the (n, m) view Nᵀ, in place (no m×n copy)
@@ -153,15 +210,72 @@ def _solve_one(a: torch.Tensor, nn: torch.Tensor, ridge: float, like_pinv: bool)
                 diag = chol.diagonal()
                 return float(diag.max() / diag.min()) ** 2, False
             del chol
-    return _pinv_solve(a, nn), True
+    return _pinv_solve(a, nn, n), True
 
 
-def _pinv_solve(a: torch.Tensor, nn: torch.Tensor) -> float:
+def _pinv_solve(a: torch.Tensor, nn: torch.Tensor, n: int) -> float:
     """nn ← nn a⁺ in place, through eigh; eigenvalues at or below max_eig·n·eps(fp32) count as zero (rounding, not
     signal). Returns the condition number of a on the eigenvalues kept."""
     evals, vecs = torch.linalg.eigh(a)  # ascending; vecs (n, n)
-    cut = float(evals[-1]) * a.shape[0] * _EPS32
+    cut = float(evals[-1]) * n * _EPS32
     kept = evals > cut
     inverse = torch.where(kept, evals.reciprocal(), torch.zeros_like(evals))
     torch.matmul((nn @ vecs).mul_(inverse), vecs.T, out=nn)  # one (m, n) temporary
     return float(evals[-1] / evals[kept].min()) if bool(kept.any()) else 1.0
+
+
+class Factors:
+    """One expert's Δ of a plain (m, n) matrix as fp32 factors on the device: Δ = b a, b (m, r) scaled, a (r, n)."""
+
+    def __init__(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        self.b, self.a = b, a
+
+    def dense(self) -> torch.Tensor:
+        return self.b @ self.a
+
+    def frobenius_sq(self) -> list[float]:
+        """‖b a‖F² = tr((bᵀb)(a aᵀ)), without forming b a; a list of one, like the per-matrix norms."""
+        return [float(((self.b.T @ self.b) * (self.a @ self.a.T)).sum())]
+
+
+class CoreSums:
+    """The §1 system of one matrix whose experts are all factors, kept as the factors until ``solve`` (§2 core space).
+
+    Memory: the factors, T·r·(m + n) values, instead of n² + m·n.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.items: list[tuple[Factors, float, float]] = []  # (factors, w_t, ε)
+        self.core_dim = 0
+
+    def add(self, f: Factors, weight: float, eps: float) -> None:
+        self.items.append((f, weight, eps))
+
+    def solve(self, m: int, ridges: Any, like_pinv: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        """Δ* (m, n) = (N Q)(K + (s + ridge)·I)⁻¹ Qᵀ, with ``_solve_one``'s semantics for the full n×n system."""
+        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0}
+        stacked = torch.cat([f.a for f, _, _ in self.items]) if self.items else None
+        if stacked is None or not bool(stacked.any()):
+            device = stacked.device if stacked is not None else None
+            return torch.zeros(m, self.n, dtype=torch.float32, device=device), stats
+        q, _ = torch.linalg.qr(stacked.T)  # (n, k): orthonormal, spans every a_t's rows
+        self.core_dim = k = q.shape[1]
+        core = q.new_zeros(k, k)           # K = Qᵀ A Q
+        nq = q.new_zeros(m, k)             # N Q
+        shift = 0.0
+        for f, w, eps in self.items:
+            aq = f.a @ q                   # (r, k)
+            btb = f.b.T @ f.b              # (r, r)
+            gq = btb @ aq                  # bᵀb a Q: (r, k)
+            core.addmm_(aq.T, gq, alpha=w)
+            nq.addmm_(f.b, (f.a @ f.a.T) @ gq, alpha=w)  # Δ (ΔᵀΔ) Q = b (a aᵀ)(bᵀb)(a Q)
+            if eps:
+                nq.addmm_(f.b, aq, alpha=w * eps)         # ε Δ Q
+                shift += w * eps
+        extra = ridges([float(core.trace())])
+        ridge = shift + (extra[0] if extra else 0.0)
+        cond, used_eigh = _solve_one(core, nq, ridge, like_pinv, full_dim=self.n)
+        stats.update(cond_est=cond, ridge=ridge, eigh=float(used_eigh))
+        self.items = []
+        return nq @ q.T, stats

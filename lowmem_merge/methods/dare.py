@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,6 +55,25 @@ def _rows_per_block(shape: tuple[int, ...]) -> int:
     return max(1, _BLOCK // max(row, 1))
 
 
+def kept_blocks(seed: int, t: int, info: TensorInfo, delta: torch.Tensor,
+                density: float) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """DARE's draw for expert t: (flat offset, block of rows of ``delta``, bool keep mask on its device) per block.
+
+    The mask is None (keep all) at density 1: rand < 1 always holds, so nothing needs drawing.
+    """
+    if density >= 1:
+        yield 0, delta, None
+        return
+    x = delta.reshape(1) if delta.dim() == 0 else delta  # masks run along dim 0
+    gen = torch.Generator().manual_seed(mask_seed(seed, t, info.name, info.row_start))
+    step = _rows_per_block(tuple(x.shape))
+    row = x[0].numel()
+    for r0 in range(0, x.shape[0], step):
+        rows = x[r0:r0 + step]
+        keep = torch.rand(rows.shape, generator=gen) < density  # bool, on the host
+        yield r0 * row, rows, keep.to(rows.device)
+
+
 class Dare(MergeMethod):
     name = "dare"
     summary = "drop each task-vector entry with probability 1-density, rescale by 1/density, then task arithmetic"
@@ -75,17 +95,12 @@ class Dare(MergeMethod):
             self.total = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
         density = expert_density(self.params, t)
         gain = expert_weight(self.params, t) / density
-        if density >= 1:  # rand < 1 always holds: every entry is kept, no need to draw
-            self.total.add_(delta, alpha=gain)
-            return
-        x = delta.reshape(1) if delta.dim() == 0 else delta  # masks run along dim 0
-        acc = self.total.view(x.shape)
-        gen = torch.Generator().manual_seed(mask_seed(self.params.seed, t, self.info.name, self.info.row_start))
-        step = _rows_per_block(tuple(x.shape))
-        for r0 in range(0, x.shape[0], step):
-            rows = x[r0:r0 + step]
-            keep = torch.rand(rows.shape, generator=gen) < density  # bool, on the host
-            acc[r0:r0 + step].addcmul_(rows, keep.to(rows.device), value=gain)
+        acc = self.total.view(-1)
+        for start, part, keep in kept_blocks(self.params.seed, t, self.info, delta, density):
+            if keep is None:
+                acc[start:start + part.numel()].add_(part.reshape(-1), alpha=gain)
+            else:
+                acc[start:start + part.numel()].view(part.shape).addcmul_(part, keep, value=gain)
 
     def finalize(self) -> torch.Tensor:
         return self.total.mul_(self.params.scale)

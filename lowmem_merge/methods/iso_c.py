@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .matrix_rule import MatrixRule, svd_floats
+from .matrix_rule import MatrixRule, svd_floats, thin_svd
 from .tsv import ScaleParams
 
 
@@ -33,7 +33,7 @@ class IsoC(MatrixRule):
     def _finalize_matrices(self) -> torch.Tensor:
         total = self._sum
         for x in total:  # x: (m, n), overwritten by its Δ*
-            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+            u, s, vh = thin_svd(x)
             torch.matmul(u, vh, out=x)
             x.mul_(float(s.mean()) * self.params.scale)
         return total

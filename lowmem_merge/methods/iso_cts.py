@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .matrix_rule import MatrixRule, SlotBuffers, svd_floats
+from .matrix_rule import MatrixRule, SlotBuffers, svd_floats, thin_svd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ class IsoCts(MatrixRule):
         for e, x in enumerate(d):  # x: (m, n)
             uc = self._common[e]
             residual = x - uc @ (uc.T @ x)  # (m, n)
-            u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+            u, s, vh = thin_svd(residual, top=p)
             self._slots.put(e, t * p, u[:, :p], s[:p], vh[:p])
 
     def _split_common(self) -> None:
@@ -84,7 +84,7 @@ class IsoCts(MatrixRule):
         self._common = total.new_empty(total.shape[0], total.shape[1], self._kc)
         start = self.n_experts * self._p
         for e, x in enumerate(total):
-            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+            u, s, vh = thin_svd(x, top=self._kc)
             kc = self._kc
             self._common[e] = u[:, :kc]
             self._slots.put(e, start, u[:, :kc], s[:kc], vh[:kc])

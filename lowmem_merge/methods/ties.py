@@ -143,21 +143,27 @@ class Ties(MergeMethod):
         self._counts: list[torch.Tensor] = []  # [c⁺, c⁻]: counts, or Σ w_t (fp32) when weighted
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
-        if not self._sums:
-            self._sums = [torch.zeros_like(delta, memory_format=torch.contiguous_format) for _ in range(2)]
-            self._counts = [torch.zeros(delta.shape, dtype=self._count_dtype, device=delta.device) for _ in range(2)]
         kappa = self._threshold(t, delta)
         w = expert_weight(self.params, t)
+        flat = delta.reshape(-1)
+        for start in range(0, flat.numel(), _SLAB):  # slab by slab: the masks and their fp32 casts stay small
+            self._accumulate(flat[start:start + _SLAB], start, kappa, w)
+
+    def _accumulate(self, d: torch.Tensor, start: int, kappa: float, w: float) -> None:
+        """Add the kept entries of w·d (flat, entries [start, start + len) of the tensor) to P/Q and c⁺/c⁻."""
+        if not self._sums:
+            shape = self.info.shape
+            self._sums = [torch.zeros(shape, dtype=torch.float32, device=d.device) for _ in range(2)]
+            self._counts = [torch.zeros(shape, dtype=self._count_dtype, device=d.device) for _ in range(2)]
         side = -1 if w < 0 else 1  # a negative weight sends Δ > 0 to the negative side of w·Δ
-        flat = [x.view(-1) for x in (*self._sums, *self._counts)]
-        for d, pos, neg, c_pos, c_neg in zip(delta.reshape(-1).split(_SLAB), *(x.split(_SLAB) for x in flat)):
-            for total, count, mask in ((pos, c_pos, _kept_side(d, kappa, side)),
-                                       (neg, c_neg, _kept_side(d, kappa, -side))):
-                total.addcmul_(d, mask, value=w)  # slab by slab: the mask and its fp32 cast stay small
-                if self.params.weights:
-                    count.add_(mask, alpha=w)
-                else:
-                    count.add_(mask)
+        end = start + d.numel()
+        pos, neg, c_pos, c_neg = (x.view(-1)[start:end] for x in (*self._sums, *self._counts))
+        for total, count, mask in ((pos, c_pos, _kept_side(d, kappa, side)), (neg, c_neg, _kept_side(d, kappa, -side))):
+            total.addcmul_(d, mask, value=w)
+            if self.params.weights:
+                count.add_(mask, alpha=w)
+            else:
+                count.add_(mask)
 
     def _threshold(self, t: int, delta: torch.Tensor) -> float:
         """κ: entries with |Δ| >= κ are kept (0 keeps all; inf keeps none)."""
@@ -171,7 +177,7 @@ class Ties(MergeMethod):
         pos, neg = self._sums
         for p, n, c_pos, c_neg in zip(*(x.view(-1).split(_SLAB) for x in (*self._sums, *self._counts))):
             total = p + n
-            up = total >= 0 if self.params.trim == "tensor" else total > 0  # tensor: mergekit elects + on a 0 sum
+            up = total >= 0 if self._plus_on_zero_sum() else total > 0
             if self.params.normalize:  # mergekit: a zero divisor (no agreeing entry, or weights summing to 0) is 1
                 p.div_(c_pos.masked_fill_(c_pos == 0, 1))
                 n.div_(c_neg.masked_fill_(c_neg == 0, 1))
@@ -179,6 +185,10 @@ class Ties(MergeMethod):
             n.mul_(total < 0)
         self._counts = []
         return pos.add_(neg).mul_(self.params.scale)
+
+    def _plus_on_zero_sum(self) -> bool:
+        """Where Σ trimmed w_t·Δt is exactly 0: mergekit elects + (trim=tensor); lowmerge's global rule gives 0."""
+        return self.params.trim == "tensor"
 
     @classmethod
     def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:

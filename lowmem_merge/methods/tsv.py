@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .matrix_rule import MatrixRule, SlotBuffers, svd_floats
+from .matrix_rule import MatrixRule, SlotBuffers, svd_floats, thin_svd
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Tsv(MatrixRule):
             self._slots = SlotBuffers(d)
         k = self._k
         for e, x in enumerate(d):  # x: (m, n)
-            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+            u, s, vh = thin_svd(x, top=k)
             self._slots.put(e, t * k, u[:, :k], s[:k], vh[:k])
 
     def _finalize_matrices(self) -> torch.Tensor:

@@ -80,17 +80,20 @@ class Wudi(MatrixRule):
         return tau
 
     def _descend(self, tau: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """``steps`` Adam steps on τ (m, n) in place, the gradient 2(τA − B) set by hand (no autograd graph)."""
-        if self.params.steps == 0:
-            return
-        param = tau.detach().requires_grad_(True)  # shares τ's storage: Adam updates it in place
-        param.grad = torch.empty_like(tau)
-        opt = torch.optim.Adam([param], lr=self.params.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
-        with torch.no_grad():
-            for _ in range(self.params.steps):
-                torch.addmm(b, param, a, beta=-2.0, alpha=2.0, out=param.grad)
-                opt.step()
-        param.grad = None
+        """``steps`` Adam steps on τ (m, n) in place, gradient 2(τA − B).
+
+        torch.optim.Adam's single-tensor update (lr, betas (0.9, 0.999), eps 1e-8, no weight decay), op for op, so
+        the trajectory is bitwise torch's; written out because torch's step allocates √v and √v/c₂ as two more m×n
+        temporaries, where here the gradient's buffer takes the denominator once the moments have used it.
+        """
+        beta1, beta2, eps, lr = 0.9, 0.999, 1e-8, self.params.lr
+        grad, avg, avg_sq = (torch.zeros_like(tau) for _ in range(3))
+        for step in range(1, self.params.steps + 1):
+            torch.addmm(b, tau, a, beta=-2.0, alpha=2.0, out=grad)
+            avg.lerp_(grad, 1 - beta1)
+            avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            torch.sqrt(avg_sq, out=grad).div_((1 - beta2 ** step) ** 0.5).add_(eps)  # the denominator, in grad
+            tau.addcdiv_(avg, grad, value=-(lr / (1 - beta1 ** step)))
 
     @staticmethod
     def _loss(tau: torch.Tensor, a: torch.Tensor, b: torch.Tensor, const: float) -> float:
@@ -100,5 +103,5 @@ class Wudi(MatrixRule):
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
         add = n * n                              # the Gram ΔᵀΔ, or ΔΔᵀ when that is smaller
-        descend = 3 * m * n                      # grad and Adam's two moments (one matrix at a time)
+        descend = 3 * m * n                      # grad (then Adam's denominator) and the two moments
         return batch * (n * n + 2 * m * n) + max(add, descend + m * n)  # + τA for the loss

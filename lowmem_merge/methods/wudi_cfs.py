@@ -21,8 +21,6 @@ import dataclasses
 import math
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError
 from .covariance import CovarianceMethod
 
@@ -44,10 +42,11 @@ class WudiCfs(CovarianceMethod):
     param_help = {"omega": "ω, ridge added to every normalized Gram ΔtᵀΔt/‖Δt‖² (0 = exact pseudo-inverse)"}
     LIKE_PINV = True
 
-    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
-        norms = torch.linalg.vector_norm(d, dim=(1, 2)).tolist()  # ‖Δt‖F per matrix
-        weights = [1.0 / (norm * norm) if norm > 0 else 0.0 for norm in norms]
-        self._sums.add(d, weights, eps=self.params.omega)  # the ridge ω Σ_t w_t accumulates in the shift
+    def _weights(self, norms_sq: list[float]) -> list[float]:
+        return [1.0 / x if x > 0 else 0.0 for x in norms_sq]
+
+    def _eps(self) -> float:
+        return self.params.omega  # the ridge ω Σ_t w_t accumulates in the shift
 
     @staticmethod
     def _exact(params: Any) -> bool:

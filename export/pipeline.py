@@ -1,0 +1,81 @@
+"""Export, then validate, then quantize, and one JSON report beside the model saying what each step measured."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import time
+from pathlib import Path
+
+from . import quantize as quant
+from . import runtime
+from .memory import step_peak
+from .onnx_export import export_onnx
+from .validate import FP32_TOLERANCE, max_length, raise_if_failed, validate
+
+
+def report_path(onnx_path: Path) -> Path:
+    """``model.onnx`` -> ``model.report.json``."""
+    return onnx_path.with_name(onnx_path.stem + ".report.json")
+
+
+def run(model_dir: Path, out: Path, *, check: bool = True, schemes: tuple[str, ...] = (),
+        tolerance: float = FP32_TOLERANCE, opset: int = 18, force: bool = False) -> dict:
+    """The whole ``lowmerge export``; returns the report, also written to :func:`report_path`.
+
+    A failed validation writes the report first and then raises ``ValidationError``; quantization runs only
+    after a validation that passed (or none).
+    """
+    with step_peak() as mem:
+        result = export_onnx(model_dir, out, opset=opset, force=force)
+    report: dict = {
+        "model_dir": str(model_dir), "task": result.task, "output": result.output,
+        "export": {"path": str(out), "data_path": str(result.data_path), "opset": opset,
+                   "bytes": quant.files_bytes(out), "seconds": result.seconds, **mem},
+        "versions": _versions(), "notes": [],
+    }
+    if check or schemes:                    # onnxruntime is needed from here on, and only from here on
+        report["notes"] += [n for n in [runtime.build_note()] if n]
+    if check:
+        with step_peak() as vmem:
+            report["validation"] = validate(model_dir, out, tolerance)
+        report["validation"]["peak_rss_bytes"] = vmem["peak_rss_bytes"]
+        _write(report, out)
+        raise_if_failed(report["validation"], out)
+    if schemes:
+        report["quantized"] = _quantize_all(model_dir, out, schemes, result.output == "logits")
+    _write(report, out)
+    return report
+
+
+def _quantize_all(model_dir: Path, out: Path, schemes: tuple[str, ...], logits: bool) -> dict:
+    from .models import load_config
+    config = load_config(model_dir)
+    vocab, max_len = config.vocab_size, max_length(config)
+    timed = quant.latency_case(vocab, max_len)
+    results = {"fp32": quant.describe(out, timed)}
+    for scheme in schemes:
+        t0 = time.perf_counter()
+        path, mem = quant.quantize(out, scheme)
+        mem["seconds"] = time.perf_counter() - t0
+        results[scheme] = {**quant.describe(path, timed), **mem,
+                           "vs_fp32": quant.agreement(out, path, vocab, max_len, logits),
+                           "quantized_nodes": quant.count_quantized(path)}
+    return results
+
+
+def _write(report: dict, out: Path) -> None:
+    path = report_path(out)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import torch
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": ",".join(f"{d} {importlib.metadata.version(d)}" for d in runtime.installed_ort_dists())
+                           or "not installed",
+            "python": platform.python_version()}

@@ -1,0 +1,43 @@
+"""The export's peak memory does not grow with the model: fp32 Llama of hidden 1024, 2 layers vs 8 layers.
+
+Each export runs in its own `lowmerge export --no-validate` subprocess, which measures the export step's own peak
+(VmHWM, reset just before the step) and writes it to the JSON report. The 8-layer model has 4x the transformer
+weights (400 MB vs 100 MB); a streamed export holds one tensor (11.5 MB here) at a time, so its peak must stay
+within 15 % of the 2-layer one. A small vocabulary keeps the models quick to build and the test short.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_merge.demo import LlamaShape, build_example
+
+from conftest import run_cli
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx_ir")
+pytest.importorskip("transformers")
+
+WIDTH = dict(hidden=1024, intermediate=2816, vocab=256, heads=16, kv_heads=16)
+
+
+def export_peak(tmp_path: Path, layers: int) -> tuple[int, int]:
+    """(peak bytes of the export step, bytes written) for an fp32 Llama with ``layers`` layers."""
+    base, _ = build_example(tmp_path / f"in{layers}", LlamaShape(layers=layers, **WIDTH), n_experts=0,
+                            dtype=torch.float32)
+    out = tmp_path / f"onnx{layers}" / "model.onnx"
+    run_cli("export", base, "-o", out, "--no-validate", check=True, timeout=600)
+    export = json.loads((out.parent / "model.report.json").read_text())["export"]
+    return export["peak_rss_bytes"], export["bytes"]
+
+
+@pytest.mark.slow
+def test_export_peak_memory_is_flat_in_depth(tmp_path):
+    small_peak, small_bytes = export_peak(tmp_path, 2)
+    big_peak, big_bytes = export_peak(tmp_path, 8)
+    assert big_bytes > 3.5 * small_bytes                   # the models really differ by ~4x in weights
+    assert big_peak <= 1.15 * small_peak, f"peak {small_peak / 1e6:.0f} MB -> {big_peak / 1e6:.0f} MB"
+    assert big_peak - small_peak < 0.25 * (big_bytes - small_bytes)   # far from holding the extra weights
