@@ -94,10 +94,13 @@ def parse_methods(text: str) -> tuple[list[MethodSpec], list[str]]:
 def target_of(spec: MethodSpec) -> Target | None:
     from lowmem_merge.methods import REGISTRY, parse_params
     from lowmem_merge.methods.covariance import CovarianceMethod
+    from lowmem_merge.methods.matrix_rule import MatrixRule
     cls = REGISTRY[spec.name]
     parsed = parse_params(cls, dict(spec.params))
     if issubclass(cls, CovarianceMethod):
         return Target("covariance", COVARIANCE_TARGET)
+    if issubclass(cls, MatrixRule):  # SVD or iterative rules: no target, the ratio is what there is to know
+        return None
     if spec.name == "ties" and cls.uses_prepass(parsed):
         return Target("global TIES", GLOBAL_TIES_TARGET)
     if cls.passes == 1 and not cls.uses_prepass(parsed):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,21 @@ def run_cli(*args: str | Path, check: bool = False, env: dict | None = None,
     if check and proc.returncode != 0:
         raise AssertionError(f"lowmerge {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def start_merge(root: Path, out: str, *args: str, limit: int | None = None) -> subprocess.Popen:
+    """Start `lowmerge merge in/base in/expert* -o OUT ARGS` in ``root`` (relative paths, so a copy of ``root``
+    resumes). ``limit``: RLIMIT_FSIZE in bytes, so that writing a larger file fails with EFBIG."""
+    experts = sorted(str(p.relative_to(root)) for p in (root / "in").glob("expert*"))
+    cmd = [sys.executable, "-m", "lowmem_merge", "merge", "in/base", *experts, "-o", out, *args]
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                            preexec_fn=small_files if limit else None)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

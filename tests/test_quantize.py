@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import finish, run_cli, start_merge
 from safetensors.torch import load_file
 
 from lowmem_merge.demo import LlamaShape, build_example
@@ -35,21 +32,7 @@ MODES = ("int8", "nf4")
 
 
 def cli(root: Path, out: str, *extra: str, limit: int | None = None) -> subprocess.Popen:
-    """`lowmerge merge in/base in/expert* -o OUT` in ``root``; ``limit``: RLIMIT_FSIZE (a write fails with EFBIG)."""
-    experts = sorted(str(p.relative_to(root)) for p in (root / "in").glob("expert*"))
-    cmd = [sys.executable, "-m", "lowmem_merge", "merge", "in/base", *experts, "-o", out, "-q",
-           "--shard-size", SHARD, *extra]
-
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-                            preexec_fn=small_files if limit else None)
-
-
-def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return start_merge(root, out, "-q", "--shard-size", SHARD, *extra, limit=limit)
 
 
 def tensors(out: Path) -> dict[str, torch.Tensor]:

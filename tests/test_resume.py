@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, finish, start_merge
 
 from lowmem_merge.demo import LlamaShape, build_example
 
@@ -29,23 +27,7 @@ TINY_SHARD = "10KB"                                                   # 5 output
 
 
 def cli(root: Path, out: str, *extra: str, limit: int | None = None) -> subprocess.Popen:
-    """Start `lowmerge merge in/base in/expert* -o OUT` in ``root`` (relative paths, so a copy of ``root`` resumes).
-
-    ``limit``: RLIMIT_FSIZE in bytes, so that writing a larger file fails with EFBIG.
-    """
-    experts = sorted(str(p.relative_to(root)) for p in (root / "in").glob("expert*"))
-    cmd = [sys.executable, "-m", "lowmem_merge", "merge", "in/base", *experts, "-o", out, *ARGS, *extra]
-
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-                            preexec_fn=small_files if limit else None)
-
-
-def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return start_merge(root, out, *ARGS, *extra, limit=limit)
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
