@@ -22,22 +22,21 @@ WIDTH = dict(hidden=1024, intermediate=2816, vocab=32000, heads=16, kv_heads=16)
 NARROW = dict(hidden=512, intermediate=1408, vocab=8000, heads=8, kv_heads=8)  # for the rules whose compute is slow
 
 
+def _pair(root: Path, width: dict, small: tuple[int, int], big: tuple[int, int]) -> dict:
+    """A small and a big example, (layers, experts) each, of one width."""
+    return {name: build_example(root / name, LlamaShape(layers=layers, **width), n_experts=experts,
+                                dtype=torch.bfloat16)
+            for name, (layers, experts) in (("small", small), ("big", big))}
+
+
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
-    root = tmp_path_factory.mktemp("memory")
-    return {
-        "small": build_example(root / "small", LlamaShape(layers=4, **WIDTH), n_experts=2, dtype=torch.bfloat16),
-        "big": build_example(root / "big", LlamaShape(layers=12, **WIDTH), n_experts=6, dtype=torch.bfloat16),
-    }
+    return _pair(tmp_path_factory.mktemp("memory"), WIDTH, (4, 2), (12, 6))
 
 
 @pytest.fixture(scope="module")
 def narrow_examples(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
-    root = tmp_path_factory.mktemp("memory_narrow")
-    return {
-        "small": build_example(root / "small", LlamaShape(layers=2, **NARROW), n_experts=2, dtype=torch.bfloat16),
-        "big": build_example(root / "big", LlamaShape(layers=6, **NARROW), n_experts=5, dtype=torch.bfloat16),
-    }
+    return _pair(tmp_path_factory.mktemp("memory_narrow"), NARROW, (2, 2), (6, 5))
 
 
 def estimate(example: tuple[Path, list[Path]], method: str) -> int:
