@@ -8,6 +8,7 @@ which onnxruntime runs without a copy and its quantizers recognize.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -88,6 +89,10 @@ def _trace(config, kind: models.Kind, opset: int):
     wrapper = _Wrapper(models.fake_model(config, kind, torch.float32), kind.output)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     example = torch.ones(2, 8, dtype=torch.long)
+    # its "torchvision is not installed, skipping torchvision::nms" lines are about ops no exported model uses
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -98,6 +103,8 @@ def _trace(config, kind: models.Kind, opset: int):
         except Exception as e:  # torch.onnx raises many unrelated types; all mean the trace failed
             raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}",
                               hint="run with --debug for the exporter's traceback") from e
+        finally:
+            registry_log.setLevel(level)
     return program.model
 
 
