@@ -37,7 +37,8 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
             params = cls.Params()
             pieces = make_pieces(plan, cls, params)
             need, largest = largest_piece(plan, pieces, cls, params)
-            rounds = cls.prepass.rounds if cls.uses_prepass(params) else 0
+            pre = cls.prepass_for(params)
+            rounds = pre.rounds if pre is not None else 0
             methods[name] = {"peak_bytes": need + RUNTIME_BYTES, "largest_tensor": largest,
                              "reads": rounds + cls.passes}
         first = [p for p in make_pieces(plan, REGISTRY["average"], REGISTRY["average"].Params())

@@ -25,7 +25,7 @@ from .plan import Expert, Plan, make_plan
 from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from .sizes import parse_size
-from .stream import Piece, StreamContext, read_volume, run_merge, run_prepass
+from .stream import Piece, StreamContext, run_merge, run_prepass, stream_volume
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -125,9 +125,7 @@ def _stream(ctx: StreamContext, pieces: list[Piece], outdir: OutputDir, shards: 
     plan, method_cls, params = ctx.plan, ctx.method, ctx.params
     writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard, release=ctx.pool.give)
     todo = [p for p in pieces if writer.needed(p.target)]
-    rounds = method_cls.prepass.rounds if method_cls.uses_prepass(params) else 0
-    total = rounds * read_volume(plan, [p for p in pieces if p.target == p.info.name], 1) \
-        + read_volume(plan, todo, method_cls.passes)
+    total = stream_volume(plan, method_cls, params, pieces, todo)
     done = [0]
 
     def tick(n: int) -> None:

@@ -250,54 +250,111 @@ def _base_on_device(ctx: StreamContext, x: torch.Tensor, info: TensorInfo) -> to
     return b
 
 
+def tensor_groups(pieces: list[Piece]) -> list[list[Piece]]:
+    """Consecutive pieces writing one output tensor (its row chunks, in order)."""
+    groups: list[list[Piece]] = []
+    for p in pieces:
+        if groups and groups[-1][0].target == p.target:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
+
+
+def prepass_rounds(method: type[MergeMethod], params: Any, scope: str) -> int:
+    pre = method.prepass_for(params)
+    return pre.rounds if pre is not None and pre.scope == scope else 0
+
+
+def stream_volume(plan: Plan, method: type[MergeMethod], params: Any, pieces: list[Piece],
+                  todo: list[Piece]) -> int:
+    """Bytes a merge of ``todo`` (out of ``pieces``) reads: a model-wide prepass over every source tensor, the
+    rounds of a per-tensor prepass, and the merge's own passes."""
+    sources = [p for p in pieces if p.target == p.info.name]
+    return prepass_rounds(method, params, "model") * read_volume(plan, sources, 1) \
+        + prepass_rounds(method, params, "tensor") * read_volume(plan, todo, 1) \
+        + read_volume(plan, todo, method.passes)
+
+
+def _observe(ctx: StreamContext, pre: Any, round_: int, piece: Piece, fetch: Prefetcher) -> None:
+    """Feed every expert's Δ of ``piece`` (the next reads of ``fetch``) to a prepass."""
+    _, x = fetch.next()
+    base = _base_on_device(ctx, x, piece.info)
+    ctx.progress(x.nbytes)
+    for t in range(ctx.plan.n_experts):
+        ckpt, y = fetch.next()
+        ctx.progress(y.nbytes)
+        delta = _delta(ctx, ckpt, y, base, piece.info)
+        pre.observe(round_, piece.info, t, delta)
+        ctx.pool.give(delta)
+    ctx.pool.give(base)
+
+
 def run_prepass(ctx: StreamContext, pieces: list[Piece]) -> Any:
     """Rounds over every expert tensor for a model-wide statistic (global TIES thresholds); returns its state."""
-    if not ctx.method.uses_prepass(ctx.params):
+    rounds = prepass_rounds(ctx.method, ctx.params, "model")
+    if not rounds:
         return None
     sources = [p for p in pieces if p.info.cls in MERGED and p.target == p.info.name]
-    pre = ctx.method.prepass(ctx.plan.n_experts, ctx.params)
-    for round_ in range(pre.rounds):
+    pre = ctx.method.prepass_for(ctx.params)(ctx.plan.n_experts, ctx.params)
+    for round_ in range(rounds):
         fetch = Prefetcher((r for p in sources for r in _reads(ctx.plan, p, 1)), ctx.pool, ctx.prefetch_bytes)
         try:
             for piece in sources:
-                _, x = fetch.next()
-                base = _base_on_device(ctx, x, piece.info)
-                ctx.progress(x.nbytes)
-                for t in range(ctx.plan.n_experts):
-                    ckpt, y = fetch.next()
-                    ctx.progress(y.nbytes)
-                    delta = _delta(ctx, ckpt, y, base, piece.info)
-                    pre.observe(round_, piece.info, t, delta)
-                    ctx.pool.give(delta)
-                ctx.pool.give(base)
+                _observe(ctx, pre, round_, piece, fetch)
         finally:
             fetch.close()
         pre.end_round(round_)
     return pre.state()
 
 
+def _merge_reads(ctx: StreamContext, groups: list[list[Piece]], rounds: int) -> Iterator:
+    """Every read of run_merge, in the order it consumes them: per tensor, its prepass rounds, then its pieces."""
+    for group in groups:
+        if group[0].info.cls in MERGED:
+            for _ in range(rounds):
+                for p in group:
+                    yield from _reads(ctx.plan, p, 1)
+        for p in group:
+            yield from _reads(ctx.plan, p, ctx.method.passes)
+
+
 def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
               write: Callable[[str, torch.Tensor], None]) -> dict[str, dict[str, float]]:
-    """Merge and ``write`` every piece in order; returns per-tensor statistics the method reported."""
-    passes = ctx.method.passes
-    fetch = Prefetcher((r for p in pieces for r in _reads(ctx.plan, p, passes)), ctx.pool, ctx.prefetch_bytes)
+    """Merge and ``write`` every piece in order; returns per-tensor statistics the method reported.
+
+    ``state`` is the model-wide prepass's; a per-tensor prepass runs over each tensor's pieces just before them.
+    """
+    groups = tensor_groups(pieces)
+    rounds = prepass_rounds(ctx.method, ctx.params, "tensor")
+    fetch = Prefetcher(_merge_reads(ctx, groups, rounds), ctx.pool, ctx.prefetch_bytes)
     stats: dict[str, dict[str, float]] = {}
     try:
-        for piece in pieces:
-            _, x = fetch.next()
-            ctx.progress(x.nbytes)
-            out_dtype = ctx.plan.out_dtype[piece.target]
-            if piece.info.cls not in MERGED:         # INT buffers and HEADs keep the base's value
-                write(piece.target, x.to(out_dtype))
-                continue
-            pctx = replace(ctx, device=torch.device("cpu")) if piece.info.name in ctx.cpu_tensors else ctx
-            base = _base_on_device(pctx, x, piece.info)
-            del x
-            merged, piece_stats = _merge_piece(pctx, piece, base, state, fetch)
-            ctx.pool.give(base)
-            if piece.rows is None and piece_stats:
-                stats[piece.target] = piece_stats
-            write(piece.target, _to_output(ctx, merged, out_dtype))
+        for group in groups:
+            info = group[0].info
+            pctx = replace(ctx, device=torch.device("cpu")) if info.name in ctx.cpu_tensors else ctx
+            tensor_state = state
+            if rounds and info.cls in MERGED:
+                pre = ctx.method.prepass_for(ctx.params)(ctx.plan.n_experts, ctx.params)
+                for round_ in range(rounds):
+                    for piece in group:
+                        _observe(pctx, pre, round_, piece, fetch)
+                    pre.end_round(round_)
+                tensor_state = pre.state()
+            for piece in group:
+                _, x = fetch.next()
+                ctx.progress(x.nbytes)
+                out_dtype = ctx.plan.out_dtype[piece.target]
+                if piece.info.cls not in MERGED:         # INT buffers and HEADs keep the base's value
+                    write(piece.target, x.to(out_dtype))
+                    continue
+                base = _base_on_device(pctx, x, piece.info)
+                del x
+                merged, piece_stats = _merge_piece(pctx, piece, base, tensor_state, fetch)
+                ctx.pool.give(base)
+                if piece.rows is None and piece_stats:
+                    stats[piece.target] = piece_stats
+                write(piece.target, _to_output(ctx, merged, out_dtype))
     finally:
         fetch.close()
     return stats
@@ -306,6 +363,7 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
 def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: Any,
                  fetch: Prefetcher) -> tuple[torch.Tensor, dict[str, float]]:
     m = ctx.method(piece.info, ctx.plan.n_experts, ctx.params, state)
+    m.buffers = ctx.pool
     base_m = base.mT if piece.info.transposed else base
     for pass_ in range(ctx.method.passes):
         for t in range(ctx.plan.n_experts):

@@ -66,7 +66,8 @@ def check_flat(examples: dict, tmp_path: Path, method: str, params: tuple[str, .
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,params", [("actmat", ()), ("average", ()), ("ties", ()), ("dare_ties", ())])
+@pytest.mark.parametrize("method,params", [("actmat", ()), ("average", ()), ("ties", ()), ("ties", ("trim=tensor",)),
+                                           ("dare_ties", ())])
 def test_peak_rss_is_flat_in_depth_and_experts(examples, tmp_path, method, params):
     check_flat(examples, tmp_path, method, params, (4, 12))
 

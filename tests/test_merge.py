@@ -40,21 +40,26 @@ def in_memory_merge(base: Path, experts: list[Path], method: str, **params) -> d
         return [d.T.contiguous() for d in ds] if info.transposed else ds
 
     merged_infos = [i for i in plan.tensors if i.cls in stream.MERGED]
-    state = None
-    if cls.uses_prepass(parsed):
-        pre = cls.prepass(len(Ws), parsed)
+    prepass = cls.prepass_for(parsed)
+
+    def gather(infos) -> object:
+        pre = prepass(len(Ws), parsed)
         for r in range(pre.rounds):
-            for info in merged_infos:
+            for info in infos:
                 for t, d in enumerate(deltas(info)):
                     pre.observe(r, info, t, d)
             pre.end_round(r)
-        state = pre.state()
+        return pre.state()
+
+    state = gather(merged_infos) if prepass and prepass.scope == "model" else None
     out: dict[str, torch.Tensor] = {}
     for info in plan.tensors:
         if info.cls not in stream.MERGED and info.cls != TensorClass.TIED:
             out[info.name] = W0[info.name]
             continue
         src = next(i for i in plan.tensors if i.name == info.tied_to) if info.cls == TensorClass.TIED else info
+        if prepass and prepass.scope == "tensor":
+            state = gather([src])
         m = cls(src, len(Ws), parsed, state)
         ds = deltas(src)
         for p in range(cls.passes):

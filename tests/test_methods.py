@@ -44,24 +44,30 @@ Model = dict[str, tuple[TensorInfo, list[torch.Tensor]]]
 # ---- driving a method the way the stream does ----------------------------------------------------------------
 
 def stream(name: str, params: object, model: Model) -> dict[str, torch.Tensor]:
-    """Pre-pass rounds over every tensor (if the rule wants one), then per tensor: passes × experts, finalize.
+    """Pre-pass rounds over every tensor (if the rule wants one; a per-tensor one just before each tensor), then per
+    tensor: passes × experts, finalize.
 
     Each Δt goes through one reused buffer that is poisoned with NaN after ``add``, as the stream reuses its
     buffers: a method that keeps a reference to ``delta`` gives NaN.
     """
     cls = REGISTRY[name]
     n_experts = len(next(iter(model.values()))[1])
-    state = None
-    if cls.uses_prepass(params):
-        pre = cls.prepass(n_experts, params)
+    prepass = cls.prepass_for(params)
+
+    def gather(items: list) -> object:
+        pre = prepass(n_experts, params)
         for round_ in range(pre.rounds):
-            for info, deltas in model.values():
+            for info, deltas in items:
                 for t, delta in enumerate(deltas):
                     pre.observe(round_, info, t, delta.clone())
             pre.end_round(round_)
-        state = pre.state()
+        return pre.state()
+
+    state = gather(list(model.values())) if prepass and prepass.scope == "model" else None
     merged = {}
     for key, (info, deltas) in model.items():
+        if prepass and prepass.scope == "tensor":
+            state = gather([(info, deltas)])
         method = cls(info, n_experts, params, state)
         buf = torch.empty_like(deltas[0])
         for pass_ in range(cls.passes):
@@ -447,11 +453,29 @@ def test_ties_global_threshold_equals_kthvalue_over_the_model(make, density: flo
     assert _global_kappas(model, density) == want
 
 
-def test_ties_threshold_prepass_is_skipped_at_full_density_and_for_tensor_trim() -> None:
-    params = REGISTRY["ties"].Params
-    assert REGISTRY["ties"].uses_prepass(params())
-    assert not REGISTRY["ties"].uses_prepass(params(density=1.0))
-    assert not REGISTRY["ties"].uses_prepass(params(trim="tensor"))
+def test_ties_threshold_prepass_scope_follows_trim_and_is_skipped_at_full_density() -> None:
+    ties, params = REGISTRY["ties"], REGISTRY["ties"].Params
+    assert ties.prepass_for(params()).scope == "model"
+    assert ties.prepass_for(params(trim="tensor")).scope == "tensor"
+    assert not ties.uses_prepass(params(density=1.0))
+    assert not ties.uses_prepass(params(density=1.0, trim="tensor"))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.001, 0.9999])
+def test_ties_tensor_threshold_over_row_chunks_is_the_kth_largest(density: float) -> None:
+    """κ from the per-tensor prepass fed a tensor in row chunks = torch.kthvalue of |Δt| over the whole tensor."""
+    model = _tied_model(16)
+    params = REGISTRY["ties"].Params(density=density, trim="tensor")
+    for info, deltas in model.values():
+        pre = REGISTRY["ties"].prepass_for(params)(len(deltas), params)
+        for round_ in range(pre.rounds):
+            for t, delta in enumerate(deltas):
+                for part in delta.split(3):
+                    pre.observe(round_, info, t, part.clone())
+            pre.end_round(round_)
+        k = int(density * deltas[0].numel())
+        want = [float(d.abs().reshape(-1).kthvalue(d.numel() - k + 1).values) if k else math.inf for d in deltas]
+        assert pre.state() == want
 
 
 # ---- DARE (§7, §11.6) ------------------------------------------------------------------------------------------
@@ -527,16 +551,28 @@ def test_dare_handles_a_scalar_tensor() -> None:
 
 # ---- row chunks, parameters, registry -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,kwargs", [("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3})])
+@pytest.mark.parametrize("name,kwargs", [("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3}),
+                                         ("ties", {"density": 0.3, "trim": "tensor"})])
 def test_row_chunks_concatenate_to_the_whole_tensor(name: str, kwargs: dict) -> None:
+    """Chunk by chunk (a per-tensor prepass, if any, fed the same chunks first) = the whole tensor at once."""
     params = REGISTRY[name].Params(**kwargs)
     assert REGISTRY[name].row_chunkable(params, TensorInfo("layer.weight", (23, 9), LIN))
     model = make_model((23, 9), [1.0, 0.5, 2.0], seed=20)
     info, deltas = model["layer.weight"]
     whole = stream(name, params, model)["layer.weight"]
-    state = _global_kappas(model, params.density) if REGISTRY[name].uses_prepass(params) else None
+    chunks = [(0, 5), (5, 17), (17, 23)]
+    prepass = REGISTRY[name].prepass_for(params)
+    state = _global_kappas(model, params.density) if prepass and prepass.scope == "model" else None
+    if prepass and prepass.scope == "tensor":
+        pre = prepass(len(deltas), params)
+        for round_ in range(pre.rounds):
+            for t, d in enumerate(deltas):
+                for r0, r1 in chunks:
+                    pre.observe(round_, TensorInfo(info.name, (r1 - r0, 9), LIN, row_start=r0), t, d[r0:r1].clone())
+            pre.end_round(round_)
+        state = pre.state()
     pieces = []
-    for r0, r1 in [(0, 5), (5, 17), (17, 23)]:
+    for r0, r1 in chunks:
         piece = TensorInfo(info.name, (r1 - r0, 9), LIN, row_start=r0)
         method = REGISTRY[name](piece, len(deltas), params, state)
         for t, d in enumerate(deltas):
@@ -549,7 +585,7 @@ def test_only_elementwise_rules_are_row_chunkable() -> None:
     lin = TensorInfo("layer.weight", (23, 9), LIN)
     chunkable = {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), lin)}
     assert chunkable == {"average", "task_arithmetic", "ties", "dare", "dare_ties"}
-    assert not REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"), lin)
+    assert REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"), lin)  # its κ comes from a prepass
     emb = TensorInfo("embed_tokens.weight", (23, 9), TensorClass.EMB)   # covariance rules average it: elementwise
     assert {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), emb)} == set(REGISTRY)
 

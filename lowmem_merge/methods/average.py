@@ -37,9 +37,8 @@ class Average(MergeMethod):
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         w = expert_weight(self.params, t)
         if self.total is None:
-            self.total = delta.clone() if w == 1 else delta * w
-        else:
-            self.total.add_(delta, alpha=w)
+            self.total = self.zeros(delta.shape, delta.device)
+        self.total.add_(delta, alpha=w)
 
     def finalize(self) -> torch.Tensor:
         weights = getattr(self.params, "weights", ())  # rules that average their other tensors have none

@@ -30,9 +30,13 @@ class Prepass:
     """A model-wide statistic gathered over every tensor of every expert before merging.
 
     ``rounds`` full reads of the experts; memory must stay bounded (histograms, never the values).
+    ``scope`` "model": gathered over every tensor before the merge starts, one state for all tensors (global TIES).
+    ``scope`` "tensor": gathered over one tensor (all its row chunks) just before that tensor is merged, a fresh
+    instance per tensor whose state goes to the tensor's pieces (per-tensor TIES on row chunks).
     """
 
     rounds: ClassVar[int] = 1
+    scope: ClassVar[str] = "model"
 
     def __init__(self, n_experts: int, params: Any) -> None:
         self.n_experts = n_experts
@@ -64,6 +68,21 @@ class MergeMethod:
         self.params = params
         self.state = state
 
+    buffers: Any = None                          # the stream's host BufferPool, set before the first ``add``
+
+    def zeros(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """An fp32 statistic buffer of zeros. On the CPU it comes from the stream's pool: reused memory, where a fresh
+        allocation per tensor would page-fault through new zeroed pages (most of an elementwise rule's time)."""
+        if device.type != "cpu" or self.buffers is None:
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+        return self.buffers.take(4 * math.prod(shape)).view(torch.float32).view(shape).zero_()
+
+    def release(self, *buffers: torch.Tensor) -> None:
+        """Give buffers from ``zeros`` back once the method no longer needs them (the result is the stream's)."""
+        if self.buffers is not None:
+            for b in buffers:
+                self.buffers.give(b)
+
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         raise NotImplementedError
 
@@ -80,8 +99,13 @@ class MergeMethod:
         return False
 
     @classmethod
+    def prepass_for(cls, params: Any) -> type[Prepass] | None:
+        """The statistic these parameters need before merging, or None."""
+        return cls.prepass
+
+    @classmethod
     def uses_prepass(cls, params: Any) -> bool:
-        return cls.prepass is not None
+        return cls.prepass_for(params) is not None
 
     @classmethod
     def takes_factors(cls, info: TensorInfo) -> bool:

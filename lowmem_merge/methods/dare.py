@@ -92,7 +92,7 @@ class Dare(MergeMethod):
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         if self.total is None:
-            self.total = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
+            self.total = self.zeros(delta.shape, delta.device)
         density = expert_density(self.params, t)
         gain = expert_weight(self.params, t) / density
         acc = self.total.view(-1)

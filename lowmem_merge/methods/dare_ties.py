@@ -69,12 +69,11 @@ class DareTies(Ties):
         return True
 
     @classmethod
-    def uses_prepass(cls, params: Any) -> bool:
-        return False
+    def prepass_for(cls, params: Any) -> None:
+        return None
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
-        """TIES' four buffers, plus one DARE block: its draws, masks and the dropped fp32 copy."""
-        per_entry = 8 + 2 * (4 if params.weights else 2)
+        """TIES' four fp32 buffers and mask slab, plus one DARE block: its draws, masks and the dropped fp32 copy."""
         block = min(info.numel, _BLOCK + math.prod(info.shape[1:]))
-        return math.ceil(per_entry * info.numel) + 14 * block
+        return 16 * info.numel + 18 * block

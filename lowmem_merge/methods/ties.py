@@ -4,8 +4,9 @@
    trim=global (the authors' code): κ_t is the (d − ⌊d·K⌋)-th smallest |Δt| over the whole model (d entries), found
    exactly by ``TiesPrepass`` with two histogram rounds; ties at κ_t are kept.
    trim=tensor (mergekit's ``ties``): per tensor, the k = ⌊K·numel⌋ largest |Δt|: |Δt| >= κ, the k-th largest,
-   found exactly with the same two histogram rounds over the tensor's slabs (bounded temporaries, unlike a top-k,
-   which on a 150k-row embedding needs gigabytes). Ties at κ are kept, where mergekit's top-k drops some arbitrarily.
+   found exactly by ``TensorTiesPrepass``, the same two histogram rounds over the tensor's row chunks just before it
+   is merged (bounded buffers, unlike a top-k, which on a 150k-row embedding needs gigabytes). Ties at κ are kept,
+   where mergekit's top-k drops some arbitrarily.
 2. Elect: γ = sign(Σ_t trimmed Δt).
 3. Disjoint mean: the mean of the trimmed entries whose sign is γ (zeros never count); Δ* = λ · that mean.
 Per-expert ``weights`` w_t (mergekit's per-model ``weight``) multiply each trimmed Δt before the election, and the mean
@@ -14,7 +15,7 @@ becomes Σ w_t·Δt / Σ w_t over the agreeing entries (mergekit's ``ties``; ``n
 Where the trimmed sum is exactly 0, trim=global gives 0 (lowmerge's rule, §7 "Streaming"; the reference would use the
 model-wide majority sign, which needs one more pass) and trim=tensor elects + like mergekit.
 
-Streaming: per tensor, four buffers P = Σ positive kept w_t·Δt, Q = Σ negative kept w_t·Δt and their weights c⁺, c⁻
+Streaming: per tensor or row chunk, four buffers P = Σ positive kept w_t·Δt, Q = Σ negative kept w_t·Δt and their weights c⁺, c⁻
 (counts when unweighted); then Δ* = λ·P/c⁺ where γ > 0 and λ·Q/c⁻ where γ < 0 (a zero c divides by 1). Every float tensor class gets the same rule.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .base import MergeMethod, Prepass, check_densities, expert_density, expert_
 
 _HIGH = 1 << 15  # buckets of the top 16 bits of a non-negative fp32 (sign bit 0)
 _LOW = 1 << 16   # values of the low 16 bits inside one bucket
-_SLAB = 1 << 20  # entries per step in add: masks and their fp32 casts stay a few MiB
+_SLAB = 1 << 17  # entries per step: every temporary stays under glibc's mmap threshold (1 MiB, device.tune_malloc),
+                 # so the heap reuses it instead of mapping fresh zeroed pages each time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +55,10 @@ class TiesParams:
 
 
 class TiesPrepass(Prepass):
-    """Exact per-expert global threshold κ_t in two reads, holding histograms, never the values.
+    """Exact per-expert threshold κ_t in two reads, holding histograms, never the values (scope: the whole model).
 
     Non-negative fp32 values order like their int32 bit patterns. Round 0 counts |Δ| by the top 16 bits (32768 buckets)
-    and finds, per expert, the bucket holding the rank r = d − ⌊d·K⌋ (1-indexed, smallest first); round 1 counts the
+    and finds, per expert, the bucket holding the threshold's rank r (1-indexed, smallest first); round 1 counts the
     low 16 bits of the entries in that bucket, which pins the r-th smallest value down exactly.
     """
 
@@ -67,26 +69,34 @@ class TiesPrepass(Prepass):
         self._high = [torch.zeros(_HIGH, dtype=torch.int64) for _ in range(n_experts)]  # round 0 counts
         self._low = [torch.zeros(_LOW, dtype=torch.int64) for _ in range(n_experts)]    # round 1 counts
         self._bucket = [0] * n_experts  # bucket of the r-th smallest
-        self._rank = [0] * n_experts    # its rank inside the bucket, 1-indexed; 0 = no threshold (κ_t = 0)
+        self._rank = [0] * n_experts    # its rank inside the bucket, 1-indexed; 0 = nothing to find in round 1
         self._kappa = [0.0] * n_experts
+
+    @staticmethod
+    def threshold_rank(d: int, density: float) -> int:
+        """Rank of κ among d entries: the (d − ⌊d·K⌋)-th smallest (the authors' global rule); 0 keeps everything."""
+        return d - int(d * density) if density < 1 and d > 0 else 0
 
     def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
         if round_ == 1 and self._rank[t] == 0:
             return
-        bits = delta.abs().view(torch.int32).reshape(-1)  # (numel,) int32, a temporary we may overwrite
-        if round_ == 0:
-            counts = torch.bincount(bits.bitwise_right_shift_(16), minlength=_HIGH)
-            self._high[t] += counts.cpu()
-        else:  # shift the bucket to [0, 65536), clamp the rest to -1 or 65536, offset by one so bincount takes it
-            bits.sub_(self._bucket[t] << 16).clamp_(-1, _LOW).add_(1)
-            self._low[t] += torch.bincount(bits, minlength=_LOW + 2)[1:_LOW + 1].cpu()
+        counts = self._high[t] if round_ == 0 else self._low[t]
+        for part in delta.reshape(-1).split(_SLAB):
+            bits = part.abs().view(torch.int32)  # a temporary we may overwrite
+            if round_ == 0:
+                counts += torch.bincount(bits.bitwise_right_shift_(16), minlength=_HIGH).cpu()
+            else:  # only the entries inside the bucket, by their low 16 bits
+                inside = bits[bits.bitwise_right_shift(16) == self._bucket[t]]
+                counts += torch.bincount(inside.bitwise_and_(_LOW - 1), minlength=_LOW).cpu()
 
     def end_round(self, round_: int) -> None:
         for t in range(self.n_experts):
             if round_ == 0:
-                d, density = int(self._high[t].sum()), expert_density(self.params, t)
-                if density < 1 and d > 0:  # else keep everything: κ_t = 0
-                    rank = d - int(d * density)  # ≥ 1 because density < 1
+                d = int(self._high[t].sum())
+                rank = self.threshold_rank(d, expert_density(self.params, t))
+                if rank > d:       # nothing kept
+                    self._kappa[t] = math.inf
+                elif rank:
                     self._bucket[t], self._rank[t] = _locate(self._high[t], rank)
             elif self._rank[t]:
                 low, _ = _locate(self._low[t], self._rank[t])
@@ -94,23 +104,20 @@ class TiesPrepass(Prepass):
                 self._kappa[t] = bits.view(torch.float32).item()
 
     def state(self) -> list[float]:
-        """κ_t per expert (exact fp32 values)."""
+        """κ_t per expert (exact fp32 values; inf keeps nothing)."""
         return list(self._kappa)
 
 
-def kth_smallest_abs(x: torch.Tensor, rank: int, slab: int = 1 << 20) -> float:
-    """The ``rank``-th smallest |x| (1-indexed), exactly: two histogram rounds over slabs of ``slab`` entries."""
-    flat = x.reshape(-1)
-    high = torch.zeros(_HIGH, dtype=torch.int64, device=x.device)
-    for part in flat.split(slab):
-        high += torch.bincount(part.abs().view(torch.int32).bitwise_right_shift_(16), minlength=_HIGH)
-    bucket, inner = _locate(high.cpu(), rank)
-    low = torch.zeros(_LOW + 2, dtype=torch.int64, device=x.device)
-    for part in flat.split(slab):
-        bits = part.abs().view(torch.int32)
-        low += torch.bincount(bits.sub_(bucket << 16).clamp_(-1, _LOW).add_(1), minlength=_LOW + 2)
-    value, _ = _locate(low[1:_LOW + 1].cpu(), inner)
-    return torch.tensor((bucket << 16) | value, dtype=torch.int32).view(torch.float32).item()
+class TensorTiesPrepass(TiesPrepass):
+    """mergekit's per-tensor trim: κ_t is the k-th largest |Δt| of one tensor, k = ⌊K·numel⌋, gathered over the
+    tensor's row chunks just before it is merged, so the merge itself works in row chunks (bounded buffers)."""
+
+    scope = "tensor"
+
+    @staticmethod
+    def threshold_rank(d: int, density: float) -> int:
+        """The k-th largest is the (d − k + 1)-th smallest; k = 0 gives d + 1: nothing kept."""
+        return d - int(density * d) + 1 if density < 1 and d > 0 else 0
 
 
 def _locate(counts: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -137,41 +144,36 @@ class Ties(MergeMethod):
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
         if self.uses_prepass(params) and state is None:
-            raise ValueError("ties with trim=global needs the TiesPrepass state (κ_t per expert)")
-        self._count_dtype = _count_dtype(n_experts, params)
+            raise ValueError("ties with density < 1 needs its prepass state (κ_t per expert)")
         self._sums: list[torch.Tensor] = []    # [P, Q], fp32, shape of the tensor
-        self._counts: list[torch.Tensor] = []  # [c⁺, c⁻]: counts, or Σ w_t (fp32) when weighted
+        self._counts: list[torch.Tensor] = []  # [c⁺, c⁻]: Σ w_t over the kept entries (counts when unweighted), fp32
+        self._mask = torch.empty(0)
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
-        kappa = self._threshold(t, delta)
+        kappa = self.state[t] if self.state is not None else 0.0
         w = expert_weight(self.params, t)
         flat = delta.reshape(-1)
         for start in range(0, flat.numel(), _SLAB):  # slab by slab: the masks and their fp32 casts stay small
             self._accumulate(flat[start:start + _SLAB], start, kappa, w)
 
     def _accumulate(self, d: torch.Tensor, start: int, kappa: float, w: float) -> None:
-        """Add the kept entries of w·d (flat, entries [start, start + len) of the tensor) to P/Q and c⁺/c⁻."""
+        """Add the kept entries of w·d (flat, entries [start, start + len) of the tensor) to P/Q and c⁺/c⁻.
+
+        Masks are fp32 0/1 in one reused slab buffer: every op has one dtype, so none casts a temporary.
+        """
         if not self._sums:
             shape = self.info.shape
-            self._sums = [torch.zeros(shape, dtype=torch.float32, device=d.device) for _ in range(2)]
-            self._counts = [torch.zeros(shape, dtype=self._count_dtype, device=d.device) for _ in range(2)]
+            self._sums = [self.zeros(shape, d.device) for _ in range(2)]
+            self._counts = [self.zeros(shape, d.device) for _ in range(2)]
+            self._mask = self.zeros((min(self.info.numel, _SLAB),), d.device)
         side = -1 if w < 0 else 1  # a negative weight sends Δ > 0 to the negative side of w·Δ
         end = start + d.numel()
+        mask = self._mask[:d.numel()]
         pos, neg, c_pos, c_neg = (x.view(-1)[start:end] for x in (*self._sums, *self._counts))
-        for total, count, mask in ((pos, c_pos, _kept_side(d, kappa, side)), (neg, c_neg, _kept_side(d, kappa, -side))):
+        for total, count, sign in ((pos, c_pos, side), (neg, c_neg, -side)):
+            _kept_side(d, kappa, sign, mask)
             total.addcmul_(d, mask, value=w)
-            if self.params.weights:
-                count.add_(mask, alpha=w)
-            else:
-                count.add_(mask)
-
-    def _threshold(self, t: int, delta: torch.Tensor) -> float:
-        """κ: entries with |Δ| >= κ are kept (0 keeps all; inf keeps none)."""
-        density = expert_density(self.params, t)
-        if self.params.trim == "tensor" and density < 1:
-            k = int(density * delta.numel())
-            return kth_smallest_abs(delta, delta.numel() - k + 1) if k else math.inf
-        return self.state[t] if self.uses_prepass(self.params) else 0.0
+            count.add_(mask, alpha=w)
 
     def finalize(self) -> torch.Tensor:
         pos, neg = self._sums
@@ -183,8 +185,10 @@ class Ties(MergeMethod):
                 n.div_(c_neg.masked_fill_(c_neg == 0, 1))
             p.mul_(up)
             n.mul_(total < 0)
+        merged = pos.add_(neg).mul_(self.params.scale)
+        self.release(neg, *self._counts, self._mask)   # only now: the reader thread may take them at once
         self._counts = []
-        return pos.add_(neg).mul_(self.params.scale)
+        return merged
 
     def _plus_on_zero_sum(self) -> bool:
         """Where Σ trimmed w_t·Δt is exactly 0: mergekit elects + (trim=tensor); lowmerge's global rule gives 0."""
@@ -192,28 +196,22 @@ class Ties(MergeMethod):
 
     @classmethod
     def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
-        return params.trim == "global"
+        return True
 
     @classmethod
-    def uses_prepass(cls, params: Any) -> bool:
-        return params.trim == "global" and min(params.densities or (params.density,)) < 1
+    def prepass_for(cls, params: Any) -> type[Prepass] | None:
+        if min(params.densities or (params.density,)) >= 1:
+            return None
+        return TiesPrepass if params.trim == "global" else TensorTiesPrepass
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
-        """P, Q, c⁺ and c⁻; add, finalize and trim=tensor's threshold search work in slabs (small temporaries)."""
-        per_entry = 8 + 2 * _count_dtype(n_experts, params).itemsize
-        return math.ceil(per_entry * info.numel)
+        """P, Q, c⁺ and c⁻ in fp32, and one mask slab; add and finalize work in slabs (small temporaries)."""
+        return 16 * info.numel + 4 * min(info.numel, _SLAB)
 
 
-def _kept_side(d: torch.Tensor, kappa: float, sign: int) -> torch.Tensor:
-    """Bool mask of the kept entries strictly on one side of 0 (a kept 0 joins neither): Δ >= κ or Δ <= −κ."""
+def _kept_side(d: torch.Tensor, kappa: float, sign: int, out: torch.Tensor) -> torch.Tensor:
+    """1.0 at the kept entries strictly on one side of 0 (a kept 0 joins neither): Δ >= κ or Δ <= −κ; else 0.0."""
     if kappa > 0:
-        return d >= kappa if sign > 0 else d <= -kappa
-    return d > 0 if sign > 0 else d < 0
-
-
-def _count_dtype(n_experts: int, params: Any) -> torch.dtype:
-    """Counts up to n_experts; int16 halves the fp32 memory for any realistic number of experts. Weights need fp32."""
-    if params.weights:
-        return torch.float32
-    return torch.int16 if n_experts < 1 << 15 else torch.int32
+        return torch.ge(d, kappa, out=out) if sign > 0 else torch.le(d, -kappa, out=out)
+    return torch.gt(d, 0, out=out) if sign > 0 else torch.lt(d, 0, out=out)
