@@ -5,6 +5,7 @@ arithmetic. Elementwise rules on large tensors work in row chunks so their buffe
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import deque
@@ -250,6 +251,26 @@ def _base_on_device(ctx: StreamContext, x: torch.Tensor, info: TensorInfo) -> to
     return b
 
 
+@contextlib.contextmanager
+def compute_threads(ctx: StreamContext, info: TensorInfo) -> Iterator[None]:
+    """Elementwise work (a row-chunkable tensor, a prepass) on half the torch threads, at least one.
+
+    It is memory-bound: on an idle 2-core machine one thread is as fast as two (ties trim=tensor 7.4 s vs 7.2 s on
+    bench/speed.py's model), and the reader thread needs a core. With another process busy on one core, two threads
+    can wait on each other at every op: 8.2 s with one thread, 8.2–18.9 s with two over four runs (the spread
+    depends on the scheduler). Outputs are bit-identical either way (elementwise ops do not depend on the thread
+    count). Matrix rules keep every thread for their products.
+    """
+    before = torch.get_num_threads()
+    elementwise = info.cls not in MERGED or ctx.method.row_chunkable(ctx.params, info)
+    if ctx.device.type == "cpu" and elementwise and before > 1:
+        torch.set_num_threads(max(1, before // 2))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def tensor_groups(pieces: list[Piece]) -> list[list[Piece]]:
     """Consecutive pieces writing one output tensor (its row chunks, in order)."""
     groups: list[list[Piece]] = []
@@ -301,7 +322,8 @@ def run_prepass(ctx: StreamContext, pieces: list[Piece]) -> Any:
         fetch = Prefetcher((r for p in sources for r in _reads(ctx.plan, p, 1)), ctx.pool, ctx.prefetch_bytes)
         try:
             for piece in sources:
-                _observe(ctx, pre, round_, piece, fetch)
+                with compute_threads(ctx, piece.info):
+                    _observe(ctx, pre, round_, piece, fetch)
         finally:
             fetch.close()
         pre.end_round(round_)
@@ -333,31 +355,40 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
         for group in groups:
             info = group[0].info
             pctx = replace(ctx, device=torch.device("cpu")) if info.name in ctx.cpu_tensors else ctx
-            tensor_state = state
-            if rounds and info.cls in MERGED:
-                pre = ctx.method.prepass_for(ctx.params)(ctx.plan.n_experts, ctx.params)
-                for round_ in range(rounds):
-                    for piece in group:
-                        _observe(pctx, pre, round_, piece, fetch)
-                    pre.end_round(round_)
-                tensor_state = pre.state()
-            for piece in group:
-                _, x = fetch.next()
-                ctx.progress(x.nbytes)
-                out_dtype = ctx.plan.out_dtype[piece.target]
-                if piece.info.cls not in MERGED:         # INT buffers and HEADs keep the base's value
-                    write(piece.target, x.to(out_dtype))
-                    continue
-                base = _base_on_device(pctx, x, piece.info)
-                del x
-                merged, piece_stats = _merge_piece(pctx, piece, base, tensor_state, fetch)
-                ctx.pool.give(base)
-                if piece.rows is None and piece_stats:
-                    stats[piece.target] = piece_stats
-                write(piece.target, _to_output(ctx, merged, out_dtype))
+            with compute_threads(pctx, info):
+                _merge_group(ctx, pctx, group, state, rounds, fetch, write, stats)
     finally:
         fetch.close()
     return stats
+
+
+def _merge_group(ctx: StreamContext, pctx: StreamContext, group: list[Piece], state: Any, rounds: int,
+                 fetch: Prefetcher, write: Callable[[str, torch.Tensor], None],
+                 stats: dict[str, dict[str, float]]) -> None:
+    """One output tensor: its per-tensor prepass rounds (if any), then each of its pieces merged and written."""
+    info = group[0].info
+    tensor_state = state
+    if rounds and info.cls in MERGED:
+        pre = ctx.method.prepass_for(ctx.params)(ctx.plan.n_experts, ctx.params)
+        for round_ in range(rounds):
+            for piece in group:
+                _observe(pctx, pre, round_, piece, fetch)
+            pre.end_round(round_)
+        tensor_state = pre.state()
+    for piece in group:
+        _, x = fetch.next()
+        ctx.progress(x.nbytes)
+        out_dtype = ctx.plan.out_dtype[piece.target]
+        if piece.info.cls not in MERGED:         # INT buffers and HEADs keep the base's value
+            write(piece.target, x.to(out_dtype))
+            continue
+        base = _base_on_device(pctx, x, piece.info)
+        del x
+        merged, piece_stats = _merge_piece(pctx, piece, base, tensor_state, fetch)
+        ctx.pool.give(base)
+        if piece.rows is None and piece_stats:
+            stats[piece.target] = piece_stats
+        write(piece.target, _to_output(ctx, merged, out_dtype))
 
 
 def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: Any,
