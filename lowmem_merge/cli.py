@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -135,14 +136,14 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
         raise click.UsageError("missing BASE and EXPERTS (or --config RECIPE)")
     else:
         kv = _parse_kv(params)
-    update, close = _progress_bar(quiet)
+    update, close = _progress_bar(quiet or int(os.environ.get("RANK", "0")) > 0)   # torchrun: rank 0's bar only
     try:
         report = run(base, list(experts), out, method, device=device, dtype=dtype, shard_size=shard_size,
                      max_memory=max_memory, max_device_memory=max_device_memory, resume=resume, force=force,
                      quantize=quantize, progress=update, **kv)
     finally:
         close()
-    if not quiet:
+    if not quiet and report is not None:             # None: a torchrun rank other than 0
         for line in report.summary_lines():
             click.echo(line)
 

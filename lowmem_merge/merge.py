@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import shutil
 import signal
 import threading
@@ -13,19 +15,22 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from . import distributed
 from .budget import choose_strategy, device_budget
 from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device, tune_malloc
-from .errors import ConfigError
+from .errors import ConfigError, LowmergeError
+from .info import TensorClass
 from .io.checkpoint import open_checkpoint
 from .io.outdir import OutputDir
-from .io.reader import INDEX_NAME
-from .io.writer import ShardWriter, output_error, plan_shards
-from .methods import DEFAULT_METHOD, get_method, params_dict, parse_params
+from .io.reader import INDEX_NAME, SINGLE_NAME
+from .io.writer import Shard, ShardWriter, output_error, plan_shards
+from .methods import DEFAULT_METHOD, MergeMethod, get_method, params_dict, parse_params
 from .plan import Expert, Plan, make_plan
 from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from .sizes import parse_size
-from .stream import Piece, StreamContext, run_merge, run_prepass, stream_volume
+from .stream import (Piece, StreamContext, prepass_rounds, read_volume, run_merge, run_prepass, stream_volume,
+                     tensor_groups)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -37,22 +42,32 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
           device: str = "auto", dtype: str = "auto", shard_size: str | int = "4GB",
           max_memory: str | int | None = None, max_device_memory: str | int | None = None,
           resume: bool = False, force: bool = False, quantize: str | None = None,
-          progress: Callable[[int, int], None] | None = None, **params: Any) -> Report:
+          progress: Callable[[int, int], None] | None = None, **params: Any) -> Report | None:
     """Merge ``experts`` (fine-tunes of ``base``, or LoRA adapters of it) into ``out``.
 
     Options are those of ``lowmerge merge --help``; ``params`` are the method's (``lowmerge methods``).
     ``quantize`` (int8 or nf4) writes linear weights in bitsandbytes' format (``quantize.py``).
     ``progress(done_bytes, total_bytes)`` is called as inputs are consumed.
+    Started by torchrun (WORLD_SIZE > 1), each rank merges its share of the tensors (``distributed.py``); rank 0
+    returns the report, the other ranks None.
     """
     t_start = time.perf_counter()
     _prepare_process()
     method_cls = get_method(method or DEFAULT_METHOD)
     parsed = parse_params(method_cls, params)
     method_cls.check_experts(parsed, len(experts))
+    dist = distributed.from_env()
     dev = resolve_device(device)
+    if dist is not None and dev.type == "cuda":
+        dev = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(dev)
     out_dtype = _parse_dtype(dtype)
     shard_bytes = parse_size(shard_size, "--shard-size")
+    if dist is not None:
+        distributed.init(dist, dev)
     with contextlib.ExitStack() as stack:
+        if dist is not None:
+            stack.callback(dist.close)
         base_ck = stack.enter_context(open_checkpoint(base))
         expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
         plan = make_plan(base_ck, expert_cks, out_dtype)
@@ -62,22 +77,45 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
             parse_size(max_memory, "--max-memory") - (quantizer.extra_bytes() if quantizer else 0),
             device_budget(dev, None if max_device_memory is None else parse_size(max_device_memory,
                                                                                   "--max-device-memory")))
-        pieces = strategy.pieces
         timings = {"plan": time.perf_counter() - t_start}
-        outdir = OutputDir(out, {**_fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
-                                 "chunk_elems": strategy.chunk_elems, "quantize": quantize},
-                           resume=resume, force=force)
-        specs = [(i.name, plan.out_dtype[i.name], plan.entry(i.name).shape) for i in plan.tensors]
-        if quantizer:
-            specs = [q for spec in specs for q in quantizer.specs(*spec)]
-        shards = plan_shards(specs, shard_bytes, quantizer.attached() if quantizer else frozenset())
+        fingerprint = {**_fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
+                       "chunk_elems": strategy.chunk_elems, "quantize": quantize,
+                       **({"world_size": dist.world} if dist else {})}
+        world, rank = (dist.world, dist.rank) if dist else (1, 0)
+        owner = _owners(plan, method_cls, parsed, strategy.pieces, world)
+        pieces = [p for p in strategy.pieces if owner[p.target] == rank]
+        by_rank = _rank_shards(plan, quantizer, owner, world, shard_bytes)
+        shards = [s for r in by_rank for s in r]
         final = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + _extra_files(plan)
-        outdir.claim(final + [REPORT_NAME, CARD_NAME])
-        resumed = sorted(outdir.done_shards)          # kept from the interrupted run; the writer adds to it
+        outdir = work = None
+        if dist is None:
+            outdir = work = OutputDir(out, fingerprint, resume=resume, force=force)
+            outdir.claim(final + [REPORT_NAME, CARD_NAME])
+        else:
+            error = None
+            if dist.is_main:
+                try:
+                    outdir = OutputDir(out, fingerprint, resume=resume, force=force)
+                    outdir.claim(final + [REPORT_NAME, CARD_NAME])
+                except LowmergeError as e:
+                    error = e
+            dist.sync(error)                           # nobody writes unless rank 0 may use the directory
+            work = _rank_dir(Path(out), rank, fingerprint, resume)
+        resumed = sorted(work.done_shards)            # kept from the interrupted run; the writer adds to it
         pool = BufferPool(limit=strategy.prefetch_bytes, pin=dev.type == "cuda")
         ctx = StreamContext(plan, method_cls, parsed, dev, lambda n: None, pool,
-                            strategy.prefetch_bytes, strategy.cpu_tensors)
-        stats, bytes_read = _stream(ctx, pieces, outdir, shards, timings, progress, quantizer)
+                            strategy.prefetch_bytes, strategy.cpu_tensors, dist.all_reduce if dist else None)
+        if dist is None:
+            stats, bytes_read = _stream(ctx, pieces, work, by_rank[0], timings, progress, quantizer)
+            ranks = None
+        else:
+            ranks = _stream_rank(dist, ctx, pieces, work, by_rank[rank], timings, progress, quantizer, resumed)
+            if not dist.is_main:
+                return None
+            _collect_rank_shards(Path(out), by_rank)
+            stats = {k: v for r in ranks for k, v in r["tensor_stats"].items()}
+            bytes_read = sum(r["bytes_read"] for r in ranks)
+            resumed = sorted(n for r in ranks for n in r["resumed_shards"])
         try:
             _write_heads(plan, outdir.path)
             _copy_base_files(plan, outdir.path, out_dtype, quantizer.config() if quantizer else None)
@@ -97,11 +135,92 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
                 "warnings": plan.warnings, "tensor_stats": stats, "versions": versions(),
                 "files": final + [REPORT_NAME, CARD_NAME],
             }
+            if ranks is not None:
+                data["distributed"] = {"world_size": world, "ranks": [{k: v for k, v in r.items()
+                                                                       if k != "tensor_stats"} for r in ranks]}
             report = write_report(outdir.path, data)
             outdir.finish(shards)
+            if dist is not None:
+                for r in range(world):
+                    shutil.rmtree(Path(out) / distributed.RANK_DIR.format(r), ignore_errors=True)
         except OSError as e:
             raise output_error(e, outdir.path) from None
         return report
+
+
+def _owners(plan: Plan, method: type[MergeMethod], params: Any, pieces: list[Piece], world: int) -> dict[str, int]:
+    """Which rank writes each output tensor (every one is rank 0's in a single process).
+
+    Whole tensors, never row chunks of one (a per-tensor prepass sees all of a tensor), balanced by an estimate of
+    each tensor's time: its bytes read over every pass and prepass round at 1 GB/s, plus for a rule that solves a
+    matrix problem per LIN tensor (one that is not row-chunkable there) n_experts · 2·m·n·min(m, n) FLOPs at
+    100 GFLOP/s: a Gram or an SVD per expert dominates those rules.
+    """
+    groups = tensor_groups(pieces)
+    if world == 1:
+        return {g[0].target: 0 for g in groups}
+    reads = method.passes + prepass_rounds(method, params, "model") + prepass_rounds(method, params, "tensor")
+    costs = []
+    for group in groups:
+        info = group[0].info
+        cost = read_volume(plan, group, reads) / 1e9
+        if info.cls == TensorClass.LIN and not method.row_chunkable(params, info) and len(info.shape) >= 2:
+            m, n = info.shape[-2:]
+            cost += plan.n_experts * 2 * m * n * min(m, n) * (info.numel // (m * n)) / 1e11
+        costs.append(cost)
+    owner = distributed.partition(costs, world)
+    return {g[0].target: r for g, r in zip(groups, owner)}
+
+
+def _rank_shards(plan: Plan, quantizer: Quantizer | None, owner: dict[str, int], world: int,
+                 shard_bytes: int) -> list[list[Shard]]:
+    """Each rank's shards (its tensors in plan order), named in one sequence over all ranks."""
+    per_rank: list[list] = [[] for _ in range(world)]
+    for i in plan.tensors:
+        spec = (i.name, plan.out_dtype[i.name], plan.entry(i.name).shape)
+        per_rank[owner[i.name]].extend(quantizer.specs(*spec) if quantizer else [spec])
+    attached = quantizer.attached() if quantizer else frozenset()
+    by_rank = [plan_shards(specs, shard_bytes, attached) if specs else [] for specs in per_rank]
+    total = sum(len(r) for r in by_rank)
+    names = iter([SINGLE_NAME] if total == 1 else
+                 [f"model-{k + 1:05d}-of-{total:05d}.safetensors" for k in range(total)])
+    return [[dataclasses.replace(s, name=next(names)) for s in shards] for shards in by_rank]
+
+
+def _rank_dir(out: Path, rank: int, fingerprint: dict, resume: bool) -> OutputDir:
+    """This rank's working directory inside OUT, with its own resume manifest (a new run starts it empty)."""
+    path = out / distributed.RANK_DIR.format(rank)
+    if not resume:
+        shutil.rmtree(path, ignore_errors=True)
+    return OutputDir(path, {**fingerprint, "rank": rank}, resume=resume)
+
+
+def _stream_rank(dist: distributed.Dist, ctx: StreamContext, pieces: list[Piece], work: OutputDir,
+                 shards: list[Shard], timings: dict, progress: Callable[[int, int], None] | None,
+                 quantizer: Quantizer | None, resumed: list[str]) -> list[dict]:
+    """This rank's share, then every rank's outcome: raises on every rank if any failed (naming it)."""
+    t0 = time.perf_counter()
+    error: BaseException | None = None
+    stats, bytes_read = {}, 0
+    try:
+        stats, bytes_read = _stream(ctx, pieces, work, shards, timings, progress, quantizer)
+    except distributed.RankFailed:
+        raise                                       # another rank failed during a prepass round: all stop there
+    except Exception as e:
+        error = e
+    payload = {"rank": dist.rank, "tensors": len({p.target for p in pieces}), "shards": [s.name for s in shards],
+               "resumed_shards": resumed, "bytes_read": bytes_read, "tensor_stats": stats,
+               "timings_s": {**timings, "rank_total": time.perf_counter() - t0},
+               "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(ctx.device)}
+    return dist.sync(error, payload)
+
+
+def _collect_rank_shards(out: Path, by_rank: list[list[Shard]]) -> None:
+    """Rank 0, once every rank succeeded: each rank's finished shards into OUT, still under their partial names
+    (``OutputDir.finish`` gives them their final names, then writes the index)."""
+    for r, shards in enumerate(by_rank):
+        for s in shards:
+            os.replace(out / distributed.RANK_DIR.format(r) / s.partial, out / s.partial)
 
 
 def _prepare_process() -> None:

@@ -139,6 +139,7 @@ class StreamContext:
     pool: BufferPool                         # host buffers: reads, and Δ when the device is the CPU
     prefetch_bytes: int = PREFETCH_BYTES     # read-ahead budget
     cpu_tensors: frozenset[str] = frozenset()  # merged on the CPU: their statistics do not fit the device
+    reduce: Callable[[list[torch.Tensor]], None] | None = None  # sums a prepass's counts over torchrun ranks
 
 
 def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Expert, str, tuple[int, int] | None]]:
@@ -326,6 +327,8 @@ def run_prepass(ctx: StreamContext, pieces: list[Piece]) -> Any:
                     _observe(ctx, pre, round_, piece, fetch)
         finally:
             fetch.close()
+        if ctx.reduce is not None:                  # each rank observed its own tensors: sum them
+            ctx.reduce(pre.counts(round_))
         pre.end_round(round_)
     return pre.state()
 

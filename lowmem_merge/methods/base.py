@@ -45,6 +45,11 @@ class Prepass:
     def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def counts(self, round_: int) -> list[torch.Tensor]:
+        """The host tensors ``observe`` added to in ``round_``: in a torchrun merge each rank observes its own
+        tensors, and these are summed over ranks before ``end_round``. A model-wide statistic must be such sums."""
+        raise NotImplementedError
+
     def end_round(self, round_: int) -> None:
         """Called once after every tensor of every expert was observed in ``round_``."""
 

@@ -89,6 +89,9 @@ class TiesPrepass(Prepass):
                 inside = bits[bits.bitwise_right_shift(16) == self._bucket[t]]
                 counts += torch.bincount(inside.bitwise_and_(_LOW - 1), minlength=_LOW).cpu()
 
+    def counts(self, round_: int) -> list[torch.Tensor]:
+        return self._high if round_ == 0 else self._low
+
     def end_round(self, round_: int) -> None:
         for t in range(self.n_experts):
             if round_ == 0:
