@@ -128,6 +128,9 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
     OUT receives the merged safetensors shards, config and tokenizer files copied from BASE,
     lowmerge_report.json and a model card; it loads with transformers' from_pretrained as it is. A run
     that stops half way leaves no file that looks complete.
+
+    Under torchrun (torchrun --nproc-per-node N -m lowmem_merge merge ...) each process merges a share of
+    the tensors and rank 0 assembles OUT; the output is the same.
     """
     from .merge import merge as run
     if config is not None:
