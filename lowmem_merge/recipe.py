@@ -9,6 +9,9 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
   dare_linear      W0 + λ Σ w_t (m_t ⊙ Δt) / K_t (÷ Σ w_t with normalize: true)    → dare(scale, weights, densities)
   dare_ties        DARE's drop and rescale, then ties' election and agreeing sum
                    (÷ agreeing Σ w_t with normalize: true; false by default)       → dare_ties(scale, weights, ...)
+  breadcrumbs      per tensor, drop the γ largest and the smallest |Δt|, keeping K in between; W0 + λ Σ w_t Δ't
+                   (÷ Σ w_t with normalize: true; false by default)                 → breadcrumbs(scale, gamma, ...)
+  breadcrumbs_ties breadcrumbs' band, then ties' election and agreeing sum        → breadcrumbs_ties(gamma, ...)
 A model listed under ``models`` that is the base has no task vector and is skipped, as mergekit does, except in
 linear, where it is an expert with Δ = 0 and counts with its weight. lowmerge's own methods are accepted by name,
 with their parameters under ``parameters`` and per-model ``weight`` / ``density`` where the rule has per-expert ones.
@@ -35,8 +38,10 @@ MERGEKIT = {
     "ties": (("normalize", "lambda", "int8_mask"), ("weight", "density"), True),
     "dare_linear": (("normalize", "lambda", "int8_mask"), ("weight", "density"), False),
     "dare_ties": (("normalize", "lambda", "int8_mask"), ("weight", "density"), False),
+    "breadcrumbs": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "gamma"), False),
+    "breadcrumbs_ties": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "gamma"), False),
 }
-ELECTING = ("ties", "dare_ties")  # normalize divides by the agreeing weights, inside the rule
+ELECTING = ("ties", "dare_ties", "breadcrumbs_ties")  # normalize divides by the agreeing weights, inside the rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +127,21 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
         return "ties", {**params, "trim": "tensor", "normalize": normalize}
     if name == "dare_ties":
         return "dare_ties", {**params, "normalize": normalize}
+    if name in ("breadcrumbs", "breadcrumbs_ties"):
+        return name, {**params, **_breadcrumbs_params(name, glob, entries, normalize)}
     return "dare", params
+
+
+def _breadcrumbs_params(name: str, glob: dict, entries: list[tuple[str, dict]], normalize: bool) -> dict[str, Any]:
+    """γ (mergekit: per model, 0.01 by default) must be one value for all models; rescale must stay false."""
+    gammas = {_number(p.get("gamma", glob.get("gamma", 0.01)), "gamma", m) for m, p in entries}
+    if len(gammas) > 1:
+        raise ConfigError(f"merge_method {name!r}: a different gamma per model is not supported",
+                          hint="give one gamma under parameters")
+    if _bool(glob.get("rescale", False), "rescale"):
+        raise ConfigError(f"merge_method {name!r}: rescale: true (an L1 rescale of each sparsified task vector) "
+                          "is not supported", hint="use rescale: false, mergekit's default for this method")
+    return {"gamma": gammas.pop(), **({"normalize": normalize} if name == "breadcrumbs_ties" else {})}
 
 
 def _own(name: str, glob: dict, entries: list[tuple[str, dict]]) -> dict[str, Any]:

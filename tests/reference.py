@@ -121,6 +121,22 @@ def _top_k(x: torch.Tensor, density: float) -> torch.Tensor:
     return x * (x.abs() >= kappa)
 
 
+def breadcrumbs_band(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit's magnitude_outliers: sort |x| ascending, keep positions [n_bot, n_bot + k) with k = int(K·numel),
+    n_top = int(γ·numel), n_bot = max(0, numel − k − n_top); entries tied with an edge value are kept too."""
+    if density >= 1:
+        return x.clone()
+    flat = x.reshape(-1).abs()
+    n = flat.numel()
+    k, top = int(density * n), int(gamma * n)
+    if k == 0:
+        return torch.zeros_like(x)
+    bottom = max(0, n - k - top)
+    ordered = flat.sort().values
+    lo, hi = ordered[bottom], ordered[bottom + k - 1]
+    return x * ((x.abs() >= lo) & (x.abs() <= hi))
+
+
 def ties_elected(trimmed: torch.Tensor, trim: str) -> torch.Tensor:
     """γ = sign(Σ trimmed); a zero sum gives 0 (lowmerge's rule, trim=global) or + (mergekit, trim=tensor)."""
     total = trimmed.sum(0)

@@ -131,6 +131,16 @@ REFERENCES = {
     "dare_ties": [({"density": 1.0, "scale": 0.7, "normalize": True},  # no drop: mergekit's ties without a trim
                    lambda m, p: {k: p.scale * ref.ties_weighted(torch.stack(d), [1.0] * len(d), "tensor", True)
                                  for k, (_, d) in m.items()}, 0.7)],
+    "breadcrumbs": [({"density": 0.6, "gamma": 0.1, "scale": 0.8},
+                     lambda m, p: {k: p.scale * sum(ref.breadcrumbs_band(x, p.density, p.gamma) for x in d)
+                                   for k, (_, d) in m.items()}, 0.8),
+                    ({"density": 0.5, "gamma": 0.0, "normalize": True},
+                     lambda m, p: {k: sum(ref.breadcrumbs_band(x, p.density, p.gamma) for x in d) / len(d)
+                                   for k, (_, d) in m.items()}, 1.0)],
+    "breadcrumbs_ties": [({"density": 0.6, "gamma": 0.1, "normalize": True},
+                          lambda m, p: {k: p.scale * ref.ties_weighted(torch.stack(
+                              [ref.breadcrumbs_band(x, p.density, p.gamma) for x in d]), [1.0] * len(d), "tensor",
+                              True) for k, (_, d) in m.items()}, 1.0)],
     "ties": [({}, lambda m, p: ref.ties(m, p.density, p.scale, p.trim), 1.0),
              ({"density": 0.5, "scale": 0.7, "trim": "tensor"}, lambda m, p: ref.ties(m, p.density, p.scale, p.trim),
               0.7),
@@ -192,7 +202,9 @@ def check_against_reference(name: str, row: int, model: Model) -> None:
     model64 = {k: (info, [d.cpu().double() for d in deltas]) for k, (info, deltas) in model.items()}
     want = reference(model64, params)
     n_experts = len(next(iter(model.values()))[1])
-    trimmed = ref.ties_trimmed(model64, params.density, params.trim) if name == "ties" else {}
+    trimmed = ref.ties_trimmed(model64, params.density, params.trim) if name == "ties" else \
+        {k: torch.stack([ref.breadcrumbs_band(x, params.density, params.gamma) for x in d])
+         for k, (_, d) in model64.items()} if name == "breadcrumbs_ties" else {}
     for key, (info, deltas) in model64.items():
         if info.cls == LIN and name in ("actmat", "wudi_cfs", *SENSITIVITY):
             kappa = system_condition(name, params, deltas)
@@ -203,7 +215,7 @@ def check_against_reference(name: str, row: int, model: Model) -> None:
             continue
         bound = (n_experts + 2) * U32 * gain * torch.stack(deltas).abs().sum(0)
         close = (got[key].double() - want[key]).abs() <= bound
-        if name == "ties":  # an fp32 sum within rounding of 0 may elect either sign
+        if name in ("ties", "breadcrumbs_ties"):  # an fp32 sum within rounding of 0 may elect either sign
             t = trimmed[key]
             total = t.sum(0)  # an exact 0 stays exact in fp32 (bf16 deltas) and is compared
             ambiguous = (total != 0) & (total.abs() < 2 * (n_experts + 1) * U32 * t.abs().sum(0))

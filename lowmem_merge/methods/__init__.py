@@ -5,6 +5,7 @@ from ..errors import ConfigError
 from .ace import Ace
 from .actmat import ActMat
 from .average import Average
+from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .base import MergeMethod, NoParams, Prepass, parse_params, params_dict
 from .dare import Dare
 from .dare_ties import DareTies
@@ -22,6 +23,8 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     Ties,
     Dare,
     DareTies,
+    Breadcrumbs,
+    BreadcrumbsTies,
     ActMat,
     WudiCfs,
     Wudi,

@@ -55,11 +55,12 @@ class TiesParams:
 
 
 class TiesPrepass(Prepass):
-    """Exact per-expert threshold κ_t in two reads, holding histograms, never the values (scope: the whole model).
+    """Exact per-expert thresholds in two reads, holding histograms, never the values (scope: the whole model).
 
     Non-negative fp32 values order like their int32 bit patterns. Round 0 counts |Δ| by the top 16 bits (32768 buckets)
-    and finds, per expert, the bucket holding the threshold's rank r (1-indexed, smallest first); round 1 counts the
-    low 16 bits of the entries in that bucket, which pins the r-th smallest value down exactly.
+    and finds, per expert and threshold, the bucket holding its rank r (1-indexed, smallest first); round 1 counts
+    the low 16 bits of the entries in that bucket, which pins the r-th smallest value down exactly. TIES has one
+    threshold per expert; subclasses may ask for several (``threshold_ranks``).
     """
 
     rounds = 2
@@ -67,48 +68,49 @@ class TiesPrepass(Prepass):
     def __init__(self, n_experts: int, params: Any) -> None:
         super().__init__(n_experts, params)
         self._high = [torch.zeros(_HIGH, dtype=torch.int64) for _ in range(n_experts)]  # round 0 counts
-        self._low = [torch.zeros(_LOW, dtype=torch.int64) for _ in range(n_experts)]    # round 1 counts
-        self._bucket = [0] * n_experts  # bucket of the r-th smallest
-        self._rank = [0] * n_experts    # its rank inside the bucket, 1-indexed; 0 = nothing to find in round 1
-        self._kappa = [0.0] * n_experts
+        self._kappa: list[list[float]] = [[] for _ in range(n_experts)]   # per expert, per threshold
+        self._find: list[list[tuple[int, int, int]]] = [[] for _ in range(n_experts)]  # (which, bucket, rank in it)
+        self._low: list[list[torch.Tensor]] = [[] for _ in range(n_experts)]           # round 1 counts, per find
 
-    @staticmethod
-    def threshold_rank(d: int, density: float) -> int:
-        """Rank of κ among d entries: the (d − ⌊d·K⌋)-th smallest (the authors' global rule); 0 keeps everything."""
-        return d - int(d * density) if density < 1 and d > 0 else 0
+    def threshold_ranks(self, d: int, t: int) -> list[int]:
+        """Ranks among d entries of expert t's thresholds (0 stands for κ = 0, d + 1 for κ = ∞). TIES: the
+        (d − ⌊d·K⌋)-th smallest (the authors' global rule), or everything kept at K = 1."""
+        density = expert_density(self.params, t)
+        return [d - int(d * density)] if density < 1 and d > 0 else [0]
 
     def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
-        if round_ == 1 and self._rank[t] == 0:
+        if round_ == 1 and not self._find[t]:
             return
-        counts = self._high[t] if round_ == 0 else self._low[t]
         for part in delta.reshape(-1).split(_SLAB):
             bits = part.abs().view(torch.int32)  # a temporary we may overwrite
             if round_ == 0:
-                counts += torch.bincount(bits.bitwise_right_shift_(16), minlength=_HIGH).cpu()
-            else:  # only the entries inside the bucket, by their low 16 bits
-                inside = bits[bits.bitwise_right_shift(16) == self._bucket[t]]
-                counts += torch.bincount(inside.bitwise_and_(_LOW - 1), minlength=_LOW).cpu()
+                self._high[t] += torch.bincount(bits.bitwise_right_shift_(16), minlength=_HIGH).cpu()
+                continue
+            high = bits.bitwise_right_shift(16)
+            for (_, bucket, _), low in zip(self._find[t], self._low[t]):  # only the entries inside the bucket
+                inside = bits[high == bucket]
+                low += torch.bincount(inside.bitwise_and_(_LOW - 1), minlength=_LOW).cpu()
 
     def counts(self, round_: int) -> list[torch.Tensor]:
-        return self._high if round_ == 0 else self._low
+        return self._high if round_ == 0 else [low for lows in self._low for low in lows]
 
     def end_round(self, round_: int) -> None:
         for t in range(self.n_experts):
             if round_ == 0:
                 d = int(self._high[t].sum())
-                rank = self.threshold_rank(d, expert_density(self.params, t))
-                if rank > d:       # nothing kept
-                    self._kappa[t] = math.inf
-                elif rank:
-                    self._bucket[t], self._rank[t] = _locate(self._high[t], rank)
-            elif self._rank[t]:
-                low, _ = _locate(self._low[t], self._rank[t])
-                bits = torch.tensor((self._bucket[t] << 16) | low, dtype=torch.int32)
-                self._kappa[t] = bits.view(torch.float32).item()
+                ranks = self.threshold_ranks(d, t)
+                self._kappa[t] = [0.0 if r == 0 else math.inf if r > d else math.nan for r in ranks]
+                self._find[t] = [(i, *_locate(self._high[t], r)) for i, r in enumerate(ranks) if 0 < r <= d]
+                self._low[t] = [torch.zeros(_LOW, dtype=torch.int64) for _ in self._find[t]]
+            else:
+                for (i, bucket, rank), low in zip(self._find[t], self._low[t]):
+                    value, _ = _locate(low, rank)
+                    bits = torch.tensor((bucket << 16) | value, dtype=torch.int32)
+                    self._kappa[t][i] = bits.view(torch.float32).item()
 
     def state(self) -> list[float]:
         """κ_t per expert (exact fp32 values; inf keeps nothing)."""
-        return list(self._kappa)
+        return [k[0] for k in self._kappa]
 
 
 class TensorTiesPrepass(TiesPrepass):
@@ -117,10 +119,10 @@ class TensorTiesPrepass(TiesPrepass):
 
     scope = "tensor"
 
-    @staticmethod
-    def threshold_rank(d: int, density: float) -> int:
+    def threshold_ranks(self, d: int, t: int) -> list[int]:
         """The k-th largest is the (d − k + 1)-th smallest; k = 0 gives d + 1: nothing kept."""
-        return d - int(density * d) + 1 if density < 1 and d > 0 else 0
+        density = expert_density(self.params, t)
+        return [d - int(density * d) + 1] if density < 1 and d > 0 else [0]
 
 
 def _locate(counts: torch.Tensor, rank: int) -> tuple[int, int]:

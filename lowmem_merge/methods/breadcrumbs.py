@@ -1,0 +1,137 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2023), as mergekit's ``breadcrumbs`` and ``breadcrumbs_ties``.
+
+Per tensor and expert, drop the ⌊γ·numel⌋ largest |Δt| (outliers) and as many of the smallest as it takes to keep
+k = ⌊K·numel⌋ entries in between (fewer outliers are dropped when γ + K > 1); K = 1 keeps everything. Then
+``breadcrumbs`` sums λ·Σ w_t Δ't (÷ Σ w_t with normalize), and ``breadcrumbs_ties`` elects a sign per entry from
+Σ w_t Δ't and sums the agreeing entries (÷ their weights with normalize), as ``ties`` does.
+
+The band is found exactly, like ties' trim=tensor: a per-tensor prepass (two histogram rounds over the tensor's row
+chunks) pins both edges, the (n_bot + 1)-th and (n_bot + k)-th smallest |Δt|, and entries with lo ≤ |Δt| ≤ hi are
+kept: where |Δt| ties an edge all the tied entries stay, where mergekit's sort keeps an arbitrary subset.
+Not supported: mergekit's ``rescale: true`` (an L1 rescale of each sparsified task vector; it needs one more round).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..info import TensorInfo
+from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight
+from .ties import _SLAB, Ties, TiesPrepass
+
+
+@dataclasses.dataclass(frozen=True)
+class BreadcrumbsParams:
+    density: float = 0.9
+    gamma: float = 0.01
+    scale: float = 1.0
+    weights: tuple[float, ...] = ()
+    densities: tuple[float, ...] = ()
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        check_densities("breadcrumbs", self.densities + (self.density,))
+        if not 0 <= self.gamma < 1:
+            raise ConfigError(f"breadcrumbs: gamma={self.gamma} must be in [0, 1)",
+                              hint="gamma is the fraction of largest entries dropped, e.g. -p gamma=0.01")
+
+
+class BandPrepass(TiesPrepass):
+    """Both edges of each expert's kept band of |Δt|, for one tensor."""
+
+    scope = "tensor"
+
+    def threshold_ranks(self, d: int, t: int) -> list[int]:
+        density = expert_density(self.params, t)
+        if density >= 1 or d == 0:
+            return [0, d + 1]                          # [0, ∞]: everything
+        keep, top = int(density * d), int(self.params.gamma * d)
+        bottom = max(0, d - keep - top)
+        return [bottom + 1, bottom + keep] if keep else [d + 1, d + 1]
+
+    def state(self) -> list[tuple[float, float]]:
+        """(lo, hi) per expert: entries with lo ≤ |Δt| ≤ hi are kept."""
+        return [(k[0], k[1]) for k in self._kappa]
+
+
+def in_band(d: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``d`` where lo ≤ |d| ≤ hi, else 0 (a new tensor the size of ``d``: callers pass slabs)."""
+    a = d.abs()
+    return torch.where((a >= lo) & (a <= hi), d, 0.0)
+
+
+class Breadcrumbs(MergeMethod):
+    name = "breadcrumbs"
+    summary = "drop each task vector's largest outliers and smallest entries, sum the rest (mergekit's breadcrumbs)"
+    Params = BreadcrumbsParams
+    prepass = BandPrepass
+    param_help = {
+        "density": "K, fraction of each task vector kept (between the outliers and the smallest)",
+        "gamma": "γ, fraction of the largest entries dropped as outliers",
+        "scale": "λ, multiplies the merged task vector",
+        "weights": "w_t, one per expert (comma-separated), multiply the kept task vectors; empty: all 1",
+        "densities": "K_t, one per expert (comma-separated); empty: density for every expert",
+        "normalize": "divide the sum by Σ w_t (mergekit's default for breadcrumbs: false)",
+    }
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        super().__init__(info, n_experts, params, state)
+        if state is None:
+            raise ValueError("breadcrumbs needs its band prepass state ((lo, hi) per expert)")
+        self.total: torch.Tensor | None = None
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        if self.total is None:
+            self.total = self.zeros(delta.shape, delta.device)
+        lo, hi = self.state[t]
+        w = expert_weight(self.params, t)
+        acc = self.total.view(-1)
+        for start, part in zip(range(0, delta.numel(), _SLAB), delta.reshape(-1).split(_SLAB)):
+            acc[start:start + part.numel()].add_(in_band(part, lo, hi), alpha=w)
+
+    def finalize(self) -> torch.Tensor:
+        total = sum(self.params.weights) if self.params.weights else float(self.n_experts)
+        divisor = total if self.params.normalize and abs(total) >= 1e-8 else 1.0   # mergekit's guard
+        return self.total.mul_(self.params.scale / divisor)
+
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        return True
+
+    @classmethod
+    def prepass_for(cls, params: Any) -> type[Prepass] | None:
+        return BandPrepass
+
+    @staticmethod
+    def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
+        return 4 * info.numel + 16 * min(info.numel, _SLAB)
+
+
+class BreadcrumbsTies(Ties):
+    name = "breadcrumbs_ties"
+    summary = "breadcrumbs' band of each task vector, then TIES' sign election and agreeing sum (mergekit)"
+    Params = BreadcrumbsParams
+    prepass = BandPrepass
+    param_help = {**Breadcrumbs.param_help,
+                  "normalize": "divide the agreeing entries' sum by their weights (mergekit's default: false)"}
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        lo, hi = self.state[t]
+        w = expert_weight(self.params, t)
+        for start, part in zip(range(0, delta.numel(), _SLAB), delta.reshape(-1).split(_SLAB)):
+            self._accumulate(in_band(part, lo, hi), start, 0.0, w)   # kept zeros join neither side
+
+    def _plus_on_zero_sum(self) -> bool:
+        return True
+
+    @classmethod
+    def prepass_for(cls, params: Any) -> type[Prepass] | None:
+        return BandPrepass
+
+    @staticmethod
+    def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
+        return 16 * info.numel + 16 * min(info.numel, _SLAB)
+

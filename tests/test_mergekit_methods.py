@@ -1,0 +1,105 @@
+"""mergekit recipes for the methods issue 9 adds, run by lowmerge through the CLI: against mergekit's formula written
+out here in fp64, and against mergekit itself where bench/vs_mergekit.py's virtual environment exists."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import reference as ref
+from lowmem_merge.demo import LlamaShape, build_example
+
+from conftest import run_cli
+
+SHAPE = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
+MERGEKIT = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mergekit-venv" / "bin" / "mergekit-yaml"
+RECIPES = {   # the form of mergekit's own examples: per-model weight and density, method parameters globally
+    "breadcrumbs": {"parameters": {"gamma": 0.05, "normalize": False, "lambda": 0.9},
+                    "models": [{"density": 0.6, "weight": 0.7}, {"density": 0.5, "weight": 0.4},
+                               {"density": 0.8, "weight": 0.6}]},
+    "breadcrumbs_ties": {"parameters": {"gamma": 0.02, "normalize": True},
+                         "models": [{"density": 0.5, "weight": 1.0}, {"density": 0.5, "weight": 0.5},
+                                    {"density": 0.7, "weight": 0.8}]},
+}
+
+
+def tensors(d: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
+    """fp32 inputs: |Δt| takes distinct values, so the band's edges are never tied and mergekit's sort agrees."""
+    root = tmp_path_factory.mktemp("mk")
+    base, experts = build_example(root / "in", SHAPE, n_experts=3, dtype=torch.float32)
+    return root, base, experts
+
+
+def write_recipe(root: Path, method: str, base: Path, experts: list[Path]) -> Path:
+    spec = RECIPES[method]
+    recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32", "parameters": spec["parameters"],
+              "models": [{"model": str(e), "parameters": p} for e, p in zip(experts, spec["models"])]}
+    path = root / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Tensor]:
+    """mergekit's generalized task arithmetic with magnitude_outliers, in fp64 on whole tensors."""
+    spec = RECIPES[method]
+    glob = spec["parameters"]
+    w0 = {k: v.double() for k, v in tensors(base).items()}
+    ws = [{k: v.double() for k, v in tensors(e).items()} for e in experts]
+    weights = [m["weight"] for m in spec["models"]]
+    out = {}
+    for name, b in w0.items():
+        if not b.is_floating_point() or b.dim() == 0:
+            continue
+        kept = torch.stack([ref.breadcrumbs_band(w[name] - b, m["density"], glob["gamma"])
+                            for w, m in zip(ws, spec["models"])])
+        if method == "breadcrumbs":
+            mixed = sum(wt * k for wt, k in zip(weights, kept))
+            if glob["normalize"]:
+                mixed = mixed / sum(weights)
+        else:
+            mixed = ref.ties_weighted(kept, weights, "tensor", glob["normalize"])
+        out[name] = b + glob.get("lambda", 1.0) * mixed
+    return out
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_recipe_matches_mergekits_formula(models, method: str) -> None:
+    root, base, experts = models
+    recipe = write_recipe(root, method, base, experts)
+    run_cli("merge", "--config", recipe, "-o", root / f"out-{method}", "-q", "--device", "cpu", check=True)
+    got = tensors(root / f"out-{method}")
+    want = formula(method, base, experts)
+    assert want and set(want) <= set(got)
+    for name, w in want.items():
+        scale = max(1.0, float(w.abs().max()))
+        assert (got[name].double() - w).abs().max() <= 16 * 2 ** -23 * scale, name
+
+
+@pytest.mark.skipif(not MERGEKIT.is_file(), reason="mergekit's venv (bench/vs_mergekit.py) is not built here")
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_recipe_matches_mergekit_itself(models, method: str) -> None:
+    root, base, experts = models
+    recipe = write_recipe(root, method, base, experts)
+    out_mk, out_lm = root / f"mk-{method}", root / f"lm-{method}"
+    proc = subprocess.run([str(MERGEKIT), str(recipe), str(out_mk), "--no-copy-tokenizer", "--no-write-model-card",
+                           "--quiet"], capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_cli("merge", "--config", recipe, "-o", out_lm, "-q", "--device", "cpu", check=True)
+    a, b = tensors(out_mk), tensors(out_lm)
+    assert set(a) <= set(b)
+    for name, x in a.items():
+        scale = max(1.0, float(x.abs().max()))
+        assert (b[name].double() - x.double()).abs().max() <= 16 * 2 ** -23 * scale, name
