@@ -12,6 +12,7 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
   breadcrumbs      per tensor, drop the γ largest and the smallest |Δt|, keeping K in between; W0 + λ Σ w_t Δ't
                    (÷ Σ w_t with normalize: true; false by default)                 → breadcrumbs(scale, gamma, ...)
   breadcrumbs_ties breadcrumbs' band, then ties' election and agreeing sum        → breadcrumbs_ties(gamma, ...)
+  model_stock      W0 + t·mean(Δt), t from the mean pairwise cosine of the Δt     → model_stock
 A model listed under ``models`` that is the base has no task vector and is skipped, as mergekit does, except in
 linear, where it is an expert with Δ = 0 and counts with its weight. lowmerge's own methods are accepted by name,
 with their parameters under ``parameters`` and per-model ``weight`` / ``density`` where the rule has per-expert ones.
@@ -40,6 +41,7 @@ MERGEKIT = {
     "dare_ties": (("normalize", "lambda", "int8_mask"), ("weight", "density"), False),
     "breadcrumbs": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "gamma"), False),
     "breadcrumbs_ties": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "gamma"), False),
+    "model_stock": (("filter_wise",), (), False),
 }
 ELECTING = ("ties", "dare_ties", "breadcrumbs_ties")  # normalize divides by the agreeing weights, inside the rule
 
@@ -106,6 +108,8 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
     _only(glob, allowed + per_model, f"merge_method {name!r}: parameter")
     for model, p in entries:
         _only(p, per_model, f"merge_method {name!r}: model {model}: parameter")
+    if name == "model_stock":
+        return "model_stock", {"filter_wise": _bool(glob.get("filter_wise", False), "filter_wise")}
     weights = tuple(_number(p.get("weight", glob.get("weight", 1.0)), "weight", m) for m, p in entries)
     densities = tuple(_number(p.get("density", glob.get("density", 1.0)), "density", m) for m, p in entries)
     normalize = _bool(glob.get("normalize", normalize_default), "normalize")

@@ -137,6 +137,19 @@ def breadcrumbs_band(x: torch.Tensor, density: float, gamma: float) -> torch.Ten
     return x * ((x.abs() >= lo) & (x.abs() <= hi))
 
 
+def model_stock(taus: list[torch.Tensor]) -> torch.Tensor:
+    """mergekit's model_stock (filter_wise false) as Δ* = t·mean(Δt): the mean of the pairwise cosines (norm
+    products clamped to ≥ 1e-6, each cosine to [−1, 1]), t = N·cos / (1 + (N − 1)·cos), 0 where that is singular."""
+    flat = [x.reshape(-1) for x in taus]
+    cos = [((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-6)).clamp(-1, 1)
+           for i, a in enumerate(flat) for b in flat[i + 1:]]
+    c = torch.stack(cos).mean()
+    n = len(taus)
+    denominator = 1 + (n - 1) * c
+    t = 0.0 if abs(float(denominator)) < 1e-6 else n * c / denominator
+    return t * sum(taus) / n
+
+
 def ties_elected(trimmed: torch.Tensor, trim: str) -> torch.Tensor:
     """γ = sign(Σ trimmed); a zero sum gives 0 (lowmerge's rule, trim=global) or + (mergekit, trim=tensor)."""
     total = trimmed.sum(0)

@@ -24,6 +24,7 @@ RECIPES = {   # the form of mergekit's own examples: per-model weight and densit
     "breadcrumbs_ties": {"parameters": {"gamma": 0.02, "normalize": True},
                          "models": [{"density": 0.5, "weight": 1.0}, {"density": 0.5, "weight": 0.5},
                                     {"density": 0.7, "weight": 0.8}]},
+    "model_stock": {"parameters": {"filter_wise": False}, "models": [{}, {}, {}]},
 }
 
 
@@ -45,7 +46,8 @@ def models(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
 def write_recipe(root: Path, method: str, base: Path, experts: list[Path]) -> Path:
     spec = RECIPES[method]
     recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32", "parameters": spec["parameters"],
-              "models": [{"model": str(e), "parameters": p} for e, p in zip(experts, spec["models"])]}
+              "models": [{"model": str(e), **({"parameters": p} if p else {})}
+                         for e, p in zip(experts, spec["models"])]}
     path = root / f"{method}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -57,10 +59,13 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
     glob = spec["parameters"]
     w0 = {k: v.double() for k, v in tensors(base).items()}
     ws = [{k: v.double() for k, v in tensors(e).items()} for e in experts]
-    weights = [m["weight"] for m in spec["models"]]
+    weights = [m.get("weight", 1.0) for m in spec["models"]]
     out = {}
     for name, b in w0.items():
         if not b.is_floating_point() or b.dim() == 0:
+            continue
+        if method == "model_stock":
+            out[name] = b + ref.model_stock([w[name] - b for w in ws])
             continue
         kept = torch.stack([ref.breadcrumbs_band(w[name] - b, m["density"], glob["gamma"])
                             for w, m in zip(ws, spec["models"])])

@@ -137,6 +137,7 @@ REFERENCES = {
                     ({"density": 0.5, "gamma": 0.0, "normalize": True},
                      lambda m, p: {k: sum(ref.breadcrumbs_band(x, p.density, p.gamma) for x in d) / len(d)
                                    for k, (_, d) in m.items()}, 1.0)],
+    "model_stock": [({}, lambda m, p: {k: ref.model_stock(d) for k, (_, d) in m.items()}, 1.0)],
     "breadcrumbs_ties": [({"density": 0.6, "gamma": 0.1, "normalize": True},
                           lambda m, p: {k: p.scale * ref.ties_weighted(torch.stack(
                               [ref.breadcrumbs_band(x, p.density, p.gamma) for x in d]), [1.0] * len(d), "tensor",
@@ -488,6 +489,32 @@ def test_ties_tensor_threshold_over_row_chunks_is_the_kth_largest(density: float
         k = int(density * deltas[0].numel())
         want = [float(d.abs().reshape(-1).kthvalue(d.numel() - k + 1).values) if k else math.inf for d in deltas]
         assert pre.state() == want
+
+
+def test_model_stock_on_correlated_experts_in_row_chunks() -> None:
+    """Task vectors sharing a direction (cos ≈ 0.8): t is far from 0, and the chunked prepass (Σ u_t one chunk at
+    a time) gives mergekit's pairwise formula."""
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randn(40, 30, generator=g)
+    deltas = [shared + 0.5 * torch.randn(40, 30, generator=g) for _ in range(3)]
+    want = ref.model_stock([d.double() for d in deltas])
+    mean = sum(d.double() for d in deltas) / 3
+    assert 0.8 < float(want.norm() / mean.norm()) < 1.0                       # t
+    params = REGISTRY["model_stock"].Params()
+    pre = REGISTRY["model_stock"].prepass_for(params)(3, params)
+    chunks = [(0, 7), (7, 31), (31, 40)]
+    for round_ in range(pre.rounds):
+        for r0, r1 in chunks:
+            for t, d in enumerate(deltas):
+                pre.observe(round_, TensorInfo("w", (r1 - r0, 30), LIN, row_start=r0), t, d[r0:r1].clone())
+        pre.end_round(round_)
+    parts = []
+    for r0, r1 in chunks:
+        m = REGISTRY["model_stock"](TensorInfo("w", (r1 - r0, 30), LIN, row_start=r0), 3, params, pre.state())
+        for t, d in enumerate(deltas):
+            m.add(t, d[r0:r1].clone())
+        parts.append(m.finalize())
+    assert rel_err(torch.cat(parts), want) < 1e-6
 
 
 # ---- DARE (§7, §11.6) ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from .dare import Dare
 from .dare_ties import DareTies
 from .iso_c import IsoC
 from .iso_cts import IsoCts
+from .model_stock import ModelStock
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 from .tsv import Tsv
@@ -25,6 +26,7 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     DareTies,
     Breadcrumbs,
     BreadcrumbsTies,
+    ModelStock,
     ActMat,
     WudiCfs,
     Wudi,
