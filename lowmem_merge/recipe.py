@@ -13,6 +13,9 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
                    (÷ Σ w_t with normalize: true; false by default)                 → breadcrumbs(scale, gamma, ...)
   breadcrumbs_ties breadcrumbs' band, then ties' election and agreeing sum        → breadcrumbs_ties(gamma, ...)
   model_stock      W0 + t·mean(Δt), t from the mean pairwise cosine of the Δt     → model_stock
+  della            MAGPRUNE (keep probability by magnitude rank in the row), L1 rescale, ties' election and agreeing
+                   sum (÷ agreeing Σ w_t with normalize: true, the default)        → della(scale, epsilon, ...)
+  della_linear     the same drop and rescale, then λ Σ w_t Δ't (÷ Σ w_t with normalize) → della_linear(scale, ...)
 A model listed under ``models`` that is the base has no task vector and is skipped, as mergekit does, except in
 linear, where it is an expert with Δ = 0 and counts with its weight. lowmerge's own methods are accepted by name,
 with their parameters under ``parameters`` and per-model ``weight`` / ``density`` where the rule has per-expert ones.
@@ -41,9 +44,11 @@ MERGEKIT = {
     "dare_ties": (("normalize", "lambda", "int8_mask"), ("weight", "density"), False),
     "breadcrumbs": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "gamma"), False),
     "breadcrumbs_ties": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "gamma"), False),
+    "della": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "epsilon"), True),
+    "della_linear": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "epsilon"), False),
     "model_stock": (("filter_wise",), (), False),
 }
-ELECTING = ("ties", "dare_ties", "breadcrumbs_ties")  # normalize divides by the agreeing weights, inside the rule
+ELECTING = ("ties", "dare_ties", "breadcrumbs_ties", "della")  # normalize divides by the agreeing weights, inside the rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +138,19 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
         return "dare_ties", {**params, "normalize": normalize}
     if name in ("breadcrumbs", "breadcrumbs_ties"):
         return name, {**params, **_breadcrumbs_params(name, glob, entries, normalize)}
+    if name in ("della", "della_linear"):
+        return name, {**params, **_della_params(name, glob, entries, normalize)}
     return "dare", params
+
+
+def _della_params(name: str, glob: dict, entries: list[tuple[str, dict]], normalize: bool) -> dict[str, Any]:
+    """ε (mergekit: per model, 0.15 by default) must be one value for all models; rescale defaults to true."""
+    epsilons = {_number(p.get("epsilon", glob.get("epsilon", 0.15)), "epsilon", m) for m, p in entries}
+    if len(epsilons) > 1:
+        raise ConfigError(f"merge_method {name!r}: a different epsilon per model is not supported",
+                          hint="give one epsilon under parameters")
+    return {"epsilon": epsilons.pop(), "rescale": _bool(glob.get("rescale", True), "rescale"),
+            **({"normalize": normalize} if name == "della" else {"normalize": False})}
 
 
 def _breadcrumbs_params(name: str, glob: dict, entries: list[tuple[str, dict]], normalize: bool) -> dict[str, Any]:

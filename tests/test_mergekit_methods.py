@@ -16,6 +16,7 @@ from lowmem_merge.demo import LlamaShape, build_example
 from conftest import run_cli
 
 SHAPE = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
+SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock")   # deterministic in mergekit too: compared with it
 MERGEKIT = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mergekit-venv" / "bin" / "mergekit-yaml"
 RECIPES = {   # the form of mergekit's own examples: per-model weight and density, method parameters globally
     "breadcrumbs": {"parameters": {"gamma": 0.05, "normalize": False, "lambda": 0.9},
@@ -25,6 +26,12 @@ RECIPES = {   # the form of mergekit's own examples: per-model weight and densit
                          "models": [{"density": 0.5, "weight": 1.0}, {"density": 0.5, "weight": 0.5},
                                     {"density": 0.7, "weight": 0.8}]},
     "model_stock": {"parameters": {"filter_wise": False}, "models": [{}, {}, {}]},
+    "della": {"parameters": {"epsilon": 0.1, "lambda": 0.8},
+              "models": [{"density": 0.6, "weight": 0.7}, {"density": 0.5, "weight": 0.4},
+                         {"density": 0.7, "weight": 0.6}]},
+    "della_linear": {"parameters": {"epsilon": 0.2, "normalize": True},
+                     "models": [{"density": 0.5, "weight": 1.0}, {"density": 0.5, "weight": 0.5},
+                                {"density": 0.6, "weight": 0.8}]},
 }
 
 
@@ -67,16 +74,30 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
         if method == "model_stock":
             out[name] = b + ref.model_stock([w[name] - b for w in ws])
             continue
-        kept = torch.stack([ref.breadcrumbs_band(w[name] - b, m["density"], glob["gamma"])
-                            for w, m in zip(ws, spec["models"])])
-        if method == "breadcrumbs":
+        if method.startswith("della"):
+            kept = torch.stack([_magprune(name, t, w[name] - b, m["density"], glob)
+                                for t, (w, m) in enumerate(zip(ws, spec["models"]))])
+        else:
+            kept = torch.stack([ref.breadcrumbs_band(w[name] - b, m["density"], glob["gamma"])
+                                for w, m in zip(ws, spec["models"])])
+        if method in ("breadcrumbs", "della_linear"):
             mixed = sum(wt * k for wt, k in zip(weights, kept))
-            if glob["normalize"]:
+            if glob.get("normalize", method == "della"):
                 mixed = mixed / sum(weights)
         else:
-            mixed = ref.ties_weighted(kept, weights, "tensor", glob["normalize"])
+            mixed = ref.ties_weighted(kept, weights, "tensor", glob.get("normalize", method == "della"))
         out[name] = b + glob.get("lambda", 1.0) * mixed
     return out
+
+
+def _magprune(name: str, t: int, x: torch.Tensor, density: float, glob: dict) -> torch.Tensor:
+    """mergekit's della_magprune and L1 rescale (rescale: true, its default) with lowmerge's draws."""
+    from lowmem_merge.info import TensorClass, TensorInfo
+    from lowmem_merge.methods.della import della_blocks
+    info = TensorInfo(name, tuple(x.shape), TensorClass.LIN)
+    keep = torch.cat([m.reshape(-1) for _, _, m in della_blocks(0, t, info, x.float(), density, glob["epsilon"])])
+    y = x * keep.reshape(x.shape)
+    return y * (x.abs().sum() / y.abs().sum())
 
 
 @pytest.mark.parametrize("method", list(RECIPES))
@@ -93,7 +114,7 @@ def test_recipe_matches_mergekits_formula(models, method: str) -> None:
 
 
 @pytest.mark.skipif(not MERGEKIT.is_file(), reason="mergekit's venv (bench/vs_mergekit.py) is not built here")
-@pytest.mark.parametrize("method", list(RECIPES))
+@pytest.mark.parametrize("method", SAME_DRAWS)
 def test_recipe_matches_mergekit_itself(models, method: str) -> None:
     root, base, experts = models
     recipe = write_recipe(root, method, base, experts)

@@ -122,6 +122,23 @@ CASES = {  # name: make_model's (LIN shape, expert scales[, bf16])
 }
 
 # method -> [(params, reference(model64, params), gain)]; DARE at density 1 is task arithmetic by definition.
+def _della_kept(model: ref.Model, p: object) -> dict[str, torch.Tensor]:
+    """MAGPRUNE with the method's own draws (della_blocks on the fp32 task vector), then mergekit's L1 rescale, in
+    fp64: (T, *shape) per tensor."""
+    from lowmem_merge.methods.della import della_blocks
+    out = {}
+    for k, (info, taus) in model.items():
+        kept = []
+        for t, x in enumerate(taus):
+            keep = torch.cat([m.reshape(-1) if m is not None else torch.ones(r.numel(), dtype=torch.bool)
+                              for _, r, m in della_blocks(p.seed, t, info, x.float(), p.density, p.epsilon)])
+            y = x * keep.reshape(x.shape)
+            before, after = float(x.abs().sum()), float(y.abs().sum())
+            kept.append(y * (before / after) if p.rescale and before >= 1e-7 and after >= 1e-7 else y)
+        out[k] = torch.stack(kept)
+    return out
+
+
 REFERENCES = {
     "average": [({}, lambda m, p: {k: ref.average(d) for k, (_, d) in m.items()}, 1.0)],
     "task_arithmetic": [({"scale": 0.4}, lambda m, p: {k: ref.task_arithmetic(d, p.scale) for k, (_, d) in m.items()},
@@ -137,6 +154,14 @@ REFERENCES = {
                     ({"density": 0.5, "gamma": 0.0, "normalize": True},
                      lambda m, p: {k: sum(ref.breadcrumbs_band(x, p.density, p.gamma) for x in d) / len(d)
                                    for k, (_, d) in m.items()}, 1.0)],
+    "della": [({"density": 0.6, "epsilon": 0.2, "scale": 0.9},
+               lambda m, p: {k: p.scale * ref.ties_weighted(x, [1.0] * len(x), "tensor", p.normalize)
+                             for k, x in _della_kept(m, p).items()}, 2.0),
+              ({"density": 0.5, "epsilon": 0.1, "rescale": False, "normalize": False},
+               lambda m, p: {k: ref.ties_weighted(x, [1.0] * len(x), "tensor", p.normalize)
+                             for k, x in _della_kept(m, p).items()}, 1.0)],
+    "della_linear": [({"density": 0.6, "epsilon": 0.2, "scale": 0.9},
+                      lambda m, p: {k: p.scale * x.sum(0) for k, x in _della_kept(m, p).items()}, 2.0)],
     "model_stock": [({}, lambda m, p: {k: ref.model_stock(d) for k, (_, d) in m.items()}, 1.0)],
     "breadcrumbs_ties": [({"density": 0.6, "gamma": 0.1, "normalize": True},
                           lambda m, p: {k: p.scale * ref.ties_weighted(torch.stack(
@@ -205,7 +230,8 @@ def check_against_reference(name: str, row: int, model: Model) -> None:
     n_experts = len(next(iter(model.values()))[1])
     trimmed = ref.ties_trimmed(model64, params.density, params.trim) if name == "ties" else \
         {k: torch.stack([ref.breadcrumbs_band(x, params.density, params.gamma) for x in d])
-         for k, (_, d) in model64.items()} if name == "breadcrumbs_ties" else {}
+         for k, (_, d) in model64.items()} if name == "breadcrumbs_ties" else \
+        _della_kept(model64, params) if name == "della" else {}
     for key, (info, deltas) in model64.items():
         if info.cls == LIN and name in ("actmat", "wudi_cfs", *SENSITIVITY):
             kappa = system_condition(name, params, deltas)
@@ -216,7 +242,7 @@ def check_against_reference(name: str, row: int, model: Model) -> None:
             continue
         bound = (n_experts + 2) * U32 * gain * torch.stack(deltas).abs().sum(0)
         close = (got[key].double() - want[key]).abs() <= bound
-        if name in ("ties", "breadcrumbs_ties"):  # an fp32 sum within rounding of 0 may elect either sign
+        if name in ("ties", "breadcrumbs_ties", "della"):  # a sum within rounding of 0 may elect either sign
             t = trimmed[key]
             total = t.sum(0)  # an exact 0 stays exact in fp32 (bf16 deltas) and is compared
             ambiguous = (total != 0) & (total.abs() < 2 * (n_experts + 1) * U32 * t.abs().sum(0))

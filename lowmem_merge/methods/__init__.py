@@ -9,6 +9,7 @@ from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .base import MergeMethod, NoParams, Prepass, parse_params, params_dict
 from .dare import Dare
 from .dare_ties import DareTies
+from .della import Della, DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCts
 from .model_stock import ModelStock
@@ -27,6 +28,8 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     Breadcrumbs,
     BreadcrumbsTies,
     ModelStock,
+    Della,
+    DellaLinear,
     ActMat,
     WudiCfs,
     Wudi,
