@@ -13,6 +13,7 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
                    (÷ Σ w_t with normalize: true; false by default)                 → breadcrumbs(scale, gamma, ...)
   breadcrumbs_ties breadcrumbs' band, then ties' election and agreeing sum        → breadcrumbs_ties(gamma, ...)
   model_stock      W0 + t·mean(Δt), t from the mean pairwise cosine of the Δt     → model_stock
+  slerp            row by row spherical interpolation, base_model at t = 0, the other model at t = 1 → slerp(t)
   della            MAGPRUNE (keep probability by magnitude rank in the row), L1 rescale, ties' election and agreeing
                    sum (÷ agreeing Σ w_t with normalize: true, the default)        → della(scale, epsilon, ...)
   della_linear     the same drop and rescale, then λ Σ w_t Δ't (÷ Σ w_t with normalize) → della_linear(scale, ...)
@@ -47,6 +48,7 @@ MERGEKIT = {
     "della": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "epsilon"), True),
     "della_linear": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "epsilon"), False),
     "model_stock": (("filter_wise",), (), False),
+    "slerp": (("t",), (), False),
 }
 ELECTING = ("ties", "dare_ties", "breadcrumbs_ties", "della")  # normalize divides by the agreeing weights, inside the rule
 
@@ -113,6 +115,13 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
     _only(glob, allowed + per_model, f"merge_method {name!r}: parameter")
     for model, p in entries:
         _only(p, per_model, f"merge_method {name!r}: model {model}: parameter")
+    if name == "slerp":
+        if len(entries) != 1:
+            raise ConfigError(f"merge_method 'slerp' interpolates between base_model and one other model, "
+                              f"not {len(entries)}", hint="list base_model and one more model under models")
+        if "t" not in glob:
+            raise ConfigError("merge_method 'slerp' needs parameters: t (0 gives base_model, 1 the other model)")
+        return "slerp", {"t": _number(glob["t"], "t", "parameters")}
     if name == "model_stock":
         return "model_stock", {"filter_wise": _bool(glob.get("filter_wise", False), "filter_wise")}
     weights = tuple(_number(p.get("weight", glob.get("weight", 1.0)), "weight", m) for m, p in entries)

@@ -399,6 +399,8 @@ def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: An
     m = ctx.method(piece.info, ctx.plan.n_experts, ctx.params, state)
     m.buffers = ctx.pool
     base_m = base.mT if piece.info.transposed else base
+    if ctx.method.needs_base:
+        m.base = base_m
     for pass_ in range(ctx.method.passes):
         for t in range(ctx.plan.n_experts):
             ckpt, y = fetch.next()

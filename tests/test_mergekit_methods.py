@@ -16,7 +16,7 @@ from lowmem_merge.demo import LlamaShape, build_example
 from conftest import run_cli
 
 SHAPE = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
-SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock")   # deterministic in mergekit too: compared with it
+SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp")   # deterministic in mergekit too: compared with it
 MERGEKIT = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mergekit-venv" / "bin" / "mergekit-yaml"
 RECIPES = {   # the form of mergekit's own examples: per-model weight and density, method parameters globally
     "breadcrumbs": {"parameters": {"gamma": 0.05, "normalize": False, "lambda": 0.9},
@@ -26,6 +26,7 @@ RECIPES = {   # the form of mergekit's own examples: per-model weight and densit
                          "models": [{"density": 0.5, "weight": 1.0}, {"density": 0.5, "weight": 0.5},
                                     {"density": 0.7, "weight": 0.8}]},
     "model_stock": {"parameters": {"filter_wise": False}, "models": [{}, {}, {}]},
+    "slerp": {"parameters": {"t": 0.3}, "models": [{}]},
     "della": {"parameters": {"epsilon": 0.1, "lambda": 0.8},
               "models": [{"density": 0.6, "weight": 0.7}, {"density": 0.5, "weight": 0.4},
                          {"density": 0.7, "weight": 0.6}]},
@@ -50,11 +51,15 @@ def models(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
     return root, base, experts
 
 
+def recipe_experts(method: str, experts: list[Path]) -> list[Path]:
+    return experts[:len(RECIPES[method]["models"])]
+
+
 def write_recipe(root: Path, method: str, base: Path, experts: list[Path]) -> Path:
     spec = RECIPES[method]
     recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32", "parameters": spec["parameters"],
               "models": [{"model": str(e), **({"parameters": p} if p else {})}
-                         for e, p in zip(experts, spec["models"])]}
+                         for e, p in zip(experts, spec["models"])]}   # zip: slerp takes the first expert only
     path = root / f"{method}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -65,11 +70,14 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
     spec = RECIPES[method]
     glob = spec["parameters"]
     w0 = {k: v.double() for k, v in tensors(base).items()}
-    ws = [{k: v.double() for k, v in tensors(e).items()} for e in experts]
+    ws = [{k: v.double() for k, v in tensors(e).items()} for e in experts[:len(spec["models"])]]
     weights = [m.get("weight", 1.0) for m in spec["models"]]
     out = {}
     for name, b in w0.items():
         if not b.is_floating_point() or b.dim() == 0:
+            continue
+        if method == "slerp":
+            out[name] = _slerp64(glob["t"], b, ws[0][name])
             continue
         if method == "model_stock":
             out[name] = b + ref.model_stock([w[name] - b for w in ws])
@@ -88,6 +96,19 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
             mixed = ref.ties_weighted(kept, weights, "tensor", glob.get("normalize", method == "della"))
         out[name] = b + glob.get("lambda", 1.0) * mixed
     return out
+
+
+def _slerp64(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """mergekit 0.1.5's slerp, row by row along the leading axis, written out in fp64."""
+    a, b = v0.reshape(v0.shape[0], -1), v1.reshape(v1.shape[0], -1)
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    na, nb = torch.where(na > 1e-8, na, 1.0), torch.where(nb > 1e-8, nb, 1.0)
+    dot = ((a / na) * (b / nb)).sum(1, keepdim=True).clamp(-1, 1)
+    linear = dot.abs() > 0.9995
+    theta = torch.acos(torch.where(linear, 0.0, dot))
+    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta))
+    cb = torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta))
+    return (ca * a + cb * b).reshape(v0.shape)
 
 
 def _magprune(name: str, t: int, x: torch.Tensor, density: float, glob: dict) -> torch.Tensor:
@@ -129,3 +150,18 @@ def test_recipe_matches_mergekit_itself(models, method: str) -> None:
     for name, x in a.items():
         scale = max(1.0, float(x.abs().max()))
         assert (b[name].double() - x.double()).abs().max() <= 16 * 2 ** -23 * scale, name
+
+
+def test_slerp_interpolates_rows_of_the_stored_layout_when_transposed() -> None:
+    """GPT-2's Conv1D weights are merged transposed: slerp must still run along the stored tensor's rows."""
+    from lowmem_merge.info import TensorClass, TensorInfo
+    from lowmem_merge.methods import REGISTRY
+    g = torch.Generator().manual_seed(5)
+    stored0, stored1 = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    info = TensorInfo("h.0.attn.c_attn.weight", (4, 6), TensorClass.LIN, transposed=True)
+    m = REGISTRY["slerp"](info, 1, REGISTRY["slerp"].Params(t=0.3))
+    m.base = stored0.mT
+    m.add(0, (stored1 - stored0).mT.contiguous())
+    got = (stored0.mT + m.finalize()).mT
+    want = _slerp64(0.3, stored0.double(), stored1.double())
+    assert (got.double() - want).abs().max() < 1e-5

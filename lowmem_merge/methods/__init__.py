@@ -13,6 +13,7 @@ from .della import Della, DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCts
 from .model_stock import ModelStock
+from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 from .tsv import Tsv
@@ -30,6 +31,7 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     ModelStock,
     Della,
     DellaLinear,
+    Slerp,
     ActMat,
     WudiCfs,
     Wudi,

@@ -73,6 +73,9 @@ class MergeMethod:
         self.params = params
         self.state = state
 
+    needs_base: ClassVar[bool] = False           # rules on the weights themselves (slerp) read W0 too:
+    base: Any = None                             # then the stream sets the base piece (stored dtype, this
+                                                 # method's orientation; read-only) before the first ``add``
     buffers: Any = None                          # the stream's host BufferPool, set before the first ``add``
 
     def zeros(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""SLERP between the base and one expert, as mergekit's ``slerp`` (0.1.5): spherical interpolation at ``t`` of each
+row of the stored tensor (its leading axis; a 1-D tensor's entries are rows of one), W0 at t = 0, W1 at t = 1.
+
+Per row, with a = W0, b = W1 (fp32), norms below 1e-8 counted as 1, d = clamp((a/‖a‖)·(b/‖b‖), −1, 1):
+linear interpolation (1 − t)·a + t·b where |d| > 0.9995 (near-parallel or antipodal rows), else
+sin((1 − t)θ)/sin θ · a + sin(tθ)/sin θ · b with θ = acos d. The rows are independent, so the stream may work on
+row chunks; the rule needs W0 itself (``needs_base``), not only Δ = W1 − W0.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..info import TensorInfo
+from .base import MergeMethod
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class SlerpParams:
+    t: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.t <= 1:
+            raise ConfigError(f"slerp: t={self.t} must be in [0, 1]", hint="t = 0 gives the base, 1 the expert")
+
+
+def slerp_rows(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mergekit's slerp of the rows of a and b (2-D, fp32)."""
+    if a.shape[1] == 0:
+        return (1 - t) * a + t * b
+    norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    norm_a = torch.where(norm_a > EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > EPS, norm_b, 1)
+    dot = ((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    linear = dot.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return coef_a * a + coef_b * b
+
+
+class Slerp(MergeMethod):
+    name = "slerp"
+    summary = "spherical interpolation between the base (t=0) and one expert (t=1), row by row (mergekit)"
+    Params = SlerpParams
+    needs_base = True
+    param_help = {"t": "interpolation factor: 0 gives the base, 1 the expert"}
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        super().__init__(info, n_experts, params, state)
+        self.delta: torch.Tensor | None = None
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        a = self.base.to(delta.device, torch.float32)
+        stored = (lambda x: x.mT) if self.info.transposed else (lambda x: x)   # rows of the stored layout
+        a_rows, d_rows = stored(a), stored(delta)
+        shape = a_rows.shape
+        a2 = a_rows.reshape(shape[0] if a_rows.dim() else 1, -1)
+        b2 = a2 + d_rows.reshape(a2.shape)
+        merged = slerp_rows(self.params.t, a2, b2).sub_(a2)          # Δ* = slerp − W0
+        self.delta = stored(merged.reshape(shape)).contiguous()
+
+    def finalize(self) -> torch.Tensor:
+        return self.delta
+
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        return True
+
+    @classmethod
+    def check_experts(cls, params: Any, n_experts: int) -> None:
+        if n_experts != 1:
+            raise ConfigError(f"slerp interpolates between the base and one expert, not {n_experts}",
+                              hint="give exactly one expert (mergekit: base_model and one other model)")
+
+    @staticmethod
+    def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
+        return 16 * info.numel                # W0 and W1 in fp32, the result and its temporaries
