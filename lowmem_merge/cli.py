@@ -23,7 +23,8 @@ Examples:
   lowmerge merge --config recipe.yaml -o ./merged         # a mergekit recipe (linear, task_arithmetic, ties, ...)
 
 Inputs are Hugging Face directories (model.safetensors, or shards with model.safetensors.index.json), single
-.safetensors files, or PyTorch .bin checkpoints (loaded with weights_only=True). Memory stays bounded by one
+.safetensors files, PyTorch .bin checkpoints (loaded with weights_only=True), or Hugging Face ids (org/name,
+org/name@revision) already in the local cache: nothing is ever downloaded. Memory stays bounded by one
 tensor of one expert plus the method's statistics for it, whatever the number of experts or the model's size.
 `lowmerge methods` lists every method and its parameters."""
 

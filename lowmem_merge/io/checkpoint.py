@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .hub import resolve
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
 from .reader import (BIN_NAMES, INDEX_NAME, SINGLE_NAME, FileInfo, TensorEntry, read_header, read_into)
 
@@ -61,9 +62,9 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint | LoraAdapter:
-    """A Hugging Face directory (single file or sharded), a .safetensors file, a .bin via mmap'd torch.load, or a
-    PEFT LoRA adapter directory (or its adapter_model.safetensors)."""
-    p = Path(path)
+    """A Hugging Face directory (single file or sharded), a .safetensors file, a .bin via mmap'd torch.load, a
+    PEFT LoRA adapter directory (or its adapter_model.safetensors), or a Hugging Face id already in the local cache."""
+    p = resolve(path)                   # a Hugging Face id: its snapshot in the local cache
     if not p.exists():
         raise InputError("no such file or directory", path=p, hint="check the path")
     if p.is_file() and p.name == ADAPTER_WEIGHTS and (p.parent / ADAPTER_CONFIG).is_file():
