@@ -135,16 +135,16 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
     """
     from .merge import merge as run
     if config is not None:
-        base, experts, method, kv, dtype = _from_recipe(config, base, params, dtype)
+        base, experts, method, kv, dtype, schedule = _from_recipe(config, base, params, dtype)
     elif base is None or not experts:
         raise click.UsageError("missing BASE and EXPERTS (or --config RECIPE)")
     else:
-        kv = _parse_kv(params)
+        kv, schedule = _parse_kv(params), None
     update, close = _progress_bar(quiet or int(os.environ.get("RANK", "0")) > 0)   # torchrun: rank 0's bar only
     try:
         report = run(base, list(experts), out, method, device=device, dtype=dtype, shard_size=shard_size,
                      max_memory=max_memory, max_device_memory=max_device_memory, resume=resume, force=force,
-                     quantize=quantize, progress=update, **kv)
+                     quantize=quantize, progress=update, schedule=schedule, **kv)
     finally:
         close()
     if not quiet and report is not None:             # None: a torchrun rank other than 0
@@ -153,7 +153,7 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
 
 
 def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype: str) -> tuple:
-    """(base, experts, method, params, dtype) from the recipe; the options it replaces must not be given too."""
+    """(base, experts, method, params, dtype, schedule) from the recipe; the options it replaces must not be given too."""
     from .recipe import load_recipe
     ctx = click.get_current_context()
     given = [name for name, flag in (("BASE/EXPERTS", base is not None), ("-p", bool(params)),
@@ -166,7 +166,8 @@ def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype
     if recipe.dtype != "auto" and ctx.get_parameter_source("dtype") != ParameterSource.DEFAULT:
         raise ConfigError(f"--dtype and the recipe's dtype ({recipe.dtype}) are both given", path=config,
                           hint="keep one")
-    return Path(recipe.base), [Path(e) for e in recipe.experts], recipe.method, recipe.params,         recipe.dtype if recipe.dtype != "auto" else dtype
+    return Path(recipe.base), [Path(e) for e in recipe.experts], recipe.method, recipe.params, \
+        recipe.dtype if recipe.dtype != "auto" else dtype, recipe.schedule
 
 
 @main.command()

@@ -19,7 +19,7 @@ from . import distributed
 from .budget import choose_strategy, device_budget
 from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device, tune_malloc
 from .errors import ConfigError, LowmergeError
-from .info import TensorClass
+from .info import TensorClass, TensorInfo
 from .io.checkpoint import open_checkpoint
 from .io.outdir import OutputDir
 from .io.reader import INDEX_NAME, SINGLE_NAME
@@ -28,6 +28,7 @@ from .methods import DEFAULT_METHOD, MergeMethod, get_method, params_dict, parse
 from .plan import Expert, Plan, make_plan
 from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
+from .schedule import Schedule, layer_of, layer_t
 from .sizes import parse_size
 from .stream import (Piece, StreamContext, prepass_rounds, read_volume, run_merge, run_prepass, stream_volume,
                      tensor_groups)
@@ -42,12 +43,14 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
           device: str = "auto", dtype: str = "auto", shard_size: str | int = "4GB",
           max_memory: str | int | None = None, max_device_memory: str | int | None = None,
           resume: bool = False, force: bool = False, quantize: str | None = None,
-          progress: Callable[[int, int], None] | None = None, **params: Any) -> Report | None:
+          progress: Callable[[int, int], None] | None = None, schedule: Schedule | None = None,
+          **params: Any) -> Report | None:
     """Merge ``experts`` (fine-tunes of ``base``, or LoRA adapters of it) into ``out``.
 
     Options are those of ``lowmerge merge --help``; ``params`` are the method's (``lowmerge methods``).
     ``quantize`` (int8 or nf4) writes linear weights in bitsandbytes' format (``quantize.py``).
     ``progress(done_bytes, total_bytes)`` is called as inputs are consumed.
+    ``schedule`` (a recipe's gradients and filters) gives each tensor its own parameters.
     Started by torchrun (WORLD_SIZE > 1), each rank merges its share of the tensors (``distributed.py``); rank 0
     returns the report, the other ranks None.
     """
@@ -80,7 +83,8 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         timings = {"plan": time.perf_counter() - t_start}
         fingerprint = {**_fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
                        "chunk_elems": strategy.chunk_elems, "quantize": quantize,
-                       **({"world_size": dist.world} if dist else {})}
+                       **({"world_size": dist.world} if dist else {}),
+                       **({"schedule": schedule.describe()} if schedule else {})}
         world, rank = (dist.world, dist.rank) if dist else (1, 0)
         owner = _owners(plan, method_cls, parsed, strategy.pieces, world)
         pieces = [p for p in strategy.pieces if owner[p.target] == rank]
@@ -104,7 +108,8 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         resumed = sorted(work.done_shards)            # kept from the interrupted run; the writer adds to it
         pool = BufferPool(limit=strategy.prefetch_bytes, pin=dev.type == "cuda")
         ctx = StreamContext(plan, method_cls, parsed, dev, lambda n: None, pool,
-                            strategy.prefetch_bytes, strategy.cpu_tensors, dist.all_reduce if dist else None)
+                            strategy.prefetch_bytes, strategy.cpu_tensors, dist.all_reduce if dist else None,
+                            _params_for(plan, method_cls, schedule) if schedule else None)
         if dist is None:
             stats, bytes_read = _stream(ctx, pieces, work, by_rank[0], timings, progress, quantizer)
             ranks = None
@@ -146,6 +151,20 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         except OSError as e:
             raise output_error(e, outdir.path) from None
         return report
+
+
+def _params_for(plan: Plan, method: type[MergeMethod], schedule: Schedule) -> Callable[[TensorInfo], Any]:
+    """Each tensor's parameters from the schedule, at mergekit's t for its layer (parsed once per distinct set)."""
+    n_layers = 1 + max((i for i in (layer_of(t.name) for t in plan.tensors) if i is not None), default=0)
+    parsed: dict[str, Any] = {}
+
+    def params_for(info: TensorInfo) -> Any:
+        raw = schedule.params(info.name, layer_t(info.name, n_layers))
+        key = repr(sorted(raw.items()))
+        if key not in parsed:
+            parsed[key] = parse_params(method, raw)
+        return parsed[key]
+    return params_for
 
 
 def _owners(plan: Plan, method: type[MergeMethod], params: Any, pieces: list[Piece], world: int) -> dict[str, int]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .methods import REGISTRY
+from .schedule import Schedule, evaluate, varies
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype")
 MODEL_KEYS = ("model", "parameters")
@@ -60,6 +61,7 @@ class Recipe:
     method: str
     params: dict[str, Any]  # values for parse_params: numbers, bools, strings, tuples
     dtype: str              # "auto" when the recipe gives none
+    schedule: Schedule | None = None   # per-tensor parameters (gradients, filters); params: at t = 0
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -103,11 +105,28 @@ def parse_recipe(data: Any) -> Recipe:
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported", hint="supported: " + ", ".join(DTYPES))
     glob = _mapping(top.get("parameters") or {}, "parameters", None)
+    schedule = None
     if name in MERGEKIT:
-        method, params = _mergekit(name, glob, entries)
+        paths, settings = [e[0] for e in entries], [e[1] for e in entries]
+        if any(varies(v) for p in [glob, *settings] for v in p.values()):
+            schedule = Schedule(glob, settings, lambda g, ms: _mergekit(name, g, list(zip(paths, ms)))[1])
+            try:
+                method, _ = _mergekit(name, *_at_start(glob, entries))
+                params = schedule.params("", 0.0)
+            except ValueError as e:
+                raise ConfigError(f"merge_method {name!r}: {e}") from None
+        else:
+            method, params = _mergekit(name, glob, entries)
     else:
         method, params = name, _own(name, glob, entries)
-    return Recipe(str(base), [e[0] for e in entries], method, params, dtype)
+    return Recipe(str(base), [e[0] for e in entries], method, params, dtype, schedule)
+
+
+def _at_start(glob: dict, entries: list[tuple[str, dict]]) -> tuple[dict, list[tuple[str, dict]]]:
+    """The settings at t = 0 for no tensor in particular: enough to name the method and check the keys."""
+    def first(settings: dict) -> dict:
+        return {k: v for k, v in ((k, evaluate(v, "", 0.0)) for k, v in settings.items()) if v is not None}
+    return first(glob), [(m, first(p)) for m, p in entries]
 
 
 def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[str, dict[str, Any]]:
@@ -227,7 +246,8 @@ def _only(given: dict, allowed: tuple[str, ...], what: str) -> None:
 def _number(value: Any, key: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: {key} must be a number, not {value!r}",
-                          hint="gradients (lists) and tensor filters are not supported")
+                          hint="a number, a list of numbers (a gradient over the layers), or a list of "
+                               "{filter, value} for mergekit's methods")
     return float(value)
 
 

@@ -140,6 +140,7 @@ class StreamContext:
     prefetch_bytes: int = PREFETCH_BYTES     # read-ahead budget
     cpu_tensors: frozenset[str] = frozenset()  # merged on the CPU: their statistics do not fit the device
     reduce: Callable[[list[torch.Tensor]], None] | None = None  # sums a prepass's counts over torchrun ranks
+    params_for: Callable[[TensorInfo], Any] | None = None  # per-tensor parameters (a recipe's gradients, filters)
 
 
 def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Expert, str, tuple[int, int] | None]]:
@@ -333,11 +334,11 @@ def run_prepass(ctx: StreamContext, pieces: list[Piece]) -> Any:
     return pre.state()
 
 
-def _merge_reads(ctx: StreamContext, groups: list[list[Piece]], rounds: int) -> Iterator:
+def _merge_reads(ctx: StreamContext, groups: list[list[Piece]], rounds: list[int]) -> Iterator:
     """Every read of run_merge, in the order it consumes them: per tensor, its prepass rounds, then its pieces."""
-    for group in groups:
+    for group, n_rounds in zip(groups, rounds):
         if group[0].info.cls in MERGED:
-            for _ in range(rounds):
+            for _ in range(n_rounds):
                 for p in group:
                     yield from _reads(ctx.plan, p, 1)
         for p in group:
@@ -351,18 +352,27 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
     ``state`` is the model-wide prepass's; a per-tensor prepass runs over each tensor's pieces just before them.
     """
     groups = tensor_groups(pieces)
-    rounds = prepass_rounds(ctx.method, ctx.params, "tensor")
+    contexts = [_tensor_context(ctx, g[0].info) for g in groups]
+    rounds = [prepass_rounds(ctx.method, c.params, "tensor") for c in contexts]
     fetch = Prefetcher(_merge_reads(ctx, groups, rounds), ctx.pool, ctx.prefetch_bytes)
     stats: dict[str, dict[str, float]] = {}
     try:
-        for group in groups:
-            info = group[0].info
-            pctx = replace(ctx, device=torch.device("cpu")) if info.name in ctx.cpu_tensors else ctx
-            with compute_threads(pctx, info):
-                _merge_group(ctx, pctx, group, state, rounds, fetch, write, stats)
+        for group, pctx, n_rounds in zip(groups, contexts, rounds):
+            with compute_threads(pctx, group[0].info):
+                _merge_group(ctx, pctx, group, state, n_rounds, fetch, write, stats)
     finally:
         fetch.close()
     return stats
+
+
+def _tensor_context(ctx: StreamContext, info: TensorInfo) -> StreamContext:
+    """The context one tensor is merged in: its device (the CPU when its statistics do not fit the device) and its
+    parameters (a recipe's gradients and filters)."""
+    if info.name in ctx.cpu_tensors:
+        ctx = replace(ctx, device=torch.device("cpu"))
+    if ctx.params_for is not None:
+        ctx = replace(ctx, params=ctx.params_for(info))
+    return ctx
 
 
 def _merge_group(ctx: StreamContext, pctx: StreamContext, group: list[Piece], state: Any, rounds: int,
@@ -372,7 +382,7 @@ def _merge_group(ctx: StreamContext, pctx: StreamContext, group: list[Piece], st
     info = group[0].info
     tensor_state = state
     if rounds and info.cls in MERGED:
-        pre = ctx.method.prepass_for(ctx.params)(ctx.plan.n_experts, ctx.params)
+        pre = ctx.method.prepass_for(pctx.params)(ctx.plan.n_experts, pctx.params)
         for round_ in range(rounds):
             for piece in group:
                 _observe(pctx, pre, round_, piece, fetch)

@@ -165,3 +165,70 @@ def test_slerp_interpolates_rows_of_the_stored_layout_when_transposed() -> None:
     got = (stored0.mT + m.finalize()).mT
     want = _slerp64(0.3, stored0.double(), stored1.double())
     assert (got.double() - want).abs().max() < 1e-5
+
+
+SHAPE3 = LlamaShape(hidden=32, intermediate=48, layers=3, vocab=64, heads=4, kv_heads=2)
+GRADIENTS = {   # mergekit's layer gradients and name filters
+    "task_arithmetic": {"parameters": {"lambda": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]},
+                        "models": [{"weight": [0.2, 1.0]}, {"weight": 0.7}]},
+    "ties": {"parameters": {"normalize": True},
+             "models": [{"weight": 1.0, "density": [{"filter": "self_attn", "value": [0.2, 0.8]}, {"value": 0.5}]},
+                        {"weight": [1.0, 0.0, 0.5], "density": 0.4}]},
+}
+
+
+@pytest.fixture(scope="module")
+def models3(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
+    root = tmp_path_factory.mktemp("grad")
+    base, experts = build_example(root / "in", SHAPE3, n_experts=2, dtype=torch.float32)
+    return root, base, experts
+
+
+def gradient_recipe(root: Path, method: str, base: Path, experts: list[Path]) -> Path:
+    spec = GRADIENTS[method]
+    recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32", "parameters": spec["parameters"],
+              "models": [{"model": str(e), "parameters": p} for e, p in zip(experts, spec["models"])]}
+    path = root / f"grad-{method}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_layer_gradients_and_filters_follow_mergekits_interpolation(models3) -> None:
+    """task_arithmetic with a per-model weight gradient and a filtered λ, against the rule written out: layer i of
+    3 sits at t = i/2, so a [0.2, 1.0] gradient gives 0.2, 0.6, 1.0; embeddings and the head take t = 0."""
+    root, base, experts = models3
+    out = root / "out-grad-ta"
+    run_cli("merge", "--config", gradient_recipe(root, "task_arithmetic", base, experts), "-o", out, "-q",
+            "--device", "cpu", check=True)
+    got, w0 = tensors(out), tensors(base)
+    ws = [tensors(e) for e in experts]
+    checked = 0
+    for name, b in w0.items():
+        if not b.is_floating_point():
+            continue
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        t = 0.0 if layer is None else layer / 2
+        lam = 0.5 if "mlp" in name else 1.0
+        want = b.double() + lam * ((0.2 + 0.8 * t) * (ws[0][name].double() - b.double())
+                                   + 0.7 * (ws[1][name].double() - b.double()))
+        assert (got[name].double() - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max())), name
+        checked += 1
+    assert checked > 10
+
+
+@pytest.mark.skipif(not MERGEKIT.is_file(), reason="mergekit's venv (bench/vs_mergekit.py) is not built here")
+@pytest.mark.parametrize("method", list(GRADIENTS))
+def test_layer_gradients_and_filters_match_mergekit_itself(models3, method: str) -> None:
+    root, base, experts = models3
+    recipe = gradient_recipe(root, method, base, experts)
+    out_mk, out_lm = root / f"mk-grad-{method}", root / f"lm-grad-{method}"
+    proc = subprocess.run([str(MERGEKIT), str(recipe), str(out_mk), "--no-copy-tokenizer", "--no-write-model-card",
+                           "--quiet"], capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_cli("merge", "--config", recipe, "-o", out_lm, "-q", "--device", "cpu", check=True)
+    a, b = tensors(out_mk), tensors(out_lm)
+    assert set(a) <= set(b)
+    for name, x in a.items():
+        scale = max(1.0, float(x.abs().max()))
+        assert (b[name].double() - x.double()).abs().max() <= 16 * 2 ** -23 * scale, name

@@ -198,9 +198,9 @@ def test_own_method_with_its_parameters(tiny, tmp_path: Path) -> None:
 @pytest.mark.parametrize("text,message", [
     (LINEAR.replace("dtype", "tokenizer_source: base\ndtype"), "key 'tokenizer_source' is not supported"),
     (LINEAR.replace("weight: 0.5", "weight: 0.5\n      gamma: 0.1"), "parameter 'gamma' is not supported"),
-    (LINEAR.replace("merge_method: linear", "merge_method: slerp"), "unknown merge_method 'slerp'"),
+    (LINEAR.replace("merge_method: linear", "merge_method: karcher"), "unknown merge_method 'karcher'"),
     (LINEAR.replace("base_model: {base}\n", ""), "no base_model"),
-    (TIES.replace("density: 0.7", "density: [1, 0.7, 0.1]"), "density must be a number"),
+    (TIES.replace("density: 0.7", "density: [x, 0.7, 0.1]"), "density must be a number"),
     (TIES.replace("normalize: true", "normalize: true\n  rescale: true"), "parameter 'rescale' is not supported"),
     (TASK_ARITHMETIC.replace("weight: 0.3", "weight: 0.3\n      density: 0.5"), "'density' is not supported"),
     (LINEAR + "parameters:\n  normalize: false\n", "normalize: false and weights summing to 1.75"),

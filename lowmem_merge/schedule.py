@@ -1,0 +1,81 @@
+"""Parameters that vary by tensor, as mergekit recipes write them: a list is a gradient over the layers, a list of
+``{filter, value}`` picks by tensor name.
+
+mergekit's rules, reproduced: a tensor of layer i of L gets t = i / (L − 1) (t = 1 when L = 1; tensors outside the
+layers, embeddings, final norm and head, get t = 0); a list of numbers [v0 … vn] gives the piecewise-linear value
+at t·n (booleans and strings take the entry at ⌊t·n⌋); in a list of conditions the first whose ``filter`` is absent,
+``*`` or a substring of the tensor's name gives the value (itself a number or a gradient); none: the default.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+Setting = Any   # a number, bool or string; a list of them; a list of {filter, value}
+
+
+def layer_of(name: str) -> int | None:
+    m = LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_t(name: str, n_layers: int) -> float:
+    """mergekit's interpolation point for tensor ``name`` in a model of ``n_layers`` layers."""
+    i = layer_of(name)
+    if i is None:
+        return 0.0
+    return i / (n_layers - 1) if n_layers > 1 else 1.0
+
+
+def evaluate(setting: Setting, name: str, t: float) -> Any:
+    """The value of one setting for tensor ``name`` at ``t`` (None: no condition matched)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if not setting:
+        return None
+    if all(not isinstance(e, (dict, list)) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        if not isinstance(cond, dict) or "value" not in cond:
+            raise ValueError(f"a list of conditions needs {{filter, value}} entries, got {cond!r}")
+        f = cond.get("filter")
+        if f is None or f == "*" or (name and str(f) in name):
+            return evaluate(cond["value"], name, t)
+    return None
+
+
+def varies(setting: Setting) -> bool:
+    return isinstance(setting, (list, dict))
+
+
+class Schedule:
+    """Per-tensor parameters: the recipe's settings evaluated for a tensor, then mapped by ``to_params`` (the same
+    mapping a constant recipe goes through) to the method's parameters."""
+
+    def __init__(self, glob: dict[str, Setting], models: list[dict[str, Setting]],
+                 to_params: Callable[[dict[str, Any], list[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.glob = glob
+        self.models = models
+        self._to_params = to_params
+
+    def params(self, name: str, t: float) -> dict[str, Any]:
+        def resolved(settings: dict[str, Setting]) -> dict[str, Any]:
+            values = {k: evaluate(v, name, t) for k, v in settings.items()}
+            return {k: v for k, v in values.items() if v is not None}
+        return self._to_params(resolved(self.glob), [resolved(m) for m in self.models])
+
+    def describe(self) -> str:
+        """What a resumed run must match."""
+        return json.dumps({"parameters": self.glob, "models": self.models}, sort_keys=True, default=str)
