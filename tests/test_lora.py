@@ -34,6 +34,8 @@ FEWER_STEPS = {"wudi": {"steps": 20}}    # an iterative rule: its step count cha
 
 
 def _merge(base: Path, experts: list[Path], out: Path, method: str) -> None:
+    """``method`` over ``experts`` (a rule of the base and one expert, slerp, takes the first)."""
+    experts = experts[:1] if method == "slerp" else experts
     merge(base, experts, out, method, **FEWER_STEPS.get(method, {}))
 
 
