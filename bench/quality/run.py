@@ -34,7 +34,8 @@ from speed import append_results, git_commit, machine  # noqa: E402
 
 REPO = HERE.parent.parent
 WORK = REPO / "bench" / "_work" / "quality"
-METHODS = ("average,task_arithmetic,task_arithmetic:scale=0.3,ties,dare_ties,actmat,wudi_cfs,wudi,ace,tsv,iso_c,"
+METHODS = ("average,task_arithmetic,task_arithmetic:scale=0.3,ties,dare_ties,breadcrumbs,breadcrumbs_ties,model_stock,"
+           "della,della_linear,actmat,wudi_cfs,wudi,ace,tsv,iso_c,"
            "iso_cts")
 
 
