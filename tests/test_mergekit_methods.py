@@ -55,6 +55,20 @@ def recipe_experts(method: str, experts: list[Path]) -> list[Path]:
     return experts[:len(RECIPES[method]["models"])]
 
 
+def both_tools(recipe: Path, out_mk: Path, out_lm: Path) -> None:
+    """mergekit and lowmerge on one recipe: every tensor mergekit writes equal up to fp32 rounding."""
+    proc = subprocess.run([str(MERGEKIT), str(recipe), str(out_mk), "--no-copy-tokenizer", "--no-write-model-card",
+                           "--quiet"], capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_cli("merge", "--config", recipe, "-o", out_lm, "-q", "--device", "cpu", check=True)
+    a, b = tensors(out_mk), tensors(out_lm)
+    assert set(a) <= set(b)
+    for name, x in a.items():
+        scale = max(1.0, float(x.abs().max()))
+        assert (b[name].double() - x.double()).abs().max() <= 16 * 2 ** -23 * scale, name
+
+
 def write_recipe(root: Path, method: str, base: Path, experts: list[Path]) -> Path:
     spec = RECIPES[method]
     recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32", "parameters": spec["parameters"],
@@ -139,17 +153,7 @@ def test_recipe_matches_mergekits_formula(models, method: str) -> None:
 def test_recipe_matches_mergekit_itself(models, method: str) -> None:
     root, base, experts = models
     recipe = write_recipe(root, method, base, experts)
-    out_mk, out_lm = root / f"mk-{method}", root / f"lm-{method}"
-    proc = subprocess.run([str(MERGEKIT), str(recipe), str(out_mk), "--no-copy-tokenizer", "--no-write-model-card",
-                           "--quiet"], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    run_cli("merge", "--config", recipe, "-o", out_lm, "-q", "--device", "cpu", check=True)
-    a, b = tensors(out_mk), tensors(out_lm)
-    assert set(a) <= set(b)
-    for name, x in a.items():
-        scale = max(1.0, float(x.abs().max()))
-        assert (b[name].double() - x.double()).abs().max() <= 16 * 2 ** -23 * scale, name
+    both_tools(recipe, root / f"mk-{method}", root / f"lm-{method}")
 
 
 def test_slerp_interpolates_rows_of_the_stored_layout_when_transposed() -> None:
@@ -221,14 +225,4 @@ def test_layer_gradients_and_filters_follow_mergekits_interpolation(models3) -> 
 def test_layer_gradients_and_filters_match_mergekit_itself(models3, method: str) -> None:
     root, base, experts = models3
     recipe = gradient_recipe(root, method, base, experts)
-    out_mk, out_lm = root / f"mk-grad-{method}", root / f"lm-grad-{method}"
-    proc = subprocess.run([str(MERGEKIT), str(recipe), str(out_mk), "--no-copy-tokenizer", "--no-write-model-card",
-                           "--quiet"], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    run_cli("merge", "--config", recipe, "-o", out_lm, "-q", "--device", "cpu", check=True)
-    a, b = tensors(out_mk), tensors(out_lm)
-    assert set(a) <= set(b)
-    for name, x in a.items():
-        scale = max(1.0, float(x.abs().max()))
-        assert (b[name].double() - x.double()).abs().max() <= 16 * 2 ** -23 * scale, name
+    both_tools(recipe, root / f"mk-grad-{method}", root / f"lm-grad-{method}")

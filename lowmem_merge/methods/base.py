@@ -142,6 +142,13 @@ def expert_weight(params: Any, t: int) -> float:
     return weights[t] if weights else 1.0
 
 
+def sum_factor(params: Any, n_experts: int) -> float:
+    """What multiplies Σ w_t Δ't in mergekit's generalized task arithmetic without a consensus step: λ, divided by
+    Σ w_t with ``normalize`` (not when |Σ w_t| < 1e-8, mergekit's guard)."""
+    total = sum(params.weights) if params.weights else float(n_experts)
+    return params.scale / (total if params.normalize and abs(total) >= 1e-8 else 1.0)
+
+
 def expert_density(params: Any, t: int) -> float:
     """K_t from ``params.densities`` (empty: ``params.density`` for every expert)."""
     return params.densities[t] if params.densities else params.density

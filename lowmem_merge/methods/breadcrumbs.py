@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..info import TensorInfo
-from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight
+from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight, sum_factor
 from .ties import _SLAB, Ties, TiesPrepass
 
 
@@ -93,17 +93,11 @@ class Breadcrumbs(MergeMethod):
             acc[start:start + part.numel()].add_(in_band(part, lo, hi), alpha=w)
 
     def finalize(self) -> torch.Tensor:
-        total = sum(self.params.weights) if self.params.weights else float(self.n_experts)
-        divisor = total if self.params.normalize and abs(total) >= 1e-8 else 1.0   # mergekit's guard
-        return self.total.mul_(self.params.scale / divisor)
+        return self.total.mul_(sum_factor(self.params, self.n_experts))
 
     @classmethod
     def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
         return True
-
-    @classmethod
-    def prepass_for(cls, params: Any) -> type[Prepass] | None:
-        return BandPrepass
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:

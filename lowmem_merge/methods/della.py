@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..info import TensorInfo
-from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight
+from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight, sum_factor
 from .dare import _rows_per_block, mask_seed
 from .ties import _SLAB, Ties
 
@@ -166,9 +166,7 @@ class DellaLinear(_Magprune, MergeMethod):
             acc[start:start + kept.numel()].add_(kept, alpha=w)
 
     def finalize(self) -> torch.Tensor:
-        total = sum(self.params.weights) if self.params.weights else float(self.n_experts)
-        divisor = total if self.params.normalize and abs(total) >= 1e-8 else 1.0
-        return self.total.mul_(self.params.scale / divisor)
+        return self.total.mul_(sum_factor(self.params, self.n_experts))
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
