@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import reference as ref
 from lowmem_merge.demo import LlamaShape, build_example
@@ -113,8 +113,8 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
 
 
 def _slerp64(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """mergekit 0.1.5's slerp, row by row along the leading axis, written out in fp64."""
-    a, b = v0.reshape(v0.shape[0], -1), v1.reshape(v1.shape[0], -1)
+    """mergekit 0.1.5's slerp of one tensor (its kernel's rows are whole tensors), written out in fp64."""
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
     na, nb = torch.where(na > 1e-8, na, 1.0), torch.where(nb > 1e-8, nb, 1.0)
     dot = ((a / na) * (b / nb)).sum(1, keepdim=True).clamp(-1, 1)
@@ -156,19 +156,38 @@ def test_recipe_matches_mergekit_itself(models, method: str) -> None:
     both_tools(recipe, root / f"mk-{method}", root / f"lm-{method}")
 
 
-def test_slerp_interpolates_rows_of_the_stored_layout_when_transposed() -> None:
-    """GPT-2's Conv1D weights are merged transposed: slerp must still run along the stored tensor's rows."""
-    from lowmem_merge.info import TensorClass, TensorInfo
-    from lowmem_merge.methods import REGISTRY
-    g = torch.Generator().manual_seed(5)
-    stored0, stored1 = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
-    info = TensorInfo("h.0.attn.c_attn.weight", (4, 6), TensorClass.LIN, transposed=True)
-    m = REGISTRY["slerp"](info, 1, REGISTRY["slerp"].Params(t=0.3))
-    m.base = stored0.mT
-    m.add(0, (stored1 - stored0).mT.contiguous())
-    got = (stored0.mT + m.finalize()).mT
-    want = _slerp64(0.3, stored0.double(), stored1.double())
-    assert (got.double() - want).abs().max() < 1e-5
+@pytest.fixture(scope="module")
+def far_expert(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """An expert far from the base (independent weights): every tensor takes slerp's spherical branch."""
+    root = tmp_path_factory.mktemp("far")
+    base, experts = build_example(root / "in", SHAPE, n_experts=1, dtype=torch.float32)
+    f = next(experts[0].glob("*.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    save_file({k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in load_file(f).items()},
+              str(f), metadata={"format": "pt"})
+    recipe = root / "slerp.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": str(base), "dtype": "float32",
+                                      "parameters": {"t": 0.3}, "models": [{"model": str(experts[0])}]}))
+    return root, base, recipe
+
+
+def test_slerp_of_far_models_takes_the_spherical_branch(far_expert) -> None:
+    root, base, recipe = far_expert
+    run_cli("merge", "--config", recipe, "-o", root / "out", "-q", "--device", "cpu", check=True)
+    got, w0, w1 = tensors(root / "out"), tensors(base), tensors(next(root.glob("in/expert0")))
+    for name, b in w0.items():
+        if b.is_floating_point():
+            a, c = b.double(), w1[name].double()
+            cos = float((a.reshape(-1) @ c.reshape(-1)) / (a.norm() * c.norm()))
+            assert abs(cos) < 0.9995, name                                   # not the linear fallback
+            want = _slerp64(0.3, a, c)
+            assert (got[name].double() - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), name
+
+
+@pytest.mark.skipif(not MERGEKIT.is_file(), reason="mergekit's venv (bench/vs_mergekit.py) is not built here")
+def test_slerp_of_far_models_matches_mergekit_itself(far_expert) -> None:
+    root, _, recipe = far_expert
+    both_tools(recipe, root / "mk-far", root / "lm-far")
 
 
 SHAPE3 = LlamaShape(hidden=32, intermediate=48, layers=3, vocab=64, heads=4, kv_heads=2)

@@ -1,10 +1,11 @@
 """SLERP between the base and one expert, as mergekit's ``slerp`` (0.1.5): spherical interpolation at ``t`` of each
-row of the stored tensor (its leading axis; a 1-D tensor's entries are rows of one), W0 at t = 0, W1 at t = 1.
+whole tensor, flattened to one vector (mergekit's kernel works on rows of a batch whose rows are whole tensors),
+W0 at t = 0, W1 at t = 1.
 
-Per row, with a = W0, b = W1 (fp32), norms below 1e-8 counted as 1, d = clamp((a/‖a‖)·(b/‖b‖), −1, 1):
-linear interpolation (1 − t)·a + t·b where |d| > 0.9995 (near-parallel or antipodal rows), else
-sin((1 − t)θ)/sin θ · a + sin(tθ)/sin θ · b with θ = acos d. The rows are independent, so the stream may work on
-row chunks; the rule needs W0 itself (``needs_base``), not only Δ = W1 − W0.
+With a = W0, b = W1 (fp32), norms below 1e-8 counted as 1, d = clamp((a/‖a‖)·(b/‖b‖), −1, 1): linear interpolation
+(1 − t)·a + t·b where |d| > 0.9995 (near-parallel or antipodal), else sin((1 − t)θ)/sin θ · a + sin(tθ)/sin θ · b
+with θ = acos d. The angle is the whole tensor's, so the method takes whole tensors (no row chunks: its peak is
+about 16 bytes per element of the largest tensor), and it needs W0 itself (``needs_base``), not only Δ = W1 − W0.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def slerp_rows(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class Slerp(MergeMethod):
     name = "slerp"
-    summary = "spherical interpolation between the base (t=0) and one expert (t=1), row by row (mergekit)"
+    summary = "spherical interpolation of each tensor between the base (t=0) and one expert (t=1) (mergekit)"
     Params = SlerpParams
     needs_base = True
     param_help = {"t": "interpolation factor: 0 gives the base, 1 the expert"}
@@ -59,21 +60,12 @@ class Slerp(MergeMethod):
         self.delta: torch.Tensor | None = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
-        a = self.base.to(delta.device, torch.float32)
-        stored = (lambda x: x.mT) if self.info.transposed else (lambda x: x)   # rows of the stored layout
-        a_rows, d_rows = stored(a), stored(delta)
-        shape = a_rows.shape
-        a2 = a_rows.reshape(shape[0] if a_rows.dim() else 1, -1)
-        b2 = a2 + d_rows.reshape(a2.shape)
-        merged = slerp_rows(self.params.t, a2, b2).sub_(a2)          # Δ* = slerp − W0
-        self.delta = stored(merged.reshape(shape)).contiguous()
+        a = self.base.to(delta.device, torch.float32).reshape(1, -1)
+        b = a + delta.reshape(1, -1)
+        self.delta = slerp_rows(self.params.t, a, b).sub_(a).reshape(delta.shape)   # Δ* = slerp − W0
 
     def finalize(self) -> torch.Tensor:
         return self.delta
-
-    @classmethod
-    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
-        return True
 
     @classmethod
     def check_experts(cls, params: Any, n_experts: int) -> None:
@@ -83,4 +75,4 @@ class Slerp(MergeMethod):
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
-        return 16 * info.numel                # W0 and W1 in fp32, the result and its temporaries
+        return 16 * info.numel                # W0 and W1 in fp32, the result and its temporaries: whole tensors
