@@ -134,7 +134,7 @@ def main() -> None:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--methods", default=METHODS, help="comma list of NAME[:KEY=VALUE...]")
     ap.add_argument("--per-class", type=int, default=600, help="examples drawn per class (80 %% train, 20 %% test)")
-    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps per expert")
+    ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps per expert")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-5, help="encoder learning rate (the head's is 1e-3)")
