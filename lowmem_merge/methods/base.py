@@ -72,6 +72,8 @@ class MergeMethod:
         self.n_experts = n_experts
         self.params = params
         self.state = state
+        if state is None and self.uses_prepass(params):   # the stream passes its prepass's state, always
+            raise ValueError(f"{self.name} with these parameters needs its prepass state ({info.name})")
 
     needs_base: ClassVar[bool] = False           # rules on the weights themselves (slerp) read W0 too:
     base: Any = None                             # then the stream sets the base piece (stored dtype, this

@@ -79,8 +79,6 @@ class Breadcrumbs(MergeMethod):
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
-        if state is None:
-            raise ValueError("breadcrumbs needs its band prepass state ((lo, hi) per expert)")
         self.total: torch.Tensor | None = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

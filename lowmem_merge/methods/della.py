@@ -84,9 +84,9 @@ class DellaPrepass(Prepass):
     def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
         density = expert_density(self.params, t)
         for _, rows, keep in della_blocks(self.params.seed, t, info, delta, density, self.params.epsilon):
-            self._before[t] += float(rows.abs().sum(dtype=torch.float64))
-            self._after[t] += float((rows * keep).abs().sum(dtype=torch.float64)) if keep is not None \
-                else float(rows.abs().sum(dtype=torch.float64))
+            before = float(rows.abs().sum(dtype=torch.float64))
+            self._before[t] += before
+            self._after[t] += before if keep is None else float((rows * keep).abs().sum(dtype=torch.float64))
 
     def state(self) -> list[float]:
         """The factor per expert (1 where mergekit does not rescale)."""
@@ -153,8 +153,6 @@ class DellaLinear(_Magprune, MergeMethod):
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
-        if params.rescale and state is None:
-            raise ValueError("della_linear with rescale needs its prepass state (the factors)")
         self.total: torch.Tensor | None = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

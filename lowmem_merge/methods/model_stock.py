@@ -79,8 +79,6 @@ class ModelStock(MergeMethod):
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
-        if state is None:
-            raise ValueError("model_stock needs its prepass state (t)")
         self.total: torch.Tensor | None = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

@@ -148,8 +148,6 @@ class Ties(MergeMethod):
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
-        if self.uses_prepass(params) and state is None:
-            raise ValueError("ties with density < 1 needs its prepass state (κ_t per expert)")
         self._sums: list[torch.Tensor] = []    # [P, Q], fp32, shape of the tensor
         self._counts: list[torch.Tensor] = []  # [c⁺, c⁻]: Σ w_t over the kept entries (counts when unweighted), fp32
         self._mask = torch.empty(0)
