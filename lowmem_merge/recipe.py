@@ -13,7 +13,7 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
                    (÷ Σ w_t with normalize: true; false by default)                 → breadcrumbs(scale, gamma, ...)
   breadcrumbs_ties breadcrumbs' band, then ties' election and agreeing sum        → breadcrumbs_ties(gamma, ...)
   model_stock      W0 + t·mean(Δt), t from the mean pairwise cosine of the Δt     → model_stock
-  slerp            row by row spherical interpolation, base_model at t = 0, the other model at t = 1 → slerp(t)
+  slerp            spherical interpolation of each whole tensor, base_model at t = 0, the other at t = 1 → slerp(t)
   della            MAGPRUNE (keep probability by magnitude rank in the row), L1 rescale, ties' election and agreeing
                    sum (÷ agreeing Σ w_t with normalize: true, the default)        → della(scale, epsilon, ...)
   della_linear     the same drop and rescale, then λ Σ w_t Δ't (÷ Σ w_t with normalize) → della_linear(scale, ...)
