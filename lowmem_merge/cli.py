@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from .calib.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from .errors import ConfigError, LowmergeError
 from .methods import DEFAULT_METHOD, REGISTRY
 
@@ -21,6 +22,7 @@ Examples:
   lowmerge merge ./base ./a ./b -o ./merged --resume      # continue a run that was interrupted
   lowmerge merge ./base ./a ./b -o ./merged --quantize nf4  # 4-bit bitsandbytes weights for transformers
   lowmerge merge --config recipe.yaml -o ./merged         # a mergekit recipe (linear, task_arithmetic, ties, ...)
+  lowmerge merge ./base ./a ./b -o ./merged --method chain --calib a.txt --calib b.txt   # with each task's text
 
 Inputs are Hugging Face directories (model.safetensors, or shards with model.safetensors.index.json), single
 .safetensors files, PyTorch .bin checkpoints (loaded with weights_only=True), or Hugging Face ids (org/name,
@@ -114,6 +116,14 @@ def _progress_bar(quiet: bool, desc: str = "merging") -> tuple[Callable[[int, in
               help="Write linear weights quantized with bitsandbytes (int8: LLM.int8 row-wise; nf4: 4-bit, "
                    "double-quantized), loadable by transformers from config.json's quantization_config; other "
                    "tensors keep --dtype. Needs pip install 'lowmerge[bnb]'.")
+@click.option("--calib", "calib", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              metavar="FILE", help="Calibration data for regmean / chain: once per expert, in the experts' order, "
+                                   "each expert's own task text (one example per line, or JSONL with a 'text' "
+                                   "field), tokenized with BASE's tokenizer.")
+@click.option("--calib-samples", default=DEFAULT_SAMPLES, show_default=True, type=click.IntRange(min=1),
+              help="Examples used per calibration file (the first ones).")
+@click.option("--calib-seq-len", default=DEFAULT_SEQ_LEN, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per example: longer ones are cut, shorter ones padded.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge in OUT: keeps the shards it "
                                              "finished (verified by sha256) after checking inputs and options.")
 @click.option("--force", is_flag=True, help="Replace a previous lowmerge output in OUT (deletes only files "
@@ -122,8 +132,8 @@ def _progress_bar(quiet: bool, desc: str = "merging") -> tuple[Callable[[int, in
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path | None, method: str,
           params: tuple[str, ...], device: str, dtype: str, shard_size: str, max_memory: str | None,
-          max_device_memory: str | None, quantize: str | None, resume: bool, force: bool, quiet: bool,
-          debug: bool) -> None:
+          max_device_memory: str | None, quantize: str | None, calib: tuple[Path, ...], calib_samples: int,
+          calib_seq_len: int, resume: bool, force: bool, quiet: bool, debug: bool) -> None:
     """Merge EXPERTS (fine-tunes of BASE) into one model in OUT.
 
     OUT receives the merged safetensors shards, config and tokenizer files copied from BASE,
@@ -144,7 +154,8 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
     try:
         report = run(base, list(experts), out, method, device=device, dtype=dtype, shard_size=shard_size,
                      max_memory=max_memory, max_device_memory=max_device_memory, resume=resume, force=force,
-                     quantize=quantize, progress=update, schedule=schedule, **kv)
+                     quantize=quantize, progress=update, schedule=schedule, calib=list(calib) or None,
+                     calib_samples=calib_samples, calib_seq_len=calib_seq_len, **kv)
     finally:
         close()
     if not quiet and report is not None:             # None: a torchrun rank other than 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import distributed
+from .calib.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from .budget import choose_strategy, device_budget
 from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device, tune_malloc
 from .errors import ConfigError, LowmergeError
@@ -44,13 +46,16 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
           max_memory: str | int | None = None, max_device_memory: str | int | None = None,
           resume: bool = False, force: bool = False, quantize: str | None = None,
           progress: Callable[[int, int], None] | None = None, schedule: Schedule | None = None,
-          **params: Any) -> Report | None:
+          calib: Sequence[str | Path] | None = None, calib_samples: int = DEFAULT_SAMPLES,
+          calib_seq_len: int = DEFAULT_SEQ_LEN, **params: Any) -> Report | None:
     """Merge ``experts`` (fine-tunes of ``base``, or LoRA adapters of it) into ``out``.
 
     Options are those of ``lowmerge merge --help``; ``params`` are the method's (``lowmerge methods``).
     ``quantize`` (int8 or nf4) writes linear weights in bitsandbytes' format (``quantize.py``).
     ``progress(done_bytes, total_bytes)`` is called as inputs are consumed.
     ``schedule`` (a recipe's gradients and filters) gives each tensor its own parameters.
+    ``calib``: one calibration file per expert, for the rules that need data (regmean, chain): up to
+    ``calib_samples`` examples of ``calib_seq_len`` tokens each (``lowmem_merge.calib``).
     Started by torchrun (WORLD_SIZE > 1), each rank merges its share of the tensors (``distributed.py``); rank 0
     returns the report, the other ranks None.
     """
@@ -59,7 +64,11 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
     method_cls = get_method(method or DEFAULT_METHOD)
     parsed = parse_params(method_cls, params)
     method_cls.check_experts(parsed, len(experts))
+    _check_calib(method_cls, calib, len(experts))
     dist = distributed.from_env()
+    if dist is not None and method_cls.calibration:
+        raise ConfigError(f"{method_cls.name} walks the model layer by layer in one process: it cannot run under "
+                          "torchrun", hint="run it as a plain `lowmerge merge`")
     dev = resolve_device(device)
     if dist is not None and dev.type == "cuda":
         dev = torch.device("cuda", dist.local_rank)
@@ -74,6 +83,10 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         base_ck = stack.enter_context(open_checkpoint(base))
         expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
         plan = make_plan(base_ck, expert_cks, out_dtype)
+        walker = None
+        if method_cls.calibration:
+            walker = _calibration(plan, method_cls, parsed, calib, calib_samples, calib_seq_len, dev)
+            plan.tensors = walker.order(plan.tensors)
         quantizer = _quantizer(plan, quantize, dev)
         strategy = choose_strategy(
             plan, method_cls, parsed, None if max_memory is None else
@@ -84,7 +97,8 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         fingerprint = {**_fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
                        "chunk_elems": strategy.chunk_elems, "quantize": quantize,
                        **({"world_size": dist.world} if dist else {}),
-                       **({"schedule": schedule.describe()} if schedule else {})}
+                       **({"schedule": schedule.describe()} if schedule else {}),
+                       **({"calib": _calib_fingerprint(calib, calib_samples, calib_seq_len)} if walker else {})}
         world, rank = (dist.world, dist.rank) if dist else (1, 0)
         owner = _owners(plan, method_cls, parsed, strategy.pieces, world)
         pieces = [p for p in strategy.pieces if owner[p.target] == rank]
@@ -109,7 +123,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         pool = BufferPool(limit=strategy.prefetch_bytes, pin=dev.type == "cuda")
         ctx = StreamContext(plan, method_cls, parsed, dev, lambda n: None, pool,
                             strategy.prefetch_bytes, strategy.cpu_tensors, dist.all_reduce if dist else None,
-                            _params_for(plan, method_cls, schedule) if schedule else None)
+                            _params_for(plan, method_cls, schedule) if schedule else None, walker)
         if dist is None:
             stats, bytes_read = _stream(ctx, pieces, work, by_rank[0], timings, progress, quantizer)
             ranks = None
@@ -151,6 +165,32 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         except OSError as e:
             raise output_error(e, outdir.path) from None
         return report
+
+
+def _check_calib(method: type[MergeMethod], calib: Sequence | None, n_experts: int) -> None:
+    if method.calibration and not calib:
+        raise ConfigError(f"{method.name} needs calibration data: --calib FILE once per expert, in the experts' order",
+                          hint="each expert's own task text, one example per line (or JSONL with a 'text' field)")
+    if method.calibration and len(calib) != n_experts:
+        raise ConfigError(f"{method.name}: {len(calib)} --calib files for {n_experts} experts",
+                          hint="give one calibration file per expert (its own task's data), in the experts' order")
+    if calib and not method.calibration:
+        raise ConfigError(f"{method.name} is data-free: --calib is not used", hint="drop --calib, or use regmean "
+                          "or chain")
+
+
+def _calibration(plan: Plan, method: type[MergeMethod], params: Any, calib: Sequence, samples: int, seq_len: int,
+                 dev: torch.device) -> Any:
+    from .calib.data import load_calibration
+    from .calib.walker import Calibration
+    batches = load_calibration(plan.base.model_dir, [Path(f) for f in calib], samples, seq_len)
+    return Calibration(plan, method, params, batches, dev)
+
+
+def _calib_fingerprint(calib: Sequence, samples: int, seq_len: int) -> dict:
+    """What a resumed calibrated merge must match: the files (by content) and how much of them was used."""
+    return {"files": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in calib], "samples": samples,
+            "seq_len": seq_len}
 
 
 def _params_for(plan: Plan, method: type[MergeMethod], schedule: Schedule) -> Callable[[TensorInfo], Any]:
@@ -260,10 +300,11 @@ def _stream(ctx: StreamContext, pieces: list[Piece], outdir: OutputDir, shards: 
 
     Returns the per-tensor statistics and the bytes read; fills ``timings`` (prepass, merge).
     """
-    plan, method_cls, params = ctx.plan, ctx.method, ctx.params
     writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard, release=ctx.pool.give)
-    todo = [p for p in pieces if writer.needed(p.target)]
-    total = stream_volume(plan, method_cls, params, pieces, todo)
+    # a calibrated rule walks the whole model again on --resume (each layer's Grams need the layers before it);
+    # tensors of finished shards are merged but not written again
+    todo = pieces if ctx.calib is not None else [p for p in pieces if writer.needed(p.target)]
+    total = stream_volume(ctx, pieces, todo)
     done = [0]
 
     def tick(n: int) -> None:

@@ -141,6 +141,8 @@ class StreamContext:
     cpu_tensors: frozenset[str] = frozenset()  # merged on the CPU: their statistics do not fit the device
     reduce: Callable[[list[torch.Tensor]], None] | None = None  # sums a prepass's counts over torchrun ranks
     params_for: Callable[[TensorInfo], Any] | None = None  # per-tensor parameters (a recipe's gradients, filters)
+    calib: Any = None                        # a calibrated rule's walker (calib.Calibration): each tensor's state,
+                                             # and each merged tensor handed back to it
 
 
 def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Expert, str, tuple[int, int] | None]]:
@@ -289,14 +291,14 @@ def prepass_rounds(method: type[MergeMethod], params: Any, scope: str) -> int:
     return pre.rounds if pre is not None and pre.scope == scope else 0
 
 
-def stream_volume(plan: Plan, method: type[MergeMethod], params: Any, pieces: list[Piece],
-                  todo: list[Piece]) -> int:
-    """Bytes a merge of ``todo`` (out of ``pieces``) reads: a model-wide prepass over every source tensor, the
-    rounds of a per-tensor prepass, and the merge's own passes."""
+def stream_volume(ctx: StreamContext, pieces: list[Piece], todo: list[Piece]) -> int:
+    """Bytes a merge of ``todo`` (out of ``pieces``) reads: a model-wide prepass over every source tensor, each
+    tensor's per-tensor prepass rounds (with its own parameters), and the merge's own passes."""
     sources = [p for p in pieces if p.target == p.info.name]
-    return prepass_rounds(method, params, "model") * read_volume(plan, sources, 1) \
-        + prepass_rounds(method, params, "tensor") * read_volume(plan, todo, 1) \
-        + read_volume(plan, todo, method.passes)
+    tensor_rounds = sum(prepass_rounds(ctx.method, _tensor_context(ctx, g[0].info).params, "tensor")
+                        * read_volume(ctx.plan, g, 1) for g in tensor_groups(todo) if g[0].info.cls in MERGED)
+    return prepass_rounds(ctx.method, ctx.params, "model") * read_volume(ctx.plan, sources, 1) \
+        + tensor_rounds + read_volume(ctx.plan, todo, ctx.method.passes)
 
 
 def _observe(ctx: StreamContext, pre: Any, round_: int, piece: Piece, fetch: Prefetcher) -> None:
@@ -388,6 +390,8 @@ def _merge_group(ctx: StreamContext, pctx: StreamContext, group: list[Piece], st
                 _observe(pctx, pre, round_, piece, fetch)
             pre.end_round(round_)
         tensor_state = pre.state()
+    if ctx.calib is not None and info.cls in MERGED:
+        tensor_state = ctx.calib.state_for(info)
     for piece in group:
         _, x = fetch.next()
         ctx.progress(x.nbytes)
@@ -399,6 +403,8 @@ def _merge_group(ctx: StreamContext, pctx: StreamContext, group: list[Piece], st
         del x
         merged, piece_stats = _merge_piece(pctx, piece, base, tensor_state, fetch)
         ctx.pool.give(base)
+        if ctx.calib is not None and piece.rows is None:
+            ctx.calib.merged(piece.target, merged)
         if piece.rows is None and piece_stats:
             stats[piece.target] = piece_stats
         write(piece.target, _to_output(ctx, merged, out_dtype))

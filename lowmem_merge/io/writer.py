@@ -122,8 +122,13 @@ class ShardWriter:
         return self._shard_of[name].name not in self.done
 
     def write(self, name: str, part: torch.Tensor) -> None:
-        """Append ``part`` (the tensor, or its next rows) in the output dtype; the writer takes ownership."""
+        """Append ``part`` (the tensor, or its next rows) in the output dtype; the writer takes ownership. A tensor of
+        a shard finished before (a resumed calibrated merge recomputes everything) is dropped."""
         self._raise_pending()
+        if not self.needed(name):
+            if self._release is not None:
+                self._release(part)
+            return
         self._queue.put((self._shard_of[name], part.contiguous().cpu()))
         self._drain_finished()
 

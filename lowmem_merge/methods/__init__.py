@@ -6,6 +6,7 @@ from .ace import Ace
 from .actmat import ActMat
 from .average import Average
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from .chain import Chain
 from .base import MergeMethod, NoParams, Prepass, parse_params, params_dict
 from .dare import Dare
 from .dare_ties import DareTies
@@ -13,6 +14,7 @@ from .della import Della, DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCts
 from .model_stock import ModelStock
+from .regmean import RegMean
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
@@ -39,6 +41,8 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     Tsv,
     IsoC,
     IsoCts,
+    RegMean,
+    Chain,
 )
 
 

@@ -62,6 +62,8 @@ class MergeMethod:
     name: ClassVar[str]
     summary: ClassVar[str]                       # one line for `lowmerge methods`
     data_free: ClassVar[bool] = True
+    calibration: ClassVar[str | None] = None     # a rule on calibration data: where its Grams come from
+                                                 # ("own" | "merged", lowmem_merge.calib); its state per tensor
     passes: ClassVar[int] = 1                    # >1 when a statistic over experts comes first
     Params: ClassVar[type] = NoParams
     prepass: ClassVar[type[Prepass] | None] = None

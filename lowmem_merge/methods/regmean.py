@@ -1,0 +1,105 @@
+"""RegMean (ALGORITHMS.md §8.1), delta form, and the solve it shares with Chain of Merges (§8.3).
+
+LIN inside a block:  Δ* = (Σ_t w_t Δt C_t)(Σ_t w_t C_t + r·I)⁻¹ with C_t expert t's input Gram from calibration data
+(``lowmem_merge.calib``), w_t = 1 and r = 0 for RegMean. Equal to the weight form W* = (Σ W_t C_t)(Σ C_t)⁻¹ whenever
+Σ C_t is invertible; a singular Σ C_t takes the pseudo-inverse, so directions no data reached keep W0.
+RegMean's C_t: the token mean of x xᵀ over expert t's own activations on task t, its off-diagonal times ``alpha``.
+Other tensors (embeddings, norms, biases, linear layers outside the blocks such as lm_head): mean of Δt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..info import TensorClass, TensorInfo
+from .average import Average
+from .base import NoParams
+from .covariance import _solve_one
+from .matrix_rule import MatrixRule
+
+
+@dataclasses.dataclass(frozen=True)
+class RegMeanParams:
+    alpha: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"regmean: alpha={self.alpha} must be in [0, 1]",
+                              hint="alpha scales the Grams' off-diagonal (reduce_non_diagonal_ratio), e.g. 0.9")
+
+
+class GramRule(MatrixRule):
+    """Δ* = (Σ w_t Δt C_t)(Σ w_t C_t + ridge·I)⁻¹ from a ``GramState`` (C_t, w_t) per LIN tensor."""
+
+    data_free = False
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        super().__init__(info, n_experts, params, state)
+        if info.cls == TensorClass.LIN and state is None:   # no Gram for it (outside the blocks): the mean
+            self._mean = Average(info, n_experts, NoParams())
+        self._n: torch.Tensor | None = None
+
+    def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        if d.shape[0] != 1:
+            raise ValueError(f"{self.name}: {self.info.name} is a batch of matrices")
+        w = self.state.weights[t]
+        if self._n is None:
+            self._n = torch.zeros_like(d[0])
+        if w:
+            self._n.addmm_(d[0], self.state.grams[t].to(d.device), alpha=w)
+
+    def _finalize_matrices(self) -> torch.Tensor:
+        a = sum(w * g for w, g in zip(self.state.weights, self.state.grams)).to(self._n.device)
+        n = a.shape[0]
+        ridge = self._relative_ridge() * float(a.trace()) / n
+        cond, used_eigh = _solve_one(a, self._n, ridge, like_pinv=False)
+        self._stats = {"cond_est": cond, "ridge": ridge, "eigh": float(used_eigh)}
+        return self._n.unsqueeze(0)
+
+    def _relative_ridge(self) -> float:
+        return 0.0
+
+    @classmethod
+    def calib_rows(cls, params: Any, x: torch.Tensor) -> torch.Tensor:
+        """The rows (tokens × features, fp32) whose Σ x xᵀ the calibration sums for one linear layer's input."""
+        return x
+
+    @classmethod
+    def calib_state(cls, params: Any, raw: list[tuple[torch.Tensor, int]]) -> Any:
+        """(Σ x xᵀ, token count) per expert -> the ``GramState`` this rule solves with."""
+        raise NotImplementedError
+
+    @classmethod
+    def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
+        return (n_experts + 2) * n * n + m * n    # the experts' Grams, A and the Cholesky factor, N
+
+
+class RegMean(GramRule):
+    name = "regmean"
+    summary = ("LIN: (Σ Δt C_t)(Σ C_t)^-1, C_t = expert t's input Gram on its own data (--calib); "
+               "other tensors: mean")
+    Params = RegMeanParams
+    calibration = "own"
+    param_help = {"alpha": "α: the Grams' off-diagonal is multiplied by α (1 = exact Grams, 0 = diagonal only)"}
+
+    @classmethod
+    def calib_state(cls, params: Any, raw: list[tuple[torch.Tensor, int]]) -> Any:
+        from ..calib.walker import GramState
+        grams = []
+        for total, rows in raw:
+            g = total / rows
+            if params.alpha != 1:
+                diag = g.diagonal().clone()
+                g.mul_(params.alpha).diagonal().copy_(diag)
+            grams.append(g)
+        return GramState(grams, [1.0] * len(grams))
+
+
+def check_ridge(method: str, ridge: float) -> None:
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise ConfigError(f"{method}: ridge={ridge} must be a finite number >= 0",
+                          hint="the ridge is relative to tr(A)/n, e.g. -p ridge=1e-6")
