@@ -194,7 +194,8 @@ def methods() -> None:
 
 @main.command()
 @click.argument("directory", default="demo-output", type=click.Path(path_type=Path))
-@click.option("--method", default="actmat", show_default=True, type=click.Choice(list(REGISTRY)))
+@click.option("--method", default="actmat", show_default=True,
+              type=click.Choice([m for m, c in REGISTRY.items() if not c.calibration]))  # the example has no data
 @click.option("--force", is_flag=True, help="Rebuild DIRECTORY if a previous demo is there.")
 @click.option("--export/--no-export", "export_onnx", default=True, show_default=True,
               help="Go on to ONNX: export the merged model, validate it against PyTorch and quantize it to int8 "

@@ -34,9 +34,28 @@ FEWER_STEPS = {"wudi": {"steps": 20}}    # an iterative rule: its step count cha
 
 
 def _merge(base: Path, experts: list[Path], out: Path, method: str) -> None:
-    """``method`` over ``experts`` (a rule of the base and one expert, slerp, takes the first)."""
+    """``method`` over ``experts`` (a rule of the base and one expert, slerp, takes the first; a calibrated rule
+    gets a tokenizer and one text file per expert)."""
     experts = experts[:1] if method == "slerp" else experts
-    merge(base, experts, out, method, **FEWER_STEPS.get(method, {}))
+    extra = dict(FEWER_STEPS.get(method, {}))
+    if REGISTRY[method].calibration:
+        extra.update(calib=calibration_files(base, out.parent / "calib", len(experts)), calib_samples=8,
+                     calib_seq_len=8)
+    merge(base, experts, out, method, **extra)
+
+
+def calibration_files(base: Path, where: Path, n: int) -> list[Path]:
+    """The base gets test_calibrated's word-level tokenizer (if it has none); one text file per task."""
+    from test_calibrated import WORDS, _tokenizer
+    if not (base / "tokenizer.json").exists():
+        _tokenizer().save_pretrained(base)
+    where.mkdir(parents=True, exist_ok=True)
+    files = []
+    for t in range(n):
+        files.append(where / f"task{t}.txt")
+        files[-1].write_text("\n".join(" ".join(WORDS[(t * 7 + i * j) % len(WORDS)] for j in range(3 + i % 6))
+                                       for i in range(8)) + "\n")
+    return files
 
 
 def _dyadic(model: torch.nn.Module) -> torch.nn.Module:

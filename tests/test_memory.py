@@ -84,3 +84,32 @@ def test_peak_rss_of_the_spectral_and_iterative_rules_is_flat(narrow_examples, t
     """The same rule on a narrower model (hidden 512, vocab 8000): their SVDs and Adam steps on a 2-core machine
     would take many minutes at hidden 1024 with a 32000-row lm_head."""
     check_flat(narrow_examples, tmp_path, method, params, (2, 6))
+
+
+@pytest.fixture(scope="module")
+def depth_examples(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
+    """4 and 12 layers, 2 experts each, with a tokenizer and one calibration file per expert."""
+    from test_calibrated import WORDS, _tokenizer
+    pair = _pair(tmp_path_factory.mktemp("memory_depth"), WIDTH, (4, 2), (12, 2))
+    for base, _ in pair.values():
+        _tokenizer().save_pretrained(base)
+        for t in range(2):
+            (base.parent / f"task{t}.txt").write_text("\n".join(
+                " ".join(WORDS[(t * 13 + i * j) % len(WORDS)] for j in range(40)) for i in range(64)) + "\n")
+    return pair
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["regmean", "chain"])
+def test_peak_rss_of_calibrated_rules_is_flat_in_depth(depth_examples, tmp_path, method):
+    """One block per model being run, one activation cache per expert (16 samples x 16 tokens x 1024), one
+    block's statistics: 12 layers need what 4 need. Holding the merged blocks would add ~50 MiB per layer."""
+    peaks = {}
+    for size, (base, experts) in depth_examples.items():
+        calib = [a for t in range(2) for a in ("--calib", base.parent / f"task{t}.txt")]
+        run_cli("merge", base, *experts, "-o", tmp_path / size, "--method", method, "--device", "cpu", "-q",
+                *calib, "--calib-samples", "16", "--calib-seq-len", "16", check=True, timeout=900)
+        report = json.loads((tmp_path / size / "lowmerge_report.json").read_text())
+        peaks[size] = report["memory"]["peak_rss_bytes"]
+    print(f"{method}: 4 layers {peaks['small'] / 2**20:.0f} MiB, 12 layers {peaks['big'] / 2**20:.0f} MiB")
+    assert peaks["big"] <= peaks["small"] + 48 * 2**20, peaks

@@ -218,7 +218,8 @@ def system_condition(name: str, params: object, taus: list[torch.Tensor]) -> flo
     return worst
 
 
-ELSEWHERE = {"slerp"}   # one expert and the base itself: tests/test_mergekit_methods.py
+ELSEWHERE = {"slerp",              # one expert and the base itself: tests/test_mergekit_methods.py
+             "regmean", "chain"}   # Grams from calibration data through a model: tests/test_calibrated.py
 
 
 def test_every_method_has_a_reference() -> None:

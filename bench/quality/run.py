@@ -36,7 +36,10 @@ REPO = HERE.parent.parent
 WORK = REPO / "bench" / "_work" / "quality"
 METHODS = ("average,task_arithmetic,task_arithmetic:scale=0.3,ties,dare_ties,breadcrumbs,breadcrumbs_ties,model_stock,"
            "della,della_linear,actmat,wudi_cfs,wudi,ace,tsv,iso_c,"
-           "iso_cts")
+           "iso_cts,regmean,chain")
+
+
+CALIBRATED = ("regmean", "chain")
 
 
 def base_dir() -> Path:
@@ -116,12 +119,16 @@ def score(weights: Path, heads: dict, tokenizer, all_tasks: list, max_len: int) 
     return {t.name: accuracy(model, heads[t.name], tokenizer, t.test, max_len) for t in all_tasks}
 
 
-def merge(method: str, experts: list[Path], out: Path) -> float:
+def merge(method: str, experts: list[Path], out: Path, calib: list[Path], samples: int, seq_len: int) -> float:
+    """One CLI merge; the rules that need data get each task's calibration file (training texts)."""
     name, *params = method.split(":")
     cmd = [sys.executable, "-m", "lowmem_merge", "merge", str(base_dir()), *map(str, experts), "-o", str(out),
            "--method", name, "--device", "cpu", "--force", "-q"]
     for p in params:
         cmd += ["-p", p]
+    if name in CALIBRATED:
+        cmd += [a for f in calib for a in ("--calib", str(f))]
+        cmd += ["--calib-samples", str(samples), "--calib-seq-len", str(seq_len)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode:
@@ -146,7 +153,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base_dir())
     all_tasks = [make(args.per_class) for make in task_defs.TASKS.values()]
     tag = f"s{args.steps}-b{args.batch}-l{args.max_len}-lr{args.lr}-n{args.per_class}"
-    experts, heads, tune = [], {}, {}
+    experts, heads, tune, calibs = [], {}, {}, []
     for task in all_tasks:
         d, head_file = WORK / "experts" / tag / task.name, WORK / "heads" / tag / f"{task.name}.safetensors"
         if not (d / "tune.json").is_file():
@@ -159,6 +166,7 @@ def main() -> None:
         calib = WORK / "calib" / f"{task.name}.txt"
         calib.parent.mkdir(parents=True, exist_ok=True)
         calib.write_text("".join(t.replace("\n", " ") + "\n" for t, _ in task.train[:args.calib_lines]))
+        calibs.append(calib)
     rows: dict[str, dict[str, float]] = {"base (its expert's head)": score(base_dir(), heads, tokenizer, all_tasks,
                                                                            args.max_len)}
     own = {t.name: score(e, heads, tokenizer, [t], args.max_len)[t.name] for t, e in zip(all_tasks, experts)}
@@ -167,7 +175,7 @@ def main() -> None:
     for method in args.methods.split(","):
         out = WORK / "merged" / method.replace(":", "-").replace("=", "")
         print(f"merging with {method} ...", flush=True)
-        times[method] = merge(method, experts, out)
+        times[method] = merge(method, experts, out, calibs, args.calib_lines, args.max_len)
         rows[method] = score(out, heads, tokenizer, all_tasks, args.max_len)
         print(f"  {rows[method]}", flush=True)
     report(args, all_tasks, rows, own, times, tune)
@@ -202,7 +210,9 @@ def report(args, all_tasks, rows, own, times, tune) -> None:
         "fine-tuning took " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in tune.items()),
         f"- tasks (tasks.py): {tasks_desc}",
         "- each method: `python -m lowmem_merge merge BASE E1 E2 E3 E4 --method M --device cpu` with its default "
-        "parameters unless given; merge wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()),
+        f"parameters unless given; {', '.join(CALIBRATED)} get each task's first {args.calib_lines} training texts "
+        f"(--calib, one file per expert, {args.max_len} tokens each: unlabeled text of the task, no test example); "
+        "merge wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()),
         "- accuracy in % on each task's test split with that task's own head; normalized = mean over tasks of "
         "merged ÷ expert accuracy",
         "",
