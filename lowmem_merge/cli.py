@@ -145,7 +145,9 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
     """
     from .merge import merge as run
     if config is not None:
-        base, experts, method, kv, dtype, schedule = _from_recipe(config, base, params, dtype)
+        base, experts, method, kv, dtype, schedule, slices = _from_recipe(config, base, params, dtype)
+        if slices:
+            return _stack(slices, out, dtype, shard_size, resume, force, quiet)
     elif base is None or not experts:
         raise click.UsageError("missing BASE and EXPERTS (or --config RECIPE)")
     else:
@@ -178,7 +180,22 @@ def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype
         raise ConfigError(f"--dtype and the recipe's dtype ({recipe.dtype}) are both given", path=config,
                           hint="keep one")
     return Path(recipe.base), [Path(e) for e in recipe.experts], recipe.method, recipe.params, \
-        recipe.dtype if recipe.dtype != "auto" else dtype, recipe.schedule
+        recipe.dtype if recipe.dtype != "auto" else dtype, recipe.schedule, recipe.slices
+
+
+def _stack(slices: list, out: Path, dtype: str, shard_size: str, resume: bool, force: bool, quiet: bool) -> None:
+    """A passthrough recipe: layer ranges copied into one model (``stack.py``)."""
+    from .stack import stack
+    update, close = _progress_bar(quiet, "stacking")
+    try:
+        report = stack(slices, out, dtype=dtype, shard_size=shard_size, resume=resume, force=force, progress=update)
+    finally:
+        close()
+    if not quiet:
+        d = report.data
+        click.echo(f"stacked {d['output']['layers']} layers from {len(slices)} slice(s) into {d['output']['dir']}")
+        click.echo(f"  {d['output']['tensors']} tensors in {len(d['output']['shards'])} shard(s), "
+                   f"time {d['timings_s']['total']:.1f} s")
 
 
 @main.command()

@@ -14,12 +14,16 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
   breadcrumbs_ties breadcrumbs' band, then ties' election and agreeing sum        → breadcrumbs_ties(gamma, ...)
   model_stock      W0 + t·mean(Δt), t from the mean pairwise cosine of the Δt     → model_stock
   slerp            spherical interpolation of each whole tensor, base_model at t = 0, the other at t = 1 → slerp(t)
+  multislerp       the task vectors' normalized weighted mean direction × Σ w_t ‖Δt‖ per tensor → multislerp
+  nuslerp          SLERP of two task vectors at t = w_1/(w_0 + w_1), per tensor/row/column → nuslerp
+  sce              top-variance selection, energy weights per expert, minority signs erased → sce(select_topk)
   della            MAGPRUNE (keep probability by magnitude rank in the row), L1 rescale, ties' election and agreeing
                    sum (÷ agreeing Σ w_t with normalize: true, the default)        → della(scale, epsilon, ...)
   della_linear     the same drop and rescale, then λ Σ w_t Δ't (÷ Σ w_t with normalize) → della_linear(scale, ...)
 A model listed under ``models`` that is the base has no task vector and is skipped, as mergekit does, except in
 linear, where it is an expert with Δ = 0 and counts with its weight. lowmerge's own methods are accepted by name,
 with their parameters under ``parameters`` and per-model ``weight`` / ``density`` where the rule has per-expert ones.
+  passthrough      ``slices`` of one source each, stacked: layer ranges of one or more models → stack.stack
 Anything else is a ConfigError naming it: a recipe never merges differently from what it says.
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .errors import ConfigError
 from .methods import REGISTRY
 from .schedule import Schedule, evaluate, varies
 
-TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype")
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "slices")
 MODEL_KEYS = ("model", "parameters")
 MODEL_PARAMS = ("weight", "density")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -50,6 +54,9 @@ MERGEKIT = {
     "della_linear": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "epsilon"), False),
     "model_stock": (("filter_wise",), (), False),
     "slerp": (("t",), (), False),
+    "multislerp": (("normalize_weights", "eps"), ("weight",), False),
+    "nuslerp": (("nuslerp_flatten", "nuslerp_row_wise"), ("weight",), False),
+    "sce": (("select_topk", "int8_mask"), (), False),
 }
 ELECTING = ("ties", "dare_ties", "breadcrumbs_ties", "della")  # normalize divides by the agreeing weights, inside the rule
 
@@ -62,6 +69,7 @@ class Recipe:
     params: dict[str, Any]  # values for parse_params: numbers, bools, strings, tuples
     dtype: str              # "auto" when the recipe gives none
     schedule: Schedule | None = None   # per-tensor parameters (gradients, filters); params: at t = 0
+    slices: list | None = None         # passthrough: stack.Slice per output layer range (base, experts unused)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -85,6 +93,11 @@ def parse_recipe(data: Any) -> Recipe:
     name = top.get("merge_method")
     if name is None:
         raise ConfigError("the recipe has no merge_method", hint=_methods_hint())
+    if name == "passthrough":
+        return _passthrough(top)
+    if "slices" in top:
+        raise ConfigError(f"slices with merge_method {name!r} are not supported: only passthrough stacks slices",
+                          hint="list the models under 'models' to merge them whole, or use merge_method: passthrough")
     if name not in MERGEKIT and name not in REGISTRY:
         raise ConfigError(f"unknown merge_method {name!r}", hint=_methods_hint())
     models = top.get("models")
@@ -122,6 +135,42 @@ def parse_recipe(data: Any) -> Recipe:
     return Recipe(str(base), [e[0] for e in entries], method, params, dtype, schedule)
 
 
+def _passthrough(top: dict) -> Recipe:
+    """Layer stacking: ``slices`` of one source each (``model``, ``layer_range: [first, end)``), or one model whole."""
+    from .stack import Slice
+    dtype = top.get("dtype", "auto")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported", hint="supported: " + ", ".join(DTYPES))
+    if top.get("parameters"):
+        raise ConfigError("merge_method 'passthrough' takes no parameters")
+    if "slices" in top and top.get("models"):
+        raise ConfigError("give either slices or models, not both")
+    if "slices" not in top:
+        models = top.get("models")
+        if not isinstance(models, list) or len(models) != 1:
+            raise ConfigError("merge_method 'passthrough' copies one model: give one entry under models, or slices")
+        model, params = _model_entry(models[0], 0)
+        _only(params, (), "merge_method 'passthrough': model parameter")
+        return Recipe(model, [model], "passthrough", {}, dtype, slices=[Slice(model)])
+    raw = top["slices"]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("slices must be a non-empty list of {sources: [{model, layer_range}]}")
+    slices = []
+    for i, entry in enumerate(raw):
+        sources = _mapping(entry, f"slices[{i}]", ("sources",)).get("sources")
+        if not isinstance(sources, list) or len(sources) != 1:
+            raise ConfigError(f"slices[{i}]: passthrough takes exactly one source per slice",
+                              hint="merging several sources inside a slice is not supported")
+        src = _mapping(sources[0], f"slices[{i}].sources[0]", ("model", "layer_range"))
+        rng = src.get("layer_range")
+        if not isinstance(src.get("model"), str) or not (isinstance(rng, list) and len(rng) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in rng)):
+            raise ConfigError(f"slices[{i}].sources[0] needs model: PATH and layer_range: [first, end]")
+        slices.append(Slice(src["model"], rng[0], rng[1]))
+    models = list(dict.fromkeys(s.model for s in slices))
+    return Recipe(models[0], models, "passthrough", {}, dtype, slices=slices)
+
+
 def _at_start(glob: dict, entries: list[tuple[str, dict]]) -> tuple[dict, list[tuple[str, dict]]]:
     """The settings at t = 0 for no tensor in particular: enough to name the method and check the keys."""
     def first(settings: dict) -> dict:
@@ -141,9 +190,20 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
         if "t" not in glob:
             raise ConfigError("merge_method 'slerp' needs parameters: t (0 gives base_model, 1 the other model)")
         return "slerp", {"t": _number(glob["t"], "t", "parameters")}
+    if name == "sce":
+        return "sce", {"select_topk": _number(glob.get("select_topk", 1.0), "select_topk", "parameters")}
     if name == "model_stock":
         return "model_stock", {"filter_wise": _bool(glob.get("filter_wise", False), "filter_wise")}
     weights = tuple(_number(p.get("weight", glob.get("weight", 1.0)), "weight", m) for m, p in entries)
+    if name == "multislerp":
+        return "multislerp", {"weights": weights, "eps": _number(glob.get("eps", 1e-8), "eps", "parameters"),
+                              "normalize_weights": _bool(glob.get("normalize_weights", True), "normalize_weights")}
+    if name == "nuslerp":
+        if len(entries) != 2:
+            raise ConfigError(f"merge_method 'nuslerp' interpolates between two models besides base_model, "
+                              f"not {len(entries)}")
+        return "nuslerp", {"weights": weights, "flatten": _bool(glob.get("nuslerp_flatten", True), "nuslerp_flatten"),
+                           "row_wise": _bool(glob.get("nuslerp_row_wise", False), "nuslerp_row_wise")}
     densities = tuple(_number(p.get("density", glob.get("density", 1.0)), "density", m) for m, p in entries)
     normalize = _bool(glob.get("normalize", normalize_default), "normalize")
     lam = _number(glob.get("lambda", 1.0), "lambda", "parameters")

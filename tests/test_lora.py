@@ -24,7 +24,7 @@ from lowmem_merge.methods import REGISTRY
 from lowmem_merge.plan import make_plan
 
 from conftest import run_cli
-from test_merge import load_model
+from test_merge import FIXED_EXPERTS, load_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -34,9 +34,9 @@ FEWER_STEPS = {"wudi": {"steps": 20}}    # an iterative rule: its step count cha
 
 
 def _merge(base: Path, experts: list[Path], out: Path, method: str) -> None:
-    """``method`` over ``experts`` (a rule of the base and one expert, slerp, takes the first; a calibrated rule
+    """``method`` over ``experts`` (a rule of a fixed number of experts takes the first ones; a calibrated rule
     gets a tokenizer and one text file per expert)."""
-    experts = experts[:1] if method == "slerp" else experts
+    experts = experts[:FIXED_EXPERTS[method]] if method in FIXED_EXPERTS else experts
     extra = dict(FEWER_STEPS.get(method, {}))
     if REGISTRY[method].calibration:
         extra.update(calib=calibration_files(base, out.parent / "calib", len(experts)), calib_samples=8,

@@ -16,7 +16,7 @@ from lowmem_merge.demo import LlamaShape, build_example
 from conftest import run_cli
 
 SHAPE = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
-SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp")   # deterministic in mergekit too: compared with it
+SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp", "multislerp", "nuslerp", "sce")   # deterministic in mergekit too: compared with it
 MERGEKIT = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mergekit-venv" / "bin" / "mergekit-yaml"
 RECIPES = {   # the form of mergekit's own examples: per-model weight and density, method parameters globally
     "breadcrumbs": {"parameters": {"gamma": 0.05, "normalize": False, "lambda": 0.9},
@@ -27,6 +27,10 @@ RECIPES = {   # the form of mergekit's own examples: per-model weight and densit
                                     {"density": 0.7, "weight": 0.8}]},
     "model_stock": {"parameters": {"filter_wise": False}, "models": [{}, {}, {}]},
     "slerp": {"parameters": {"t": 0.3}, "models": [{}]},
+    "multislerp": {"parameters": {}, "models": [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}]},
+    "nuslerp": {"parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                "models": [{"weight": 0.7}, {"weight": 0.4}]},
+    "sce": {"parameters": {"select_topk": 0.3}, "models": [{}, {}, {}]},
     "della": {"parameters": {"epsilon": 0.1, "lambda": 0.8},
               "models": [{"density": 0.6, "weight": 0.7}, {"density": 0.5, "weight": 0.4},
                          {"density": 0.7, "weight": 0.6}]},
@@ -96,6 +100,17 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
         if method == "model_stock":
             out[name] = b + ref.model_stock([w[name] - b for w in ws])
             continue
+        if method == "multislerp":
+            out[name] = b + _multislerp64([w[name] - b for w in ws], weights)
+            continue
+        if method == "sce":
+            out[name] = b + _sce64(torch.stack([w[name] - b for w in ws]), glob["select_topk"])
+            continue
+        if method == "nuslerp":
+            t = weights[1] / sum(weights)
+            out[name] = b + _nuslerp64(t, ws[0][name] - b, ws[1][name] - b, glob["nuslerp_row_wise"],
+                                       glob["nuslerp_flatten"])
+            continue
         if method.startswith("della"):
             kept = torch.stack([_magprune(name, t, w[name] - b, m["density"], glob)
                                 for t, (w, m) in enumerate(zip(ws, spec["models"]))])
@@ -123,6 +138,55 @@ def _slerp64(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta))
     cb = torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta))
     return (ca * a + cb * b).reshape(v0.shape)
+
+
+def _multislerp64(taus: list[torch.Tensor], weight: list[float], eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's multislerp as its source writes it (tangent space at the weighted mean, exponential map back)."""
+    x = torch.stack(taus).reshape(len(taus), -1)
+    w = torch.tensor(weight, dtype=x.dtype)
+    w = w / w.sum()
+    norms = x.norm(dim=-1, keepdim=True)
+    unit = x / (norms + eps)
+    mean = (unit * w.view(-1, 1)).sum(0)
+    mean = mean / mean.norm()
+    tangent = ((unit - (unit * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
+    tn = tangent.norm() + eps
+    result = (mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)) * (norms.squeeze(-1) * w).sum()
+    return result.reshape(taus[0].shape)
+
+
+def _sce64(deltas: torch.Tensor, topk: float) -> torch.Tensor:
+    """mergekit's sce as its source writes it: variance top-k mask, energy weights, sign erase, normalized sum."""
+    if topk < 1:
+        var = torch.var(deltas, dim=0, unbiased=False)
+        k = int(topk * int(torch.count_nonzero(var)))
+        mask = torch.zeros_like(var)
+        mask.view(-1)[torch.topk(var.abs().view(-1), k=k).indices] = 1
+        deltas = deltas * mask
+    w = torch.tensor([float((d ** 2).sum()) / d.numel() for d in deltas], dtype=deltas.dtype)
+    w = w / w.sum() if float(w.sum()) else torch.full_like(w, 1 / len(w))
+    w = w.view(-1, *[1] * (deltas.dim() - 1))
+    majority = (deltas.sum(0) >= 0).to(deltas.dtype) * 2 - 1
+    erased = w * (deltas.sign() == majority).to(deltas.dtype)
+    divisor = erased.sum(0)
+    divisor[divisor == 0] = 1
+    return (deltas * erased).sum(0) / divisor
+
+
+def _nuslerp64(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
+    """mergekit's nuslerp kernel: slerp of the unnormalized vectors along the last dim (after its transposes)."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    theta = torch.acos((u0 * u1).sum(-1, keepdim=True).clamp(-1, 1))
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    if row_wise and not flatten:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
 
 
 def _magprune(name: str, t: int, x: torch.Tensor, density: float, glob: dict) -> torch.Tensor:

@@ -218,7 +218,7 @@ def system_condition(name: str, params: object, taus: list[torch.Tensor]) -> flo
     return worst
 
 
-ELSEWHERE = {"slerp",              # one expert and the base itself: tests/test_mergekit_methods.py
+ELSEWHERE = {"slerp", "multislerp", "nuslerp", "sce",   # mergekit's formulas: tests/test_mergekit_methods.py
              "regmean", "chain"}   # Grams from calibration data through a model: tests/test_calibrated.py
 
 
@@ -660,7 +660,7 @@ def test_only_elementwise_rules_are_row_chunkable() -> None:
     assert REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"), lin)  # its κ comes from a prepass
     emb = TensorInfo("embed_tokens.weight", (23, 9), TensorClass.EMB)   # covariance rules average it: elementwise
     assert {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), emb)} == \
-        set(REGISTRY) - {"slerp"}                                  # slerp's angle is the whole tensor's
+        set(REGISTRY) - {"slerp", "multislerp", "nuslerp", "sce"}   # angles, norms, top-k: the whole tensor's
 
 
 def test_unknown_parameter_lists_the_valid_ones() -> None:

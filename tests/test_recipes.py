@@ -224,8 +224,11 @@ def test_config_with_positional_inputs_or_params_is_an_error(tiny, tmp_path: Pat
 
 def test_unsupported_key_hint_lists_the_supported_ones() -> None:
     with pytest.raises(ConfigError) as err:
+        parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "tokenizer": {}})
+    assert "'tokenizer'" in err.value.msg and "merge_method, base_model, models, parameters, dtype" in err.value.hint
+    with pytest.raises(ConfigError) as err:
         parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "slices": []})
-    assert "'slices'" in err.value.msg and "merge_method, base_model, models, parameters, dtype" in err.value.hint
+    assert "slices with merge_method 'ties' are not supported" in err.value.msg
 
 
 def test_cli_weights_count_mismatch_names_method_and_counts(tiny, tmp_path: Path) -> None:

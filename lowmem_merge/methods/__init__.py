@@ -14,7 +14,9 @@ from .della import Della, DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCts
 from .model_stock import ModelStock
+from .multislerp import MultiSlerp, NuSlerp
 from .regmean import RegMean
+from .sce import Sce
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
@@ -34,6 +36,9 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     Della,
     DellaLinear,
     Slerp,
+    MultiSlerp,
+    NuSlerp,
+    Sce,
     ActMat,
     WudiCfs,
     Wudi,

@@ -1,0 +1,142 @@
+"""mergekit's ``multislerp`` and ``nuslerp``: spherical interpolation of task vectors, each whole tensor at once.
+
+multislerp (barycentric interpolation on the hypersphere, any number of experts, weights w_t normalized to sum 1 by
+default): mergekit projects the unit task vectors u_t = Δt/(‖Δt‖ + ε) onto the tangent space at their normalized
+weighted mean m = Σ w_t u_t / ‖Σ w_t u_t‖, averages there and maps back. The weighted mean of those tangent vectors is
+Σ w_t u_t − ⟨Σ w_t u_t, m⟩ m = 0, so the result is m · Σ w_t ‖Δt‖ (mergekit's exp map of a zero tangent, up to its
+rounding): one pass, one accumulator. Where Σ w_t u_t vanishes, two experts fall back to Σ w_t Δt; more is an error.
+One expert: its Δ, as mergekit returns the tensor itself.
+
+nuslerp (two experts, t = w_1 / (w_0 + w_1), 0.5 when the weights sum to ~0): SLERP of the two task vectors
+themselves (not normalized): (sin((1−t)θ) Δ0 + sin(tθ) Δ1) / sin θ, θ the angle between them, over the whole tensor
+(``flatten``, mergekit's default), each row, or each column (``row_wise``); linear where sin θ < 1e-8.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, InputError
+from ..info import TensorInfo
+from .base import MergeMethod
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiSlerpParams:
+    weights: tuple[float, ...] = ()
+    normalize_weights: bool = True
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.normalize_weights and self.weights and abs(sum(self.weights)) == 0:
+            raise ConfigError("multislerp: the weights sum to 0 and normalize_weights divides by their sum")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ConfigError(f"multislerp: eps={self.eps} must be a finite number >= 0")
+
+
+class MultiSlerp(MergeMethod):
+    name = "multislerp"
+    summary = "barycentric spherical interpolation of the task vectors of each whole tensor (mergekit's multislerp)"
+    Params = MultiSlerpParams
+    param_help = {"weights": "w_t, one per expert (comma-separated); empty: all 1",
+                  "normalize_weights": "divide the weights by their sum (mergekit's default: true)",
+                  "eps": "ε added to each norm (mergekit's 1e-8)"}
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        super().__init__(info, n_experts, params, state)
+        weights = list(params.weights) or [1.0] * n_experts
+        total = sum(weights) if params.normalize_weights else 1.0
+        self.w = [x / total for x in weights]
+        self.units: torch.Tensor | None = None    # Σ w_t Δt / (‖Δt‖ + ε)
+        self.linear: torch.Tensor | None = None   # Σ w_t Δt: two experts' fallback, and one expert's Δ
+        self.norms = 0.0                          # Σ w_t ‖Δt‖
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        if self.units is None:
+            self.units = self.zeros(delta.shape, delta.device)
+            if self.n_experts <= 2:
+                self.linear = self.zeros(delta.shape, delta.device)
+        norm = float(torch.linalg.vector_norm(delta))
+        self.units.add_(delta, alpha=self.w[t] / (norm + self.params.eps))
+        self.norms += self.w[t] * norm
+        if self.linear is not None:
+            self.linear.add_(delta, alpha=self.w[t] if self.n_experts == 2 else 1.0)
+
+    def finalize(self) -> torch.Tensor:
+        if self.n_experts == 1:
+            self.release(self.units)
+            return self.linear
+        size = float(torch.linalg.vector_norm(self.units))
+        if size < self.params.eps:
+            if self.linear is None:
+                raise InputError("multislerp: the weighted sum of the unit task vectors is zero (antipodal experts "
+                                 "whose weights balance out)", tensor=self.info.name, hint="use different weights")
+            self.release(self.units)
+            return self.linear
+        if self.linear is not None:
+            self.release(self.linear)
+        return self.units.mul_(self.norms / size)
+
+    @staticmethod
+    def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
+        return 4 * info.numel * (2 if n_experts <= 2 else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class NuSlerpParams:
+    weights: tuple[float, ...] = ()
+    flatten: bool = True
+    row_wise: bool = False
+
+
+class NuSlerp(MergeMethod):
+    name = "nuslerp"
+    summary = "SLERP between two experts' task vectors at t = w_1/(w_0 + w_1), per tensor, row or column (mergekit)"
+    Params = NuSlerpParams
+    param_help = {"weights": "w_0,w_1: t = w_1 / (w_0 + w_1); empty: 0.5",
+                  "flatten": "one angle for the whole tensor (mergekit's default: true)",
+                  "row_wise": "without flatten: one angle per column (true) or per row (false)"}
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        super().__init__(info, n_experts, params, state)
+        w = params.weights or (1.0, 1.0)
+        self.t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+        self.first: torch.Tensor | None = None
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        if t == 0:
+            self.first = self.zeros(delta.shape, delta.device).copy_(delta)
+            return
+        self.first = nuslerp(self.t, self.first, delta, None if self.params.flatten else
+                             (0 if self.params.row_wise else -1))
+
+    def finalize(self) -> torch.Tensor:
+        return self.first
+
+    @classmethod
+    def check_experts(cls, params: Any, n_experts: int) -> None:
+        super().check_experts(params, n_experts)
+        if n_experts != 2:
+            raise ConfigError(f"nuslerp interpolates between two experts, not {n_experts}",
+                              hint="give exactly two experts (mergekit: two models besides base_model)")
+
+    @staticmethod
+    def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
+        return 12 * info.numel
+
+
+def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """mergekit's nuslerp kernel: over the whole tensor (dim None) or along ``dim``."""
+    dims = tuple(range(v0.dim())) if dim is None or v0.dim() < 2 else (dim,)
+    n0 = torch.linalg.vector_norm(v0, dim=dims, keepdim=True).clamp(min=1e-7)
+    n1 = torch.linalg.vector_norm(v1, dim=dims, keepdim=True).clamp(min=1e-7)
+    cos = ((v0 / n0) * (v1 / n1)).sum(dim=dims, keepdim=True).clamp(-1, 1)
+    theta = torch.acos(cos)
+    sin = torch.sin(theta)
+    linear = sin.abs() < 1e-8
+    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin)
+    c1 = torch.where(linear, t, torch.sin(t * theta) / sin)
+    return v0.mul_(c0).add_(v1 * c1)

@@ -1,0 +1,91 @@
+"""mergekit's ``sce`` (Select, Calculate, Erase; FuseChat 2.0), on every float tensor, whole tensors in two passes.
+
+Per tensor, with δ_t = Δt:
+  Select     keep the k = int(select_topk · #nonzero(var)) entries whose variance over the experts,
+             var = mean_t δ_t² − (mean_t δ_t)² (torch.var, unbiased=False), is largest (select_topk ≥ 1: all);
+  Calculate  w_t = Σ (m ⊙ δ_t)² / numel, normalized to sum 1 (uniform when all are 0);
+  Erase      keep expert t's entry where its sign equals the sign of Σ_t m ⊙ δ_t (≥ 0 counts as +);
+  result     Σ_t w_t e_t m δ_t / Σ_t w_t e_t (a zero divisor counts as 1).
+Pass 0 sums δ_t and δ_t² (the selection mask and the majority sign need nothing else: Σ_t m ⊙ δ_t = m ⊙ Σ_t δ_t);
+pass 1 forms each w_t from the masked δ_t and adds it to the weighted sum and its divisor. The normalization of the
+w_t cancels in the ratio, so no third pass is needed. Memory: four fp32 tensor-sized buffers, whatever the number
+of experts; the top-k runs on the whole tensor, so no row chunks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..info import TensorInfo
+from .base import MergeMethod
+
+
+@dataclasses.dataclass(frozen=True)
+class SceParams:
+    select_topk: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.select_topk > 0:
+            raise ConfigError(f"sce: select_topk={self.select_topk} must be > 0",
+                              hint="the fraction of entries kept by variance over the experts, e.g. 0.1; 1 keeps all")
+
+
+class Sce(MergeMethod):
+    name = "sce"
+    summary = "keep the entries of highest variance over experts, weight experts by their kept energy, erase minority signs (mergekit)"
+    Params = SceParams
+    passes = 2
+    param_help = {"select_topk": "fraction of entries kept by their variance over the experts (1: all)"}
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+        super().__init__(info, n_experts, params, state)
+        self.total: torch.Tensor | None = None     # pass 0: Σ δ_t; then the majority sign (±1) where selected, else 0
+        self.mask: torch.Tensor | None = None      # pass 0: Σ δ_t²; then the selection mask m (0/1)
+        self.num: torch.Tensor | None = None       # Σ w_t e_t m δ_t
+        self.den: torch.Tensor | None = None       # Σ w_t e_t
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        if pass_ == 0:
+            if self.total is None:
+                self.total, self.mask = self.zeros(delta.shape, delta.device), self.zeros(delta.shape, delta.device)
+            self.total.add_(delta)
+            self.mask.addcmul_(delta, delta)
+            if t == self.n_experts - 1:
+                self._select()
+            return
+        if self.num is None:
+            self.num, self.den = self.zeros(delta.shape, delta.device), self.zeros(delta.shape, delta.device)
+        kept = delta * self.mask
+        weight = float(kept.square().sum()) / kept.numel()
+        agree = (torch.sign(kept) == self.total).to(kept.dtype)
+        self.num.addcmul_(kept, agree, value=weight)
+        self.den.add_(agree, alpha=weight)      # every w_t = 0 (mergekit: uniform) means every m δ_t = 0: result 0
+
+    def _select(self) -> None:
+        n = self.n_experts
+        mean = self.total / n
+        variance = self.mask.div_(n).sub_(mean.square()).clamp_(min=0)    # E[δ²] − E[δ]², written over Σ δ²
+        if self.params.select_topk < 1:
+            k = int(abs(self.params.select_topk) * int(torch.count_nonzero(variance)))
+            keep = torch.zeros_like(variance).view(-1)
+            if k:
+                keep[torch.topk(variance.view(-1), k=k, largest=True).indices] = 1
+            variance.copy_(keep.view(variance.shape))
+        else:
+            variance.fill_(1)
+        self.mask = variance
+        # majority sign of Σ_t m δ_t (≥ 0 → +1); unselected entries are erased anyway (their m δ_t = 0)
+        summed = self.total.mul_(self.mask)
+        summed.copy_(torch.where(summed >= 0, 1.0, -1.0))
+
+    def finalize(self) -> torch.Tensor:
+        out = self.num.div_(torch.where(self.den == 0, 1.0, self.den))
+        self.release(self.den, self.mask, self.total)
+        return out
+
+    @staticmethod
+    def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
+        return 4 * info.numel * 5
