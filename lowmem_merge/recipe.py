@@ -219,7 +219,7 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
     scale = lam / total if normalize and name not in ELECTING else lam
     if name == "task_arithmetic":
         return "task_arithmetic", {"scale": scale, "weights": weights}
-    params = {"scale": scale, "weights": weights, **_density_params(densities)}
+    params = {"scale": scale, "weights": weights, **_one_or_each("density", densities)}
     if name == "ties":
         return "ties", {**params, "trim": "tensor", "normalize": normalize}
     if name == "dare_ties":
@@ -232,25 +232,25 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
 
 
 def _della_params(name: str, glob: dict, entries: list[tuple[str, dict]], normalize: bool) -> dict[str, Any]:
-    """ε (mergekit: per model, 0.15 by default) must be one value for all models; rescale defaults to true."""
-    epsilons = {_number(p.get("epsilon", glob.get("epsilon", 0.15)), "epsilon", m) for m, p in entries}
-    if len(epsilons) > 1:
-        raise ConfigError(f"merge_method {name!r}: a different epsilon per model is not supported",
-                          hint="give one epsilon under parameters")
-    return {"epsilon": epsilons.pop(), "rescale": _bool(glob.get("rescale", True), "rescale"),
+    """ε (mergekit: per model, 0.15 by default), one for all or one per model; rescale defaults to true."""
+    epsilons = tuple(_number(p.get("epsilon", glob.get("epsilon", 0.15)), "epsilon", m) for m, p in entries)
+    return {**_one_or_each("epsilon", epsilons), "rescale": _bool(glob.get("rescale", True), "rescale"),
             **({"normalize": normalize} if name == "della" else {"normalize": False})}
 
 
+def _one_or_each(key: str, values: tuple[float, ...]) -> dict[str, Any]:
+    """``{key: v}`` when every model has the same value, else ``{key + "s": values}`` (one per expert)."""
+    plural = {"density": "densities"}.get(key, key + "s")
+    return {key: values[0]} if len(set(values)) == 1 else {plural: values}
+
+
 def _breadcrumbs_params(name: str, glob: dict, entries: list[tuple[str, dict]], normalize: bool) -> dict[str, Any]:
-    """γ (mergekit: per model, 0.01 by default) must be one value for all models; rescale must stay false."""
-    gammas = {_number(p.get("gamma", glob.get("gamma", 0.01)), "gamma", m) for m, p in entries}
-    if len(gammas) > 1:
-        raise ConfigError(f"merge_method {name!r}: a different gamma per model is not supported",
-                          hint="give one gamma under parameters")
+    """γ (mergekit: per model, 0.01 by default), one for all or one per model; rescale must stay false."""
+    gammas = tuple(_number(p.get("gamma", glob.get("gamma", 0.01)), "gamma", m) for m, p in entries)
     if _bool(glob.get("rescale", False), "rescale"):
         raise ConfigError(f"merge_method {name!r}: rescale: true (an L1 rescale of each sparsified task vector) "
                           "is not supported", hint="use rescale: false, mergekit's default for this method")
-    return {"gamma": gammas.pop(), **({"normalize": normalize} if name == "breadcrumbs_ties" else {})}
+    return {**_one_or_each("gamma", gammas), **({"normalize": normalize} if name == "breadcrumbs_ties" else {})}
 
 
 def _own(name: str, glob: dict, entries: list[tuple[str, dict]]) -> dict[str, Any]:
@@ -273,12 +273,6 @@ def _own(name: str, glob: dict, entries: list[tuple[str, dict]]) -> dict[str, An
     for model, p in entries:
         _only(p, MODEL_PARAMS, f"merge_method {name!r}: model {model}: parameter")
     return params  # parse_params checks the names and values against the rule's Params
-
-
-def _density_params(densities: tuple[float, ...]) -> dict[str, Any]:
-    if len(set(densities)) == 1:
-        return {"density": densities[0]}
-    return {"densities": densities}
 
 
 def _model_entry(entry: Any, i: int) -> tuple[str, dict]:

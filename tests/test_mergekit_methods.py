@@ -19,9 +19,9 @@ SHAPE = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_h
 SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp", "multislerp", "nuslerp", "sce")   # deterministic in mergekit too: compared with it
 MERGEKIT = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mergekit-venv" / "bin" / "mergekit-yaml"
 RECIPES = {   # the form of mergekit's own examples: per-model weight and density, method parameters globally
-    "breadcrumbs": {"parameters": {"gamma": 0.05, "normalize": False, "lambda": 0.9},
-                    "models": [{"density": 0.6, "weight": 0.7}, {"density": 0.5, "weight": 0.4},
-                               {"density": 0.8, "weight": 0.6}]},
+    "breadcrumbs": {"parameters": {"normalize": False, "lambda": 0.9},    # gamma per model
+                    "models": [{"density": 0.6, "weight": 0.7, "gamma": 0.05}, {"density": 0.5, "weight": 0.4,
+                               "gamma": 0.02}, {"density": 0.8, "weight": 0.6, "gamma": 0.1}]},
     "breadcrumbs_ties": {"parameters": {"gamma": 0.02, "normalize": True},
                          "models": [{"density": 0.5, "weight": 1.0}, {"density": 0.5, "weight": 0.5},
                                     {"density": 0.7, "weight": 0.8}]},
@@ -34,9 +34,9 @@ RECIPES = {   # the form of mergekit's own examples: per-model weight and densit
     "della": {"parameters": {"epsilon": 0.1, "lambda": 0.8},
               "models": [{"density": 0.6, "weight": 0.7}, {"density": 0.5, "weight": 0.4},
                          {"density": 0.7, "weight": 0.6}]},
-    "della_linear": {"parameters": {"epsilon": 0.2, "normalize": True},
-                     "models": [{"density": 0.5, "weight": 1.0}, {"density": 0.5, "weight": 0.5},
-                                {"density": 0.6, "weight": 0.8}]},
+    "della_linear": {"parameters": {"normalize": True},                  # epsilon per model
+                     "models": [{"density": 0.5, "weight": 1.0, "epsilon": 0.2}, {"density": 0.5, "weight": 0.5,
+                                "epsilon": 0.1}, {"density": 0.6, "weight": 0.8, "epsilon": 0.3}]},
 }
 
 
@@ -112,10 +112,10 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
                                        glob["nuslerp_flatten"])
             continue
         if method.startswith("della"):
-            kept = torch.stack([_magprune(name, t, w[name] - b, m["density"], glob)
+            kept = torch.stack([_magprune(name, t, w[name] - b, m["density"], m.get("epsilon", glob.get("epsilon")))
                                 for t, (w, m) in enumerate(zip(ws, spec["models"]))])
         else:
-            kept = torch.stack([ref.breadcrumbs_band(w[name] - b, m["density"], glob["gamma"])
+            kept = torch.stack([ref.breadcrumbs_band(w[name] - b, m["density"], m.get("gamma", glob.get("gamma")))
                                 for w, m in zip(ws, spec["models"])])
         if method in ("breadcrumbs", "della_linear"):
             mixed = sum(wt * k for wt, k in zip(weights, kept))
@@ -189,12 +189,12 @@ def _nuslerp64(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, fla
     return res.reshape(shape)
 
 
-def _magprune(name: str, t: int, x: torch.Tensor, density: float, glob: dict) -> torch.Tensor:
+def _magprune(name: str, t: int, x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """mergekit's della_magprune and L1 rescale (rescale: true, its default) with lowmerge's draws."""
     from lowmem_merge.info import TensorClass, TensorInfo
     from lowmem_merge.methods.della import della_blocks
     info = TensorInfo(name, tuple(x.shape), TensorClass.LIN)
-    keep = torch.cat([m.reshape(-1) for _, _, m in della_blocks(0, t, info, x.float(), density, glob["epsilon"])])
+    keep = torch.cat([m.reshape(-1) for _, _, m in della_blocks(0, t, info, x.float(), density, epsilon)])
     y = x * keep.reshape(x.shape)
     return y * (x.abs().sum() / y.abs().sum())
 

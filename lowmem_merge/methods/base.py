@@ -158,6 +158,12 @@ def expert_density(params: Any, t: int) -> float:
     return params.densities[t] if params.densities else params.density
 
 
+def per_expert(params: Any, name: str, t: int) -> float:
+    """A parameter given per expert (``params.<name>s``, e.g. gammas) or, when that is empty, for all (``<name>``)."""
+    values = getattr(params, name + "s")
+    return values[t] if values else getattr(params, name)
+
+
 def check_densities(method: str, densities: tuple[float, ...]) -> None:
     bad = [d for d in densities if not 0 < d <= 1]
     if bad:

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..info import TensorInfo
-from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight, sum_factor
+from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight, per_expert, sum_factor
 from .ties import _SLAB, Ties, TiesPrepass
 
 
@@ -31,12 +31,14 @@ class BreadcrumbsParams:
     weights: tuple[float, ...] = ()
     densities: tuple[float, ...] = ()
     normalize: bool = False
+    gammas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check_densities("breadcrumbs", self.densities + (self.density,))
-        if not 0 <= self.gamma < 1:
-            raise ConfigError(f"breadcrumbs: gamma={self.gamma} must be in [0, 1)",
-                              hint="gamma is the fraction of largest entries dropped, e.g. -p gamma=0.01")
+        for gamma in self.gammas + (self.gamma,):
+            if not 0 <= gamma < 1:
+                raise ConfigError(f"breadcrumbs: gamma={gamma} must be in [0, 1)",
+                                  hint="gamma is the fraction of largest entries dropped, e.g. -p gamma=0.01")
 
 
 class BandPrepass(TiesPrepass):
@@ -48,7 +50,7 @@ class BandPrepass(TiesPrepass):
         density = expert_density(self.params, t)
         if density >= 1 or d == 0:
             return [0, d + 1]                          # [0, ∞]: everything
-        keep, top = int(density * d), int(self.params.gamma * d)
+        keep, top = int(density * d), int(per_expert(self.params, "gamma", t) * d)
         bottom = max(0, d - keep - top)
         return [bottom + 1, bottom + keep] if keep else [d + 1, d + 1]
 
@@ -75,6 +77,7 @@ class Breadcrumbs(MergeMethod):
         "weights": "w_t, one per expert (comma-separated), multiply the kept task vectors; empty: all 1",
         "densities": "K_t, one per expert (comma-separated); empty: density for every expert",
         "normalize": "divide the sum by Σ w_t (mergekit's default for breadcrumbs: false)",
+        "gammas": "γ_t, one per expert (comma-separated); empty: gamma for every expert",
     }
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:

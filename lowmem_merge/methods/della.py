@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..info import TensorInfo
-from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight, sum_factor
+from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight, per_expert, sum_factor
 from .dare import _rows_per_block, mask_seed
 from .ties import _SLAB, Ties
 
@@ -37,12 +37,16 @@ class DellaParams:
     normalize: bool = True
     rescale: bool = True
     seed: int = 0
+    epsilons: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check_densities("della", self.densities + (self.density,))
-        for k in self.densities + (self.density,):
-            if k < 1 and not (0 < k - self.epsilon and k + self.epsilon < 1):
-                raise ConfigError(f"della: density {k} ± epsilon {self.epsilon} must stay inside (0, 1)",
+        n = max(len(self.densities), len(self.epsilons), 1)
+        for t in range(n):
+            k = self.densities[t] if self.densities else self.density
+            eps = self.epsilons[t] if self.epsilons else self.epsilon
+            if k < 1 and not (0 < k - eps and k + eps < 1):
+                raise ConfigError(f"della: density {k} ± epsilon {eps} must stay inside (0, 1)",
                                   hint="choose a smaller epsilon, e.g. -p epsilon=0.1")
 
 
@@ -83,7 +87,8 @@ class DellaPrepass(Prepass):
 
     def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
         density = expert_density(self.params, t)
-        for _, rows, keep in della_blocks(self.params.seed, t, info, delta, density, self.params.epsilon):
+        for _, rows, keep in della_blocks(self.params.seed, t, info, delta, density,
+                                          per_expert(self.params, "epsilon", t)):
             before = float(rows.abs().sum(dtype=torch.float64))
             self._before[t] += before
             self._after[t] += before if keep is None else float((rows * keep).abs().sum(dtype=torch.float64))
@@ -102,7 +107,8 @@ class _Magprune:
         """(flat offset, kept and rescaled block as a new flat tensor) for expert t."""
         factor = self.state[t] if self.params.rescale else 1.0
         density = expert_density(self.params, t)
-        for start, rows, keep in della_blocks(self.params.seed, t, self.info, delta, density, self.params.epsilon):
+        for start, rows, keep in della_blocks(self.params.seed, t, self.info, delta, density,
+                                              per_expert(self.params, "epsilon", t)):
             kept = rows * keep if keep is not None else rows.clone()
             yield start, kept.mul_(factor).reshape(-1)
 
@@ -128,6 +134,7 @@ class Della(_Magprune, Ties):
         "normalize": "divide the agreeing entries' sum by their weights (mergekit's default for della: true)",
         "rescale": "multiply the kept entries by ‖Δt‖₁ / ‖kept‖₁ over the tensor (mergekit's default: true)",
         "seed": "random seed; masks depend on (seed, expert, tensor name, row offset) only",
+        "epsilons": "ε_t, one per expert (comma-separated); empty: epsilon for every expert",
     }
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
