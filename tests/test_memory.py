@@ -90,7 +90,7 @@ def test_peak_rss_of_the_spectral_and_iterative_rules_is_flat(narrow_examples, t
 def depth_examples(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
     """4 and 12 layers, 2 experts each, with a tokenizer and one calibration file per expert."""
     from test_calibrated import WORDS, _tokenizer
-    pair = _pair(tmp_path_factory.mktemp("memory_depth"), WIDTH, (4, 2), (12, 2))
+    pair = _pair(tmp_path_factory.mktemp("memory_depth"), NARROW, (4, 2), (12, 2))
     for base, _ in pair.values():
         _tokenizer().save_pretrained(base)
         for t in range(2):
@@ -102,8 +102,10 @@ def depth_examples(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["regmean", "chain"])
 def test_peak_rss_of_calibrated_rules_is_flat_in_depth(depth_examples, tmp_path, method):
-    """One block per model being run, one activation cache per expert (16 samples x 16 tokens x 1024), one
-    block's statistics: 12 layers need what 4 need. Holding the merged blocks would add ~50 MiB per layer."""
+    """One block per model being run, one activation cache per expert (16 samples x 16 tokens x 512), one
+    block's statistics: 12 layers need what 4 need (hidden 512: 256 tokens leave the Grams singular, so the solves
+    take the fp64 Cholesky or the eigh route, both in the estimate). Holding the merged blocks would add ~13 MiB per
+    layer, 100 MiB over the 8 more layers."""
     peaks = {}
     for size, (base, experts) in depth_examples.items():
         calib = [a for t in range(2) for a in ("--calib", base.parent / f"task{t}.txt")]

@@ -28,9 +28,11 @@ from .model import BlockModel, _assign, expert_source, input_of, linear_groups, 
 
 @dataclass
 class GramState:
-    """What a calibrated rule gets for one linear layer: per expert an input Gram C_t (n×n, fp32) and a weight."""
+    """What a calibrated rule gets for one linear layer: per expert an input Gram C_t (n×n, fp32) and a weight.
+    The layers that read one input (q, k, v) share it, and the rule's factorization of Σ w_t C_t (``solver``)."""
     grams: list[torch.Tensor]
     weights: list[float]
+    solver: Any = None
 
 
 class _Stop(Exception):

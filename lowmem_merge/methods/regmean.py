@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..info import TensorClass, TensorInfo
 from .average import Average
 from .base import NoParams
-from .covariance import _solve_one
+from .covariance import _EPS32
 from .matrix_rule import MatrixRule
 
 
@@ -53,11 +53,12 @@ class GramRule(MatrixRule):
             self._n.addmm_(d[0], self.state.grams[t].to(d.device), alpha=w)
 
     def _finalize_matrices(self) -> torch.Tensor:
-        a = sum(w * g for w, g in zip(self.state.weights, self.state.grams)).to(self._n.device)
-        n = a.shape[0]
-        ridge = self._relative_ridge() * float(a.trace()) / n
-        cond, used_eigh = _solve_one(a, self._n, ridge, like_pinv=False)
-        self._stats = {"cond_est": cond, "ridge": ridge, "eigh": float(used_eigh)}
+        if self.state.solver is None:           # the first layer of its group: q of {q, k, v}
+            a = sum(w * g for w, g in zip(self.state.weights, self.state.grams)).to(self._n.device)
+            self.state.solver = Inverse(a, self._relative_ridge() * float(a.trace()) / a.shape[0])
+        solver = self.state.solver
+        solver.apply(self._n)
+        self._stats = {"cond_est": solver.cond, "ridge": solver.ridge, "eigh": float(solver.vecs is not None)}
         return self._n.unsqueeze(0)
 
     def _relative_ridge(self) -> float:
@@ -75,7 +76,41 @@ class GramRule(MatrixRule):
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        return (n_experts + 2) * n * n + m * n    # the experts' Grams, A and the Cholesky factor, N
+        return (n_experts + 5) * n * n + 3 * m * n   # the experts' Grams, A, an fp64 copy and factor; N and fp64 N
+
+
+class Inverse:
+    """X ↦ X (A + ridge·I)⁻¹ for a symmetric PSD A, factorized once for every layer that shares the input.
+
+    Cholesky in fp32, else in fp64 (a Gram of fewer tokens than inputs plus a small relative ridge is positive
+    definite in exact arithmetic, but its fp32 rounding may not be); else (A singular: RegMean with alpha = 1 and
+    too few tokens) the eigh pseudo-inverse, which drops eigenvalues at rounding level: about ten times slower.
+    """
+
+    def __init__(self, a: torch.Tensor, ridge: float) -> None:
+        self.ridge = ridge
+        self.chol = self.vecs = self.inv = None
+        a.diagonal().add_(ridge)
+        for dtype in (torch.float32, torch.float64):
+            chol, info = torch.linalg.cholesky_ex(a.to(dtype))
+            if int(info) == 0:
+                self.chol = chol
+                diag = chol.diagonal()
+                self.cond = float(diag.max() / diag.min()) ** 2
+                return
+        evals, self.vecs = torch.linalg.eigh(a)
+        kept = evals > float(evals[-1]) * a.shape[0] * _EPS32
+        self.inv = torch.where(kept, evals.reciprocal(), torch.zeros_like(evals))
+        self.cond = float(evals[-1] / evals[kept].min()) if bool(kept.any()) else 1.0
+
+    def apply(self, nn: torch.Tensor) -> None:
+        """nn ← nn (A + ridge·I)⁻¹ in place."""
+        if self.chol is None:
+            torch.matmul((nn @ self.vecs).mul_(self.inv), self.vecs.T, out=nn)
+            return
+        rhs = nn.T.to(self.chol.dtype)          # X A = N  ⇔  L Lᵀ Xᵀ = Nᵀ
+        rhs = torch.linalg.solve_triangular(self.chol, rhs, upper=False)
+        nn.copy_(torch.linalg.solve_triangular(self.chol.T, rhs, upper=True).T)
 
 
 class RegMean(GramRule):
