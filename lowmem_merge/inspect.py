@@ -40,7 +40,7 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
             pre = cls.prepass_for(params)
             rounds = pre.rounds if pre is not None else 0
             methods[name] = {"peak_bytes": need + RUNTIME_BYTES, "largest_tensor": largest,
-                             "reads": rounds + cls.passes}
+                             "reads": rounds + cls.passes_for(cls.Params())}
         first = [p for p in make_pieces(plan, REGISTRY["average"], REGISTRY["average"].Params())
                  if p.target == p.info.name]
         data = {

@@ -17,6 +17,7 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
   multislerp       the task vectors' normalized weighted mean direction × Σ w_t ‖Δt‖ per tensor → multislerp
   nuslerp          SLERP of two task vectors at t = w_1/(w_0 + w_1), per tensor/row/column → nuslerp
   sce              top-variance selection, energy weights per expert, minority signs erased → sce(select_topk)
+  karcher          Karcher mean on the sphere of base_model's and the models' weights × their mean norm → karcher
   della            MAGPRUNE (keep probability by magnitude rank in the row), L1 rescale, ties' election and agreeing
                    sum (÷ agreeing Σ w_t with normalize: true, the default)        → della(scale, epsilon, ...)
   della_linear     the same drop and rescale, then λ Σ w_t Δ't (÷ Σ w_t with normalize) → della_linear(scale, ...)
@@ -57,6 +58,7 @@ MERGEKIT = {
     "multislerp": (("normalize_weights", "eps"), ("weight",), False),
     "nuslerp": (("nuslerp_flatten", "nuslerp_row_wise"), ("weight",), False),
     "sce": (("select_topk", "int8_mask"), (), False),
+    "karcher": (("max_iter", "tol"), (), False),
 }
 ELECTING = ("ties", "dare_ties", "breadcrumbs_ties", "della")  # normalize divides by the agreeing weights, inside the rule
 
@@ -190,6 +192,9 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
         if "t" not in glob:
             raise ConfigError("merge_method 'slerp' needs parameters: t (0 gives base_model, 1 the other model)")
         return "slerp", {"t": _number(glob["t"], "t", "parameters")}
+    if name == "karcher":
+        return "karcher", {"max_iter": int(_number(glob.get("max_iter", 10), "max_iter", "parameters")),
+                           "tol": _number(glob.get("tol", 1e-5), "tol", "parameters")}
     if name == "sce":
         return "sce", {"select_topk": _number(glob.get("select_topk", 1.0), "select_topk", "parameters")}
     if name == "model_stock":
@@ -245,12 +250,10 @@ def _one_or_each(key: str, values: tuple[float, ...]) -> dict[str, Any]:
 
 
 def _breadcrumbs_params(name: str, glob: dict, entries: list[tuple[str, dict]], normalize: bool) -> dict[str, Any]:
-    """γ (mergekit: per model, 0.01 by default), one for all or one per model; rescale must stay false."""
+    """γ (mergekit: per model, 0.01 by default), one for all or one per model; rescale false by default."""
     gammas = tuple(_number(p.get("gamma", glob.get("gamma", 0.01)), "gamma", m) for m, p in entries)
-    if _bool(glob.get("rescale", False), "rescale"):
-        raise ConfigError(f"merge_method {name!r}: rescale: true (an L1 rescale of each sparsified task vector) "
-                          "is not supported", hint="use rescale: false, mergekit's default for this method")
-    return {**_one_or_each("gamma", gammas), **({"normalize": normalize} if name == "breadcrumbs_ties" else {})}
+    return {**_one_or_each("gamma", gammas), "rescale": _bool(glob.get("rescale", False), "rescale"),
+            **({"normalize": normalize} if name == "breadcrumbs_ties" else {})}
 
 
 def _own(name: str, glob: dict, entries: list[tuple[str, dict]]) -> dict[str, Any]:

@@ -295,10 +295,13 @@ def stream_volume(ctx: StreamContext, pieces: list[Piece], todo: list[Piece]) ->
     """Bytes a merge of ``todo`` (out of ``pieces``) reads: a model-wide prepass over every source tensor, each
     tensor's per-tensor prepass rounds (with its own parameters), and the merge's own passes."""
     sources = [p for p in pieces if p.target == p.info.name]
-    tensor_rounds = sum(prepass_rounds(ctx.method, _tensor_context(ctx, g[0].info).params, "tensor")
-                        * read_volume(ctx.plan, g, 1) for g in tensor_groups(todo) if g[0].info.cls in MERGED)
-    return prepass_rounds(ctx.method, ctx.params, "model") * read_volume(ctx.plan, sources, 1) \
-        + tensor_rounds + read_volume(ctx.plan, todo, ctx.method.passes)
+    per_tensor = 0
+    for g in tensor_groups(todo):
+        params = _tensor_context(ctx, g[0].info).params
+        per_tensor += read_volume(ctx.plan, g, ctx.method.passes_for(params))
+        if g[0].info.cls in MERGED:
+            per_tensor += prepass_rounds(ctx.method, params, "tensor") * read_volume(ctx.plan, g, 1)
+    return prepass_rounds(ctx.method, ctx.params, "model") * read_volume(ctx.plan, sources, 1) + per_tensor
 
 
 def _observe(ctx: StreamContext, pre: Any, round_: int, piece: Piece, fetch: Prefetcher) -> None:
@@ -336,15 +339,16 @@ def run_prepass(ctx: StreamContext, pieces: list[Piece]) -> Any:
     return pre.state()
 
 
-def _merge_reads(ctx: StreamContext, groups: list[list[Piece]], rounds: list[int]) -> Iterator:
+def _merge_reads(ctx: StreamContext, groups: list[list[Piece]], contexts: list[StreamContext],
+                 rounds: list[int]) -> Iterator:
     """Every read of run_merge, in the order it consumes them: per tensor, its prepass rounds, then its pieces."""
-    for group, n_rounds in zip(groups, rounds):
+    for group, pctx, n_rounds in zip(groups, contexts, rounds):
         if group[0].info.cls in MERGED:
             for _ in range(n_rounds):
                 for p in group:
                     yield from _reads(ctx.plan, p, 1)
         for p in group:
-            yield from _reads(ctx.plan, p, ctx.method.passes)
+            yield from _reads(ctx.plan, p, ctx.method.passes_for(pctx.params))
 
 
 def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
@@ -356,7 +360,7 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
     groups = tensor_groups(pieces)
     contexts = [_tensor_context(ctx, g[0].info) for g in groups]
     rounds = [prepass_rounds(ctx.method, c.params, "tensor") for c in contexts]
-    fetch = Prefetcher(_merge_reads(ctx, groups, rounds), ctx.pool, ctx.prefetch_bytes)
+    fetch = Prefetcher(_merge_reads(ctx, groups, contexts, rounds), ctx.pool, ctx.prefetch_bytes)
     stats: dict[str, dict[str, float]] = {}
     try:
         for group, pctx, n_rounds in zip(groups, contexts, rounds):
@@ -417,7 +421,7 @@ def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: An
     base_m = base.mT if piece.info.transposed else base
     if ctx.method.needs_base:
         m.base = base_m
-    for pass_ in range(ctx.method.passes):
+    for pass_ in range(ctx.method.passes_for(ctx.params)):
         for t in range(ctx.plan.n_experts):
             ckpt, y = fetch.next()
             ctx.progress(y.nbytes)

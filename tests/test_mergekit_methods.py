@@ -16,13 +16,13 @@ from lowmem_merge.demo import LlamaShape, build_example
 from conftest import run_cli
 
 SHAPE = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
-SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp", "multislerp", "nuslerp", "sce")   # deterministic in mergekit too: compared with it
+SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp", "multislerp", "nuslerp", "sce", "karcher")   # deterministic in mergekit too: compared with it
 MERGEKIT = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mergekit-venv" / "bin" / "mergekit-yaml"
 RECIPES = {   # the form of mergekit's own examples: per-model weight and density, method parameters globally
     "breadcrumbs": {"parameters": {"normalize": False, "lambda": 0.9},    # gamma per model
                     "models": [{"density": 0.6, "weight": 0.7, "gamma": 0.05}, {"density": 0.5, "weight": 0.4,
                                "gamma": 0.02}, {"density": 0.8, "weight": 0.6, "gamma": 0.1}]},
-    "breadcrumbs_ties": {"parameters": {"gamma": 0.02, "normalize": True},
+    "breadcrumbs_ties": {"parameters": {"gamma": 0.02, "normalize": True, "rescale": True},
                          "models": [{"density": 0.5, "weight": 1.0}, {"density": 0.5, "weight": 0.5},
                                     {"density": 0.7, "weight": 0.8}]},
     "model_stock": {"parameters": {"filter_wise": False}, "models": [{}, {}, {}]},
@@ -31,6 +31,7 @@ RECIPES = {   # the form of mergekit's own examples: per-model weight and densit
     "nuslerp": {"parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
                 "models": [{"weight": 0.7}, {"weight": 0.4}]},
     "sce": {"parameters": {"select_topk": 0.3}, "models": [{}, {}, {}]},
+    "karcher": {"parameters": {"max_iter": 10, "tol": 1e-5}, "models": [{}, {}, {}]},
     "della": {"parameters": {"epsilon": 0.1, "lambda": 0.8},
               "models": [{"density": 0.6, "weight": 0.7}, {"density": 0.5, "weight": 0.4},
                          {"density": 0.7, "weight": 0.6}]},
@@ -103,6 +104,9 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
         if method == "multislerp":
             out[name] = b + _multislerp64([w[name] - b for w in ws], weights)
             continue
+        if method == "karcher":
+            out[name] = _karcher64([b] + [w[name] for w in ws], glob["max_iter"], glob["tol"])
+            continue
         if method == "sce":
             out[name] = b + _sce64(torch.stack([w[name] - b for w in ws]), glob["select_topk"])
             continue
@@ -115,8 +119,9 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
             kept = torch.stack([_magprune(name, t, w[name] - b, m["density"], m.get("epsilon", glob.get("epsilon")))
                                 for t, (w, m) in enumerate(zip(ws, spec["models"]))])
         else:
-            kept = torch.stack([ref.breadcrumbs_band(w[name] - b, m["density"], m.get("gamma", glob.get("gamma")))
-                                for w, m in zip(ws, spec["models"])])
+            kept = torch.stack([_l1_rescaled(w[name] - b, ref.breadcrumbs_band(
+                w[name] - b, m["density"], m.get("gamma", glob.get("gamma"))), glob.get("rescale", False))
+                for w, m in zip(ws, spec["models"])])
         if method in ("breadcrumbs", "della_linear"):
             mixed = sum(wt * k for wt, k in zip(weights, kept))
             if glob.get("normalize", method == "della"):
@@ -140,6 +145,12 @@ def _slerp64(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return (ca * a + cb * b).reshape(v0.shape)
 
 
+def _l1_rescaled(x: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """mergekit's rescaled_masked_tensor with the L1 norm (no rescale where either sum is below 1e-7)."""
+    before, after = float(x.abs().sum()), float(kept.abs().sum())
+    return kept * (before / after) if rescale and before >= 1e-7 and after >= 1e-7 else kept
+
+
 def _multislerp64(taus: list[torch.Tensor], weight: list[float], eps: float = 1e-8) -> torch.Tensor:
     """mergekit's multislerp as its source writes it (tangent space at the weighted mean, exponential map back)."""
     x = torch.stack(taus).reshape(len(taus), -1)
@@ -153,6 +164,33 @@ def _multislerp64(taus: list[torch.Tensor], weight: list[float], eps: float = 1e
     tn = tangent.norm() + eps
     result = (mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)) * (norms.squeeze(-1) * w).sum()
     return result.reshape(taus[0].shape)
+
+
+def _karcher64(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """mergekit's karcher_merge_tensors with α = 1/N, the base first, as its source writes it."""
+    alphas = [1 / len(tensors)] * len(tensors)
+    norms = [float(x.norm()) for x in tensors]
+    units = [x / n if n else torch.zeros_like(x) for x, n in zip(tensors, norms)]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    a = [alphas[i] / sum(alphas[i] for i in valid) for i in valid]
+    us = [units[i] for i in valid]
+    mean = sum(x * u for x, u in zip(a, us))
+    mean = us[0].clone() if float(mean.norm()) < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for x, u in zip(a, us):
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += x * (theta / torch.sin(theta)) * (u - dot * mean)
+        tn = tangent.norm()
+        if float(tn) < tol:
+            break
+        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
+        if float(mean.norm()) > tol:
+            mean = mean / mean.norm()
+    return sum(x * n for x, n in zip(alphas, norms)) * mean
 
 
 def _sce64(deltas: torch.Tensor, topk: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .dare_ties import DareTies
 from .della import Della, DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCts
+from .karcher import Karcher
 from .model_stock import ModelStock
 from .multislerp import MultiSlerp, NuSlerp
 from .regmean import RegMean
@@ -39,6 +40,7 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     MultiSlerp,
     NuSlerp,
     Sce,
+    Karcher,
     ActMat,
     WudiCfs,
     Wudi,

@@ -2,7 +2,7 @@
 
 Life of a method instance (one per output tensor, or per row chunk of it):
     m = Method(info, n_experts, params, state)      # state: the Prepass result, or None
-    for pass_ in range(Method.passes):
+    for pass_ in range(Method.passes_for(params)):
         for t in range(n_experts): m.add(t, delta_t, pass_)   # delta_t: (shape of info) fp32 on the device
     merged_delta = m.finalize()                     # Δ*, same shape, fp32; W* = W0 + Δ*
 The caller owns ``delta``: a method may read it during ``add`` but must not keep a reference to it (LoRA factors,
@@ -109,6 +109,11 @@ class MergeMethod:
     def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
         """True when this tensor's rows are merged independently, so the stream may work on row ranges of it."""
         return False
+
+    @classmethod
+    def passes_for(cls, params: Any) -> int:
+        """Reads of every expert this rule takes per tensor with these parameters (``passes`` by default)."""
+        return cls.passes
 
     @classmethod
     def prepass_for(cls, params: Any) -> type[Prepass] | None:

@@ -8,7 +8,8 @@ k = ⌊K·numel⌋ entries in between (fewer outliers are dropped when γ + K > 
 The band is found exactly, like ties' trim=tensor: a per-tensor prepass (two histogram rounds over the tensor's row
 chunks) pins both edges, the (n_bot + 1)-th and (n_bot + k)-th smallest |Δt|, and entries with lo ≤ |Δt| ≤ hi are
 kept: where |Δt| ties an edge all the tied entries stay, where mergekit's sort keeps an arbitrary subset.
-Not supported: mergekit's ``rescale: true`` (an L1 rescale of each sparsified task vector; it needs one more round).
+``rescale`` (mergekit's, false by default): each kept band times ‖Δt‖₁ / ‖band‖₁ over the tensor (not where either
+is below 1e-7), from a third prepass round.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class BreadcrumbsParams:
     densities: tuple[float, ...] = ()
     normalize: bool = False
     gammas: tuple[float, ...] = ()
+    rescale: bool = False
 
     def __post_init__(self) -> None:
         check_densities("breadcrumbs", self.densities + (self.density,))
@@ -54,9 +56,40 @@ class BandPrepass(TiesPrepass):
         bottom = max(0, d - keep - top)
         return [bottom + 1, bottom + keep] if keep else [d + 1, d + 1]
 
-    def state(self) -> list[tuple[float, float]]:
-        """(lo, hi) per expert: entries with lo ≤ |Δt| ≤ hi are kept."""
-        return [(k[0], k[1]) for k in self._kappa]
+    def state(self) -> list[tuple[float, float, float]]:
+        """(lo, hi, factor) per expert: entries with lo ≤ |Δt| ≤ hi are kept, times factor."""
+        return [(k[0], k[1], 1.0) for k in self._kappa]
+
+
+class RescaledBandPrepass(BandPrepass):
+    """The band's edges, then a third round: ‖Δt‖₁ and ‖band‖₁ per expert for mergekit's L1 rescale."""
+
+    rounds = 3
+
+    def __init__(self, n_experts: int, params: Any) -> None:
+        super().__init__(n_experts, params)
+        self._before = [0.0] * n_experts
+        self._after = [0.0] * n_experts
+
+    def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
+        if round_ < 2:
+            return super().observe(round_, info, t, delta)
+        lo, hi = self._kappa[t][0], self._kappa[t][1]
+        for part in delta.reshape(-1).split(_SLAB):
+            self._before[t] += float(part.abs().sum(dtype=torch.float64))
+            self._after[t] += float(in_band(part, lo, hi).abs().sum(dtype=torch.float64))
+
+    def end_round(self, round_: int) -> None:
+        if round_ < 2:
+            super().end_round(round_)
+
+    def state(self) -> list[tuple[float, float, float]]:
+        return [(lo, hi, b / a if b >= 1e-7 and a >= 1e-7 else 1.0)
+                for (lo, hi, _), b, a in zip(super().state(), self._before, self._after)]
+
+
+def band_prepass(params: Any) -> type[Prepass]:
+    return RescaledBandPrepass if params.rescale else BandPrepass
 
 
 def in_band(d: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -78,6 +111,7 @@ class Breadcrumbs(MergeMethod):
         "densities": "K_t, one per expert (comma-separated); empty: density for every expert",
         "normalize": "divide the sum by Σ w_t (mergekit's default for breadcrumbs: false)",
         "gammas": "γ_t, one per expert (comma-separated); empty: gamma for every expert",
+        "rescale": "multiply each kept band by ‖Δt‖₁ / ‖band‖₁ over the tensor (mergekit's default: false)",
     }
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
@@ -87,14 +121,18 @@ class Breadcrumbs(MergeMethod):
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         if self.total is None:
             self.total = self.zeros(delta.shape, delta.device)
-        lo, hi = self.state[t]
-        w = expert_weight(self.params, t)
+        lo, hi, factor = self.state[t]
+        w = expert_weight(self.params, t) * factor
         acc = self.total.view(-1)
         for start, part in zip(range(0, delta.numel(), _SLAB), delta.reshape(-1).split(_SLAB)):
             acc[start:start + part.numel()].add_(in_band(part, lo, hi), alpha=w)
 
     def finalize(self) -> torch.Tensor:
         return self.total.mul_(sum_factor(self.params, self.n_experts))
+
+    @classmethod
+    def prepass_for(cls, params: Any) -> type[Prepass] | None:
+        return band_prepass(params)
 
     @classmethod
     def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
@@ -114,17 +152,18 @@ class BreadcrumbsTies(Ties):
                   "normalize": "divide the agreeing entries' sum by their weights (mergekit's default: false)"}
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
-        lo, hi = self.state[t]
+        lo, hi, factor = self.state[t]
         w = expert_weight(self.params, t)
         for start, part in zip(range(0, delta.numel(), _SLAB), delta.reshape(-1).split(_SLAB)):
-            self._accumulate(in_band(part, lo, hi), start, 0.0, w)   # kept zeros join neither side
+            kept = in_band(part, lo, hi)
+            self._accumulate(kept.mul_(factor) if factor != 1.0 else kept, start, 0.0, w)   # kept zeros: no side
 
     def _plus_on_zero_sum(self) -> bool:
         return True
 
     @classmethod
     def prepass_for(cls, params: Any) -> type[Prepass] | None:
-        return BandPrepass
+        return band_prepass(params)
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
