@@ -4,8 +4,9 @@ multislerp (barycentric interpolation on the hypersphere, any number of experts,
 default): mergekit projects the unit task vectors u_t = Δt/(‖Δt‖ + ε) onto the tangent space at their normalized
 weighted mean m = Σ w_t u_t / ‖Σ w_t u_t‖, averages there and maps back. The weighted mean of those tangent vectors is
 Σ w_t u_t − ⟨Σ w_t u_t, m⟩ m = 0, so the result is m · Σ w_t ‖Δt‖ (mergekit's exp map of a zero tangent, up to its
-rounding): one pass, one accumulator. Where Σ w_t u_t vanishes, two experts fall back to Σ w_t Δt; more is an error.
-One expert: its Δ, as mergekit returns the tensor itself.
+rounding): one pass, one accumulator. Where Σ w_t u_t vanishes, two experts fall back to Σ w_t Δt; more is an error,
+except where every Δt is 0 (a tensor no adapter touches: the base; mergekit raises there too). One expert: its Δ,
+as mergekit returns the tensor itself.
 
 nuslerp (two experts, t = w_1 / (w_0 + w_1), 0.5 when the weights sum to ~0): SLERP of the two task vectors
 themselves (not normalized): (sin((1−t)θ) Δ0 + sin(tθ) Δ1) / sin θ, θ the angle between them, over the whole tensor
@@ -70,6 +71,9 @@ class MultiSlerp(MergeMethod):
             self.release(self.units)
             return self.linear
         size = float(torch.linalg.vector_norm(self.units))
+        if self.norms == 0:                   # every Δt is 0 (a tensor no adapter touches): the base. mergekit
+            self.release(*(b for b in (self.linear,) if b is not None))   # raises there with three or more
+            return self.units
         if size < self.params.eps:
             if self.linear is None:
                 raise InputError("multislerp: the weighted sum of the unit task vectors is zero (antipodal experts "
