@@ -198,7 +198,7 @@ def test_own_method_with_its_parameters(tiny, tmp_path: Path) -> None:
 @pytest.mark.parametrize("text,message", [
     (LINEAR.replace("dtype", "tokenizer_source: base\ndtype"), "key 'tokenizer_source' is not supported"),
     (LINEAR.replace("weight: 0.5", "weight: 0.5\n      gamma: 0.1"), "parameter 'gamma' is not supported"),
-    (LINEAR.replace("merge_method: linear", "merge_method: karcher"), "unknown merge_method 'karcher'"),
+    (LINEAR.replace("merge_method: linear", "merge_method: arcee_fusion"), "unknown merge_method 'arcee_fusion'"),
     (LINEAR.replace("base_model: {base}\n", ""), "no base_model"),
     (TIES.replace("density: 0.7", "density: [x, 0.7, 0.1]"), "density must be a number"),
     (TIES.replace("normalize: true", "normalize: true\n  rescale: true"), "parameter 'rescale' is not supported"),
