@@ -218,7 +218,8 @@ def _owners(plan: Plan, method: type[MergeMethod], params: Any, pieces: list[Pie
     groups = tensor_groups(pieces)
     if world == 1:
         return {g[0].target: 0 for g in groups}
-    reads = method.passes_for(params) + prepass_rounds(method, params, "model") + prepass_rounds(method, params, "tensor")
+    reads = (method.passes_for(params) + prepass_rounds(method, params, "model")
+             + prepass_rounds(method, params, "tensor"))
     costs = []
     for group in groups:
         info = group[0].info

@@ -21,10 +21,10 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
   della            MAGPRUNE (keep probability by magnitude rank in the row), L1 rescale, ties' election and agreeing
                    sum (÷ agreeing Σ w_t with normalize: true, the default)        → della(scale, epsilon, ...)
   della_linear     the same drop and rescale, then λ Σ w_t Δ't (÷ Σ w_t with normalize) → della_linear(scale, ...)
+  passthrough      ``slices`` of one source each, stacked: layer ranges of one or more models → stack.stack
 A model listed under ``models`` that is the base has no task vector and is skipped, as mergekit does, except in
 linear, where it is an expert with Δ = 0 and counts with its weight. lowmerge's own methods are accepted by name,
 with their parameters under ``parameters`` and per-model ``weight`` / ``density`` where the rule has per-expert ones.
-  passthrough      ``slices`` of one source each, stacked: layer ranges of one or more models → stack.stack
 Anything else is a ConfigError naming it: a recipe never merges differently from what it says.
 """
 from __future__ import annotations
@@ -116,9 +116,7 @@ def parse_recipe(data: Any) -> Recipe:
         entries = [e for e in entries if _differs(e[0], str(base))]
     if not entries:
         raise ConfigError("the recipe lists no model besides base_model")
-    dtype = top.get("dtype", "auto")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported", hint="supported: " + ", ".join(DTYPES))
+    dtype = _dtype(top)
     glob = _mapping(top.get("parameters") or {}, "parameters", None)
     schedule = None
     if name in MERGEKIT:
@@ -140,9 +138,7 @@ def parse_recipe(data: Any) -> Recipe:
 def _passthrough(top: dict) -> Recipe:
     """Layer stacking: ``slices`` of one source each (``model``, ``layer_range: [first, end)``), or one model whole."""
     from .stack import Slice
-    dtype = top.get("dtype", "auto")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported", hint="supported: " + ", ".join(DTYPES))
+    dtype = _dtype(top)
     if top.get("parameters"):
         raise ConfigError("merge_method 'passthrough' takes no parameters")
     if "slices" in top and top.get("models"):
@@ -171,6 +167,13 @@ def _passthrough(top: dict) -> Recipe:
         slices.append(Slice(src["model"], rng[0], rng[1]))
     models = list(dict.fromkeys(s.model for s in slices))
     return Recipe(models[0], models, "passthrough", {}, dtype, slices=slices)
+
+
+def _dtype(top: dict) -> str:
+    dtype = top.get("dtype", "auto")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported", hint="supported: " + ", ".join(DTYPES))
+    return dtype
 
 
 def _at_start(glob: dict, entries: list[tuple[str, dict]]) -> tuple[dict, list[tuple[str, dict]]]:

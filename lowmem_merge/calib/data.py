@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
+from . import require_transformers
 
 DEFAULT_SAMPLES = 256
 DEFAULT_SEQ_LEN = 128
@@ -60,14 +61,11 @@ def read_examples(path: Path, limit: int) -> list[str]:
 
 def load_tokenizer(model_dir: Path | None):
     """The base model's tokenizer (transformers), with a pad token (EOS when it has none)."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ConfigError("calibrated merges need transformers", hint="pip install 'lowmerge[hf]'") from None
+    auto_tokenizer = require_transformers().AutoTokenizer
     if model_dir is None:
         raise InputError("calibrated merges need the base as a model directory with its tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = auto_tokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the base's tokenizer: {str(e).splitlines()[0]}", path=model_dir,
                          hint="calibration text is tokenized with the base's tokenizer: put its files "

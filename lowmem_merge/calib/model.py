@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..io.lora import LoraAdapter, LowRank
 from ..plan import Plan
+from . import require_transformers
 
 Source = Callable[[str], torch.Tensor]   # checkpoint tensor name -> its fp32 value (stored layout, CPU)
 
@@ -86,10 +87,7 @@ class BlockModel:
 
     def __init__(self, plan: Plan, device: torch.device) -> None:
         self.device = device
-        try:
-            import transformers
-        except ImportError:
-            raise ConfigError("calibrated merges need transformers", hint="pip install 'lowmerge[hf]'") from None
+        transformers = require_transformers()
         model_dir = plan.base.model_dir
         if model_dir is None or not (Path(model_dir) / "config.json").is_file():
             raise InputError("calibrated merges need the base's config.json", path=plan.base.path,

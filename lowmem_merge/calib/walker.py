@@ -48,9 +48,8 @@ class Calibration:
         self._mean = mean_source(plan)
         self.caches = [self.net.prelude(b, self._mean if self.merged_prefix else self._sources[t])
                        for t, b in enumerate(batches)]
-        self.samples = [sum(int(b.input_ids.shape[0]) for b in bs) for bs in batches]
         self.current = -1                          # the block whose Grams are being handed out
-        self.groups: list[list[str]] = self._discover(0, self._mean)
+        self.groups: list[list[str]] = self._discover(0, self._sources[0])   # the structure: any weights do
         self._group_of = {m: g for g, members in enumerate(self.groups) for m in members}
         self._states: dict[str, GramState] = {}
         self._next_group = 0                       # "merged": groups below this one have their Grams
@@ -159,10 +158,8 @@ class Calibration:
     def _merged_group_grams(self, group: int) -> None:
         """Chain: the inputs of ``group`` on each task's data through the merged prefix (earlier groups merged)."""
         block = self.net.blocks[self.current]
-        missing = [f"{m}.weight" for g in self.groups[:group] for m in g if f"{m}.weight" not in self._fed]
-        if missing:
-            raise LowmergeError(f"calibrated merge: {missing[0]} of block {self.current} was not merged before the "
-                                "layers after it (tensors must come in forward order)")
+        self._require_merged(self.groups[:group], "was not merged before the layers after it (tensors must come in "
+                                                  "forward order)")
         leader = self.groups[group][0]
         raw = []
         for t in range(self.plan.n_experts):
@@ -184,14 +181,18 @@ class Calibration:
 
     def _propagate(self, index: int) -> None:
         """Chain: every task's cache through the merged block ``index``."""
-        missing = [f"{m}.weight" for g in self.groups for m in g if f"{m}.weight" not in self._fed]
-        if missing:
-            raise LowmergeError(f"calibrated merge: {missing[0]} of block {index} was never merged")
+        self._require_merged(self.groups, "was never merged")
         block = self.net.blocks[index]
         with torch.no_grad():
             for t in range(self.plan.n_experts):
                 self.caches[t] = [(run_block(block, h, a, kw), a, kw) for h, a, kw in self.caches[t]]
         self.net.release_block(index)
+
+    def _require_merged(self, groups: list[list[str]], problem: str) -> None:
+        """Chain: every linear layer of ``groups`` in the current block has its merged weight from the stream."""
+        missing = [f"{m}.weight" for g in groups for m in g if f"{m}.weight" not in self._fed]
+        if missing:
+            raise LowmergeError(f"calibrated merge: {missing[0]} of block {self.current} {problem}")
 
     def _hook(self, total: "_GramSum", stop: bool = False) -> Any:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

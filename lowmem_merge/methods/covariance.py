@@ -213,15 +213,25 @@ def _solve_one(a: torch.Tensor, nn: torch.Tensor, ridge: float, like_pinv: bool,
     return _pinv_solve(a, nn, n), True
 
 
-def _pinv_solve(a: torch.Tensor, nn: torch.Tensor, n: int) -> float:
-    """nn ← nn a⁺ in place, through eigh; eigenvalues at or below max_eig·n·eps(fp32) count as zero (rounding, not
-    signal). Returns the condition number of a on the eigenvalues kept."""
+def eigh_pinv(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """a⁺ = V diag(inverse) Vᵀ through eigh: (V, inverse, condition number on the eigenvalues kept). Eigenvalues at
+    or below max_eig·n·eps(fp32) count as zero (rounding, not signal); n is the full matrix's size."""
     evals, vecs = torch.linalg.eigh(a)  # ascending; vecs (n, n)
-    cut = float(evals[-1]) * n * _EPS32
-    kept = evals > cut
+    kept = evals > float(evals[-1]) * n * _EPS32
     inverse = torch.where(kept, evals.reciprocal(), torch.zeros_like(evals))
-    torch.matmul((nn @ vecs).mul_(inverse), vecs.T, out=nn)  # one (m, n) temporary
-    return float(evals[-1] / evals[kept].min()) if bool(kept.any()) else 1.0
+    return vecs, inverse, float(evals[-1] / evals[kept].min()) if bool(kept.any()) else 1.0
+
+
+def pinv_apply(nn: torch.Tensor, vecs: torch.Tensor, inverse: torch.Tensor) -> None:
+    """nn ← nn V diag(inverse) Vᵀ in place (one (m, n) temporary)."""
+    torch.matmul((nn @ vecs).mul_(inverse), vecs.T, out=nn)
+
+
+def _pinv_solve(a: torch.Tensor, nn: torch.Tensor, n: int) -> float:
+    """nn ← nn a⁺ in place (``eigh_pinv``). Returns the condition number of a on the eigenvalues kept."""
+    vecs, inverse, cond = eigh_pinv(a, n)
+    pinv_apply(nn, vecs, inverse)
+    return cond
 
 
 class Factors:

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..info import TensorClass, TensorInfo
 from .average import Average
 from .base import NoParams
-from .covariance import _EPS32
+from .covariance import eigh_pinv, pinv_apply
 from .matrix_rule import MatrixRule
 
 
@@ -98,15 +98,12 @@ class Inverse:
                 diag = chol.diagonal()
                 self.cond = float(diag.max() / diag.min()) ** 2
                 return
-        evals, self.vecs = torch.linalg.eigh(a)
-        kept = evals > float(evals[-1]) * a.shape[0] * _EPS32
-        self.inv = torch.where(kept, evals.reciprocal(), torch.zeros_like(evals))
-        self.cond = float(evals[-1] / evals[kept].min()) if bool(kept.any()) else 1.0
+        self.vecs, self.inv, self.cond = eigh_pinv(a, a.shape[0])
 
     def apply(self, nn: torch.Tensor) -> None:
         """nn ← nn (A + ridge·I)⁻¹ in place."""
         if self.chol is None:
-            torch.matmul((nn @ self.vecs).mul_(self.inv), self.vecs.T, out=nn)
+            pinv_apply(nn, self.vecs, self.inv)
             return
         rhs = nn.T.to(self.chol.dtype)          # X A = N  ⇔  L Lᵀ Xᵀ = Nᵀ
         rhs = torch.linalg.solve_triangular(self.chol, rhs, upper=False)
