@@ -12,7 +12,8 @@ from .errors import BudgetError
 from .methods.base import MergeMethod
 from .plan import Plan
 from .sizes import format_size
-from .stream import CHUNK_ELEMS, MERGED, PREFETCH_BYTES, Piece, make_pieces, request_bytes
+from . import stream
+from .stream import MERGED, PREFETCH_BYTES, Piece, make_pieces, request_bytes
 
 RUNTIME_BYTES = 230 << 20   # Python, torch and lowmerge loaded, measured on Linux x86-64 (torch 2.13 CPU)
 SHRINK_STEPS = 6            # row chunks down to CHUNK_ELEMS / 64 (64K elements) and read-ahead to 1 MiB
@@ -65,7 +66,7 @@ def choose_strategy(plan: Plan, method: type[MergeMethod], params: Any, budget: 
     the smallest do not (a matrix rule's LIN statistics cannot be chunked). Pieces needing more than
     ``device_budget`` on the device run on the CPU."""
     for step in range(SHRINK_STEPS + 1):
-        chunk, prefetch = CHUNK_ELEMS >> step, PREFETCH_BYTES >> step
+        chunk, prefetch = stream.CHUNK_ELEMS >> step, PREFETCH_BYTES >> step   # read now: tests set it smaller
         pieces = make_pieces(plan, method, params, chunk)
         need, name = largest_piece(plan, pieces, method, params, prefetch)
         if budget is None or need <= budget:

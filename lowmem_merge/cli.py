@@ -124,6 +124,11 @@ def _progress_bar(quiet: bool, desc: str = "merging") -> tuple[Callable[[int, in
               help="Examples used per calibration file (the first ones).")
 @click.option("--calib-seq-len", default=DEFAULT_SEQ_LEN, show_default=True, type=click.IntRange(min=1),
               help="Tokens per example: longer ones are cut, shorter ones padded.")
+@click.option("--tokenizer-source", default=None, metavar="base|union|DIR",
+              help="Output vocabulary, with rows matched by token: base (the base's tokenizer; tokens only experts "
+                   "know are dropped), union (the base's plus every token an expert added, with its added tokens "
+                   "and chat template), or a model directory whose tokenizer to use. Default: the base's, or union "
+                   "when an expert's vocabulary differs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge in OUT: keeps the shards it "
                                              "finished (verified by sha256) after checking inputs and options.")
 @click.option("--force", is_flag=True, help="Replace a previous lowmerge output in OUT (deletes only files "
@@ -133,7 +138,8 @@ def _progress_bar(quiet: bool, desc: str = "merging") -> tuple[Callable[[int, in
 def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path | None, method: str,
           params: tuple[str, ...], device: str, dtype: str, shard_size: str, max_memory: str | None,
           max_device_memory: str | None, quantize: str | None, calib: tuple[Path, ...], calib_samples: int,
-          calib_seq_len: int, resume: bool, force: bool, quiet: bool, debug: bool) -> None:
+          calib_seq_len: int, tokenizer_source: str | None, resume: bool, force: bool, quiet: bool,
+          debug: bool) -> None:
     """Merge EXPERTS (fine-tunes of BASE) into one model in OUT.
 
     OUT receives the merged safetensors shards, config and tokenizer files copied from BASE,
@@ -145,7 +151,8 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
     """
     from .merge import merge as run
     if config is not None:
-        base, experts, method, kv, dtype, schedule, slices = _from_recipe(config, base, params, dtype)
+        base, experts, method, kv, dtype, schedule, slices, tokenizer_source = _from_recipe(
+            config, base, params, dtype, tokenizer_source)
         if slices:
             return _stack(slices, out, dtype, shard_size, resume, force, quiet)
     elif base is None or not experts:
@@ -157,7 +164,8 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
         report = run(base, list(experts), out, method, device=device, dtype=dtype, shard_size=shard_size,
                      max_memory=max_memory, max_device_memory=max_device_memory, resume=resume, force=force,
                      quantize=quantize, progress=update, schedule=schedule, calib=list(calib) or None,
-                     calib_samples=calib_samples, calib_seq_len=calib_seq_len, **kv)
+                     calib_samples=calib_samples, calib_seq_len=calib_seq_len, tokenizer_source=tokenizer_source,
+                     **kv)
     finally:
         close()
     if not quiet and report is not None:             # None: a torchrun rank other than 0
@@ -165,8 +173,10 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
             click.echo(line)
 
 
-def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype: str) -> tuple:
-    """(base, experts, method, params, dtype, schedule) from the recipe; the options it replaces must not be given too."""
+def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype: str,
+                 tokenizer_source: str | None) -> tuple:
+    """(base, experts, method, params, dtype, schedule, slices, tokenizer_source) from the recipe; the options it
+    replaces must not be given too."""
     from .recipe import load_recipe
     ctx = click.get_current_context()
     given = [name for name, flag in (("BASE/EXPERTS", base is not None), ("-p", bool(params)),
@@ -179,8 +189,12 @@ def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype
     if recipe.dtype != "auto" and ctx.get_parameter_source("dtype") != ParameterSource.DEFAULT:
         raise ConfigError(f"--dtype and the recipe's dtype ({recipe.dtype}) are both given", path=config,
                           hint="keep one")
+    if recipe.tokenizer_source is not None and tokenizer_source is not None:
+        raise ConfigError(f"--tokenizer-source and the recipe's tokenizer_source ({recipe.tokenizer_source}) are "
+                          "both given", path=config, hint="keep one")
     return Path(recipe.base), [Path(e) for e in recipe.experts], recipe.method, recipe.params, \
-        recipe.dtype if recipe.dtype != "auto" else dtype, recipe.schedule, recipe.slices
+        recipe.dtype if recipe.dtype != "auto" else dtype, recipe.schedule, recipe.slices, \
+        recipe.tokenizer_source or tokenizer_source
 
 
 def _stack(slices: list, out: Path, dtype: str, shard_size: str, resume: bool, force: bool, quiet: bool) -> None:

@@ -3,6 +3,7 @@ with ``stats``, the task-vector diagnostics of one read of the inputs (diagnosti
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from .merge import _parse_dtype
 from .methods import REGISTRY
 from .plan import make_plan
 from .stream import make_pieces, read_volume
+from .vocab import align
 
 
 def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "auto", *, stats: bool = False,
@@ -26,6 +28,9 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
     with contextlib.ExitStack() as stack:
         base_ck = stack.enter_context(open_checkpoint(base))
         expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
+        vocab = align(base_ck, expert_cks, None)     # another vocabulary: merge's default, the union
+        if vocab is not None:
+            stack.callback(shutil.rmtree, vocab.files_dir, True)
         plan = make_plan(base_ck, expert_cks, _parse_dtype(dtype))
         counts: Counter = Counter()
         sizes: Counter = Counter()
@@ -48,6 +53,7 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
             "classes": {c: {"count": counts[c], "bytes": sizes[c]} for c in sorted(counts)},
             "bytes_per_pass": read_volume(plan, first, 1), "runtime_bytes": RUNTIME_BYTES,
             "methods": methods, "warnings": plan.warnings,
+            **({"vocabulary": vocab.describe()} if vocab else {}),
             "tensors": [{"name": i.name, "class": i.cls.value, "shape": list(plan.entry(i.name).shape),
                          "dtype": str(plan.out_dtype[i.name]).removeprefix("torch."),
                          **({"transposed": True} if i.transposed else {}),

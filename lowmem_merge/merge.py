@@ -32,6 +32,7 @@ from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from .schedule import Schedule, layer_of, layer_t
 from .sizes import parse_size
+from .vocab import TOKENIZER_FILES, align, set_vocab_size
 from .stream import (Piece, StreamContext, prepass_rounds, read_volume, run_merge, run_prepass, stream_volume,
                      tensor_groups)
 
@@ -47,7 +48,8 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
           resume: bool = False, force: bool = False, quantize: str | None = None,
           progress: Callable[[int, int], None] | None = None, schedule: Schedule | None = None,
           calib: Sequence[str | Path] | None = None, calib_samples: int = DEFAULT_SAMPLES,
-          calib_seq_len: int = DEFAULT_SEQ_LEN, **params: Any) -> Report | None:
+          calib_seq_len: int = DEFAULT_SEQ_LEN, tokenizer_source: str | None = None,
+          **params: Any) -> Report | None:
     """Merge ``experts`` (fine-tunes of ``base``, or LoRA adapters of it) into ``out``.
 
     Options are those of ``lowmerge merge --help``; ``params`` are the method's (``lowmerge methods``).
@@ -56,6 +58,8 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
     ``schedule`` (a recipe's gradients and filters) gives each tensor its own parameters.
     ``calib``: one calibration file per expert, for the rules that need data (regmean, chain): up to
     ``calib_samples`` examples of ``calib_seq_len`` tokens each (``lowmem_merge.calib``).
+    ``tokenizer_source`` (base, union or a model directory) gives the output vocabulary; experts' token rows are
+    matched to it by token (``vocab.py``). None: the base's vocabulary, or the union when an expert's differs.
     Started by torchrun (WORLD_SIZE > 1), each rank merges its share of the tensors (``distributed.py``); rank 0
     returns the report, the other ranks None.
     """
@@ -82,7 +86,18 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
             stack.callback(dist.close)
         base_ck = stack.enter_context(open_checkpoint(base))
         expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
+        vocab = align(base_ck, expert_cks, tokenizer_source)
+        if vocab is not None:
+            stack.callback(shutil.rmtree, vocab.files_dir, True)
+            if method_cls.calibration:
+                raise ConfigError(f"{method_cls.name} cannot merge experts of other vocabularies",
+                                  hint="resize the experts to the base's vocabulary, or use a data-free rule")
         plan = make_plan(base_ck, expert_cks, out_dtype)
+        plan.vocab = vocab
+        if vocab is not None and tokenizer_source is None:
+            plan.warnings.append(f"the experts' vocabularies differ from the base's: merged over their union "
+                                 f"({vocab.rows} rows, the base has {vocab.base_rows}); --tokenizer-source base "
+                                 f"keeps the base's")
         walker = None
         if method_cls.calibration:
             walker = _calibration(plan, method_cls, parsed, calib, calib_samples, calib_seq_len, dev)
@@ -98,7 +113,8 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
                        "chunk_elems": strategy.chunk_elems, "quantize": quantize,
                        **({"world_size": dist.world} if dist else {}),
                        **({"schedule": schedule.describe()} if schedule else {}),
-                       **({"calib": _calib_fingerprint(calib, calib_samples, calib_seq_len)} if walker else {})}
+                       **({"calib": _calib_fingerprint(calib, calib_samples, calib_seq_len)} if walker else {}),
+                       **({"vocabulary": vocab.describe()} if vocab else {})}
         world, rank = (dist.world, dist.rank) if dist else (1, 0)
         owner = _owners(plan, method_cls, parsed, strategy.pieces, world)
         pieces = [p for p in strategy.pieces if owner[p.target] == rank]
@@ -151,7 +167,8 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
                 "timings_s": {**timings, "total": time.perf_counter() - t_start},
                 "memory": {"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(dev)},
                 "heads": {str(e.path): names for e, names in zip(expert_cks, plan.heads) if names},
-                "warnings": plan.warnings, "tensor_stats": stats, "versions": versions(),
+                "warnings": plan.warnings, "tensor_stats": stats,
+                **({"vocabulary": vocab.describe()} if vocab else {}), "versions": versions(),
                 "files": final + [REPORT_NAME, CARD_NAME],
             }
             if ranks is not None:
@@ -362,7 +379,9 @@ def _describe(ck: Expert) -> dict:
 
 
 def _extra_files(plan: Plan) -> list[str]:
-    names = [n for n in COPIED_FILES if plan.base.model_dir and (plan.base.model_dir / n).is_file()]
+    names = [n for n in COPIED_FILES if plan.base.model_dir and (plan.base.model_dir / n).is_file()
+             and not (plan.vocab and n in TOKENIZER_FILES)]
+    names += plan.vocab.files if plan.vocab else []
     names += [_head_file(i, e) for i, e in enumerate(plan.experts) if plan.heads[i]]
     return names
 
@@ -381,20 +400,25 @@ def _write_heads(plan: Plan, out: Path) -> None:
 
 def _copy_base_files(plan: Plan, out: Path, out_dtype: torch.dtype | None,
                      quantization_config: dict | None = None) -> None:
-    """Config and tokenizer files; config.json gets the output dtype and, with --quantize, the
-    ``quantization_config`` transformers reads to load the bitsandbytes weights."""
+    """Config and tokenizer files; config.json gets the output dtype, the output vocabulary's size and, with
+    --quantize, the ``quantization_config`` transformers reads to load the bitsandbytes weights. With another
+    vocabulary than the base's, its tokenizer replaces the base's."""
     import json
     for name in COPIED_FILES:
         src = plan.base.model_dir / name if plan.base.model_dir else None
-        if not (src and src.is_file()):
+        if not (src and src.is_file()) or (plan.vocab and name in TOKENIZER_FILES):
             continue
-        if name == "config.json" and (out_dtype is not None or quantization_config):
+        if name == "config.json" and (out_dtype is not None or quantization_config or plan.vocab):
             cfg = json.loads(src.read_text())
             if out_dtype is not None:
                 key = "dtype" if "dtype" in cfg else "torch_dtype"
                 cfg[key] = str(out_dtype).removeprefix("torch.")
             if quantization_config:
                 cfg["quantization_config"] = quantization_config
+            if plan.vocab:
+                set_vocab_size(cfg, plan.vocab.rows)
             (out / name).write_text(json.dumps(cfg, indent=2) + "\n")
         else:
             shutil.copyfile(src, out / name)
+    for name in plan.vocab.files if plan.vocab else []:
+        shutil.copyfile(plan.vocab.files_dir / name, out / name)

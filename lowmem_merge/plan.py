@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ class Plan:
     out_dtype: dict[str, torch.dtype]
     heads: list[list[str]] = field(default_factory=list)       # per expert: head tensors written to heads/
     warnings: list[str] = field(default_factory=list)
+    vocab: Any = None                                          # vocab.Vocabulary when vocabularies are aligned
 
     @property
     def n_experts(self) -> int:
@@ -126,8 +128,8 @@ def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Expert) -> None:
         if info.cls in (TensorClass.EMB, TensorClass.TIED) or _LM_HEAD.search(name):
             raise InputError(f"vocabulary size differs: expert has {theirs.shape[0]} rows, base "
                              f"{entry.path} has {entry.shape[0]}", path=theirs.path, tensor=name,
-                             hint="experts with a different vocabulary are not supported yet; "
-                                  "resize the expert's embeddings to the base's vocabulary")
+                             hint="lowmerge matches rows by token on the word embeddings and the LM head only: "
+                                  "resize this tensor to the base's vocabulary")
         raise InputError(f"shape {list(theirs.shape)} differs from the base's {list(entry.shape)}", path=theirs.path,
                          tensor=name, hint="every expert must be a fine-tune of the base with the same architecture")
     if theirs.is_float != entry.is_float:

@@ -38,7 +38,7 @@ from .errors import ConfigError
 from .methods import REGISTRY
 from .schedule import Schedule, evaluate, varies
 
-TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "slices")
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "slices", "tokenizer_source", "tokenizer")
 MODEL_KEYS = ("model", "parameters")
 MODEL_PARAMS = ("weight", "density")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -72,6 +72,7 @@ class Recipe:
     dtype: str              # "auto" when the recipe gives none
     schedule: Schedule | None = None   # per-tensor parameters (gradients, filters); params: at t = 0
     slices: list | None = None         # passthrough: stack.Slice per output layer range (base, experts unused)
+    tokenizer_source: str | None = None  # base, union or a model path (vocab.py); None: merge()'s default
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -132,7 +133,8 @@ def parse_recipe(data: Any) -> Recipe:
             method, params = _mergekit(name, glob, entries)
     else:
         method, params = name, _own(name, glob, entries)
-    return Recipe(str(base), [e[0] for e in entries], method, params, dtype, schedule)
+    return Recipe(str(base), [e[0] for e in entries], method, params, dtype, schedule,
+                  tokenizer_source=_tokenizer_source(top))
 
 
 def _passthrough(top: dict) -> Recipe:
@@ -141,6 +143,9 @@ def _passthrough(top: dict) -> Recipe:
     dtype = _dtype(top)
     if top.get("parameters"):
         raise ConfigError("merge_method 'passthrough' takes no parameters")
+    if _tokenizer_source(top) is not None:
+        raise ConfigError("merge_method 'passthrough' keeps the first slice's tokenizer: tokenizer_source is not "
+                          "supported there", hint="drop tokenizer_source")
     if "slices" in top and top.get("models"):
         raise ConfigError("give either slices or models, not both")
     if "slices" not in top:
@@ -167,6 +172,23 @@ def _passthrough(top: dict) -> Recipe:
         slices.append(Slice(src["model"], rng[0], rng[1]))
     models = list(dict.fromkeys(s.model for s in slices))
     return Recipe(models[0], models, "passthrough", {}, dtype, slices=slices)
+
+
+def _tokenizer_source(top: dict) -> str | None:
+    """mergekit's ``tokenizer_source: base|union|MODEL``, or its newer ``tokenizer: {source: ...}``."""
+    if "tokenizer_source" in top and "tokenizer" in top:
+        raise ConfigError("give either tokenizer_source or tokenizer, not both")
+    source = top.get("tokenizer_source")
+    if "tokenizer" in top:
+        block = _mapping(top["tokenizer"], "tokenizer", ("source", "tokens", "pad_to_multiple_of"))
+        for key in ("tokens", "pad_to_multiple_of"):
+            if key in block:
+                raise ConfigError(f"tokenizer.{key} is not supported", hint="lowmerge takes tokenizer.source: the "
+                                  "base's rows for tokens it has, the mean base row for tokens only experts add")
+        source = block.get("source")
+    if source is not None and not isinstance(source, str):
+        raise ConfigError(f"tokenizer source {source!r} must be base, union or a model path")
+    return source
 
 
 def _dtype(top: dict) -> str:

@@ -196,7 +196,9 @@ def test_own_method_with_its_parameters(tiny, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text,message", [
-    (LINEAR.replace("dtype", "tokenizer_source: base\ndtype"), "key 'tokenizer_source' is not supported"),
+    (LINEAR.replace("dtype", "tokenizer:\n  pad_to_multiple_of: 8\ndtype"),
+     "tokenizer.pad_to_multiple_of is not supported"),
+    (LINEAR.replace("dtype", "tokenizer_source: 3\ndtype"), "must be base, union or a model path"),
     (LINEAR.replace("weight: 0.5", "weight: 0.5\n      gamma: 0.1"), "parameter 'gamma' is not supported"),
     (LINEAR.replace("merge_method: linear", "merge_method: arcee_fusion"), "unknown merge_method 'arcee_fusion'"),
     (LINEAR.replace("base_model: {base}\n", ""), "no base_model"),
@@ -224,8 +226,8 @@ def test_config_with_positional_inputs_or_params_is_an_error(tiny, tmp_path: Pat
 
 def test_unsupported_key_hint_lists_the_supported_ones() -> None:
     with pytest.raises(ConfigError) as err:
-        parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "tokenizer": {}})
-    assert "'tokenizer'" in err.value.msg and "merge_method, base_model, models, parameters, dtype" in err.value.hint
+        parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "chat_template": "x"})
+    assert "'chat_template'" in err.value.msg and "merge_method, base_model, models, parameters, dtype" in err.value.hint
     with pytest.raises(ConfigError) as err:
         parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "slices": []})
     assert "slices with merge_method 'ties' are not supported" in err.value.msg

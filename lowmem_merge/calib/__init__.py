@@ -6,10 +6,10 @@ from types import ModuleType
 from ..errors import ConfigError
 
 
-def require_transformers() -> ModuleType:
+def require_transformers(what: str = "a calibrated merge") -> ModuleType:
     """transformers (tokenizer and model classes), or a ConfigError saying how to get it."""
     try:
         import transformers
     except ImportError:
-        raise ConfigError("calibrated merges need transformers", hint="pip install 'lowmerge[hf]'") from None
+        raise ConfigError(f"{what} needs transformers", hint="pip install 'lowmerge[hf]'") from None
     return transformers

@@ -29,6 +29,7 @@ class Checkpoint:
         self.config = config
         self._bin_state = bin_state   # only for .bin checkpoints: tensors backed by torch.load(mmap=True)
         self._fds: dict[Path, int] = {}
+        self.aligned: dict = {}       # name -> vocab.AlignedRows: read in another vocabulary's row order
 
     @property
     def label(self) -> str:
@@ -37,7 +38,14 @@ class Checkpoint:
     def read(self, name: str, rows: tuple[int, int] | None = None,
              alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
         """A CPU tensor in the stored dtype, in a buffer from ``alloc(nbytes)`` if given; the caller owns it."""
-        entry = self.entries[name]
+        if name in self.aligned:
+            return self.aligned[name].read(rows, alloc)
+        return self.read_raw(name, rows, alloc)
+
+    def read_raw(self, name: str, rows: tuple[int, int] | None = None,
+                 alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """``read`` of the tensor as stored, whatever alignment ``aligned`` gives it."""
+        entry = self.aligned[name].source if name in self.aligned else self.entries[name]
         if self._bin_state is not None:
             t = self._bin_state[name]
             return (t[rows[0]:rows[1]] if rows else t).clone()

@@ -25,6 +25,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(\.[^.]+)?\.weight$")     # optional adapter name
 _SAVED = re.compile(r"^(?P<module>.+)\.modules_to_save(\.[^.]+)?(?P<param>\.[^.]+)$")
+_ORIGINAL = re.compile(r"\.original_module(\.[^.]+)?\.[^.]+$")
 _UNSUPPORTED_HINT = "lowmerge applies LoRA on Linear and GPT-2 Conv1D layers only (no DoRA, LoRA bias, " \
                     "embedding or conv LoRA): merge this adapter with PEFT's merge_and_unload first"
 
@@ -75,6 +76,7 @@ class LoraAdapter:
         self.files = [info, FileInfo(str(cfg_path), st.st_size, st.st_mtime_ns, hashlib.sha256(raw_cfg).hexdigest())]
         self.lora, self.entries = _map_names(raw, self.adapter_config)
         self._fd: int | None = None
+        self.aligned: dict = {}       # name -> vocab.AlignedRows: a saved tensor read in another vocabulary's order
 
     @property
     def label(self) -> str:
@@ -94,6 +96,8 @@ class LoraAdapter:
     def read(self, name: str, rows: tuple[int, int] | None = None,
              alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor | LowRank:
         """A saved tensor (stored dtype), or the factors of stored rows ``rows`` of Δ (``LowRank``)."""
+        if name in self.aligned:
+            return self.aligned[name].read(rows, alloc)
         if self._fd is None:
             self._fd = os.open(self.path / ADAPTER_WEIGHTS, os.O_RDONLY)
         if name in self.entries:
@@ -107,6 +111,14 @@ class LoraAdapter:
         a = read_into(f.a, self._fd, None, alloc)   # stored rows of Δᵀ are columns of A
         return LowRank(read_into(f.b, self._fd, None, alloc), a if rows is None else a[:, rows[0]:rows[1]],
                        f.scale, True)
+
+    def read_raw(self, name: str, rows: tuple[int, int] | None = None,
+                 alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """A saved tensor as stored, whatever alignment ``aligned`` gives it."""
+        if self._fd is None:
+            self._fd = os.open(self.path / ADAPTER_WEIGHTS, os.O_RDONLY)
+        return read_into(self.aligned[name].source if name in self.aligned else self.entries[name], self._fd, rows,
+                         alloc)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -137,11 +149,18 @@ def _read_config(path: Path) -> dict:
 
 
 def _map_names(raw: dict[str, TensorEntry], cfg: dict) -> tuple[dict[str, LoraFactors], dict[str, TensorEntry]]:
-    """Adapter keys to base names: ``X.lora_{A,B}[.NAME].weight`` give Δ of ``X.weight``; other tensors replace."""
+    """Adapter keys to base names: ``X.lora_{A,B}[.NAME].weight`` give Δ of ``X.weight``; other tensors replace.
+
+    A ``modules_to_save`` copy is the trained value and wins over a plain ``X.weight`` that PEFT also writes for a
+    resized embedding (save_embedding_layers); ``X.original_module.*`` is PEFT's frozen copy of the base's module.
+    """
     pairs: dict[str, dict[str, TensorEntry]] = {}
     saved: dict[str, TensorEntry] = {}
+    trained: set[str] = set()
     for key, entry in raw.items():
         name = key.removeprefix(_PREFIX)
+        if _ORIGINAL.search(name):
+            continue
         if m := _LORA.match(name):
             pairs.setdefault(m["module"], {})[m["which"]] = entry
         elif re.search(r"(^|\.)lora_", name):
@@ -149,7 +168,11 @@ def _map_names(raw: dict[str, TensorEntry], cfg: dict) -> tuple[dict[str, LoraFa
                              hint=_UNSUPPORTED_HINT)
         else:
             m = _SAVED.match(name)
-            saved[m["module"] + m["param"] if m else name] = entry
+            target = m["module"] + m["param"] if m else name
+            if m or target not in trained:
+                saved[target] = entry
+            if m:
+                trained.add(target)
     return {module + ".weight": _factors(module, ab, cfg) for module, ab in pairs.items()}, saved
 
 
