@@ -18,6 +18,8 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
   nuslerp          SLERP of two task vectors at t = w_1/(w_0 + w_1), per tensor/row/column → nuslerp
   sce              top-variance selection, energy weights per expert, minority signs erased → sce(select_topk)
   karcher          Karcher mean on the sphere of base_model's and the models' weights × their mean norm → karcher
+  nearswap         base_model and one model: W0 + clamp(Δ, −t, t) (mergekit's lerp at min(1, t/|Δ|)) → nearswap(t)
+  arcee_fusion     base_model and one model: Δ kept where |Δ|·KL(row softmaxes) ≥ median + 1.5 IQR → arcee_fusion
   della            MAGPRUNE (keep probability by magnitude rank in the row), L1 rescale, ties' election and agreeing
                    sum (÷ agreeing Σ w_t with normalize: true, the default)        → della(scale, epsilon, ...)
   della_linear     the same drop and rescale, then λ Σ w_t Δ't (÷ Σ w_t with normalize) → della_linear(scale, ...)
@@ -59,6 +61,8 @@ MERGEKIT = {
     "nuslerp": (("nuslerp_flatten", "nuslerp_row_wise"), ("weight",), False),
     "sce": (("select_topk", "int8_mask"), (), False),
     "karcher": (("max_iter", "tol"), (), False),
+    "nearswap": (("t",), (), False),
+    "arcee_fusion": ((), (), False),
 }
 ELECTING = ("ties", "dare_ties", "breadcrumbs_ties", "della")  # normalize divides by the agreeing weights, inside the rule
 
@@ -210,13 +214,16 @@ def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[s
     _only(glob, allowed + per_model, f"merge_method {name!r}: parameter")
     for model, p in entries:
         _only(p, per_model, f"merge_method {name!r}: model {model}: parameter")
-    if name == "slerp":
-        if len(entries) != 1:
-            raise ConfigError(f"merge_method 'slerp' interpolates between base_model and one other model, "
-                              f"not {len(entries)}", hint="list base_model and one more model under models")
+    if name in ("slerp", "nearswap", "arcee_fusion") and len(entries) != 1:
+        raise ConfigError(f"merge_method {name!r} combines base_model with one other model, not {len(entries)}",
+                          hint="list base_model and one more model under models")
+    if name in ("slerp", "nearswap"):
         if "t" not in glob:
-            raise ConfigError("merge_method 'slerp' needs parameters: t (0 gives base_model, 1 the other model)")
-        return "slerp", {"t": _number(glob["t"], "t", "parameters")}
+            what = "0 gives base_model, 1 the other model" if name == "slerp" else "the largest move kept"
+            raise ConfigError(f"merge_method {name!r} needs parameters: t ({what})")
+        return name, {"t": _number(glob["t"], "t", "parameters")}
+    if name == "arcee_fusion":
+        return name, {}
     if name == "karcher":
         return "karcher", {"max_iter": int(_number(glob.get("max_iter", 10), "max_iter", "parameters")),
                            "tol": _number(glob.get("tol", 1e-5), "tol", "parameters")}

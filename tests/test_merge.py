@@ -18,7 +18,7 @@ from lowmem_merge.plan import make_plan
 from conftest import TINY, run_cli
 
 
-FIXED_EXPERTS = {"slerp": 1, "nuslerp": 2}   # rules of a fixed number of experts take the first ones
+FIXED_EXPERTS = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}   # rules of a fixed number of experts take the first ones
 
 
 def load_model(d: Path) -> dict[str, torch.Tensor]:

@@ -16,8 +16,10 @@ from lowmem_merge.demo import LlamaShape, build_example
 from conftest import run_cli
 
 SHAPE = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
-SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp", "multislerp", "nuslerp", "sce", "karcher")   # deterministic in mergekit too: compared with it
+SAME_DRAWS = ("breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp", "multislerp", "nuslerp", "sce", "karcher",
+              "nearswap", "arcee_fusion")   # deterministic in mergekit too: compared with it
 MERGEKIT = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mergekit-venv" / "bin" / "mergekit-yaml"
+NEARSWAP_T = 1e-3      # below most |Δ| of build_example's experts, above some: entries cut and entries kept
 RECIPES = {   # the form of mergekit's own examples: per-model weight and density, method parameters globally
     "breadcrumbs": {"parameters": {"normalize": False, "lambda": 0.9},    # gamma per model
                     "models": [{"density": 0.6, "weight": 0.7, "gamma": 0.05}, {"density": 0.5, "weight": 0.4,
@@ -33,6 +35,8 @@ RECIPES = {   # the form of mergekit's own examples: per-model weight and densit
                 "models": [{"weight": 0.7}, {"weight": 0.4}]},
     "sce": {"parameters": {"select_topk": 0.3}, "models": [{}, {}, {}]},
     "karcher": {"parameters": {"max_iter": 10, "tol": 1e-5}, "models": [{}, {}, {}]},
+    "nearswap": {"parameters": {"t": NEARSWAP_T}, "models": [{}]},
+    "arcee_fusion": {"parameters": {}, "models": [{}]},
     "della": {"parameters": {"epsilon": 0.1, "lambda": 0.8},
               "models": [{"density": 0.6, "weight": 0.7}, {"density": 0.5, "weight": 0.4},
                          {"density": 0.7, "weight": 0.6}]},
@@ -103,6 +107,12 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
         if method == "model_stock":
             out[name] = b + ref.model_stock([w[name] - b for w in ws])
             continue
+        if method == "nearswap":
+            out[name] = _nearswap64(glob["t"], b, ws[0][name])
+            continue
+        if method == "arcee_fusion":
+            out[name] = _arcee_fusion64(b, ws[0][name])
+            continue
         if method == "model_stock_rows":
             out[name] = _model_stock_rows64(b, [w[name] for w in ws])
             continue
@@ -135,6 +145,23 @@ def formula(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Ten
             mixed = ref.ties_weighted(kept, weights, "tensor", glob.get("normalize", method == "della"))
         out[name] = b + glob.get("lambda", 1.0) * mixed
     return out
+
+
+def _nearswap64(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """mergekit's nearswap: lerp at t/|v0 − v1| (non-finite → 1), clamped to [0, 1]."""
+    w = torch.nan_to_num(t / (v0 - v1).abs(), nan=1.0, posinf=1.0, neginf=1.0).clamp(0, 1)
+    return w * v1 + (1 - w) * v0
+
+
+def _arcee_fusion64(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """mergekit's arcee_fusion (tensors under 10⁶ elements: its quantiles come from the whole sorted tensor)."""
+    p = torch.softmax(v1, dim=-1) + 1e-8
+    q = torch.softmax(v0, dim=-1) + 1e-8
+    importance = (v1 - v0).abs() * (p * torch.log(p / q)).sum(dim=-1).unsqueeze(-1)
+    ordered = importance.reshape(-1).sort().values
+    q1, median, q3 = (ordered[int(x * (ordered.numel() - 1))] for x in (0.25, 0.5, 0.75))
+    mask = (importance >= median + 1.5 * (q3 - q1)).double()
+    return v0 + (v1 - v0) * mask
 
 
 def _slerp64(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -392,3 +419,15 @@ def test_model_stock_in_row_chunks_equals_whole_tensors(models, tmp_path, monkey
     got, want = tensors(tmp_path / "chunks"), tensors(tmp_path / "whole")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_nearswap_and_arcee_fusion_cut_part_of_the_task_vector(models) -> None:
+    """The recipes above exercise both sides of each rule: some entries kept whole, some cut."""
+    root, base, experts = models
+    b, e = tensors(base), tensors(experts[0])
+    name = "model.layers.0.mlp.down_proj.weight"
+    delta = (e[name] - b[name]).abs()
+    assert 0.1 < float((delta > NEARSWAP_T).double().mean()) < 0.9
+    fused = _arcee_fusion64(b[name].double(), e[name].double()) - b[name].double()
+    kept = float((fused != 0).double().mean())
+    assert 0.01 < kept < 0.5

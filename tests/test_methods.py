@@ -218,7 +218,8 @@ def system_condition(name: str, params: object, taus: list[torch.Tensor]) -> flo
     return worst
 
 
-ELSEWHERE = {"slerp", "multislerp", "nuslerp", "sce", "karcher",   # mergekit's formulas: test_mergekit_methods
+ELSEWHERE = {"slerp", "multislerp", "nuslerp", "sce", "karcher", "nearswap",      # mergekit's formulas:
+             "arcee_fusion",                                                   # test_mergekit_methods
              "regmean", "chain"}   # Grams from calibration data through a model: tests/test_calibrated.py
 
 
@@ -659,11 +660,12 @@ def test_only_elementwise_rules_are_row_chunkable() -> None:
     lin = TensorInfo("layer.weight", (23, 9), LIN)
     chunkable = {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), lin)}
     assert chunkable == {"average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-                         "model_stock", "della", "della_linear"}
+                         "model_stock", "della", "della_linear", "nearswap"}
     assert REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"), lin)  # its κ comes from a prepass
     emb = TensorInfo("embed_tokens.weight", (23, 9), TensorClass.EMB)   # covariance rules average it: elementwise
     assert {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), emb)} == \
-        set(REGISTRY) - {"slerp", "multislerp", "nuslerp", "sce", "karcher"}   # angles, norms, top-k: the tensor's
+        set(REGISTRY) - {"slerp", "multislerp", "nuslerp", "sce", "karcher", "arcee_fusion"}  # the tensor's angles, norms,
+                                                                                               # top-k, quantiles
 
 
 def test_unknown_parameter_lists_the_valid_ones() -> None:

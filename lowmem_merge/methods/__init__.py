@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .ace import Ace
+from .arcee_fusion import ArceeFusion
 from .actmat import ActMat
 from .average import Average
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
@@ -16,6 +17,7 @@ from .iso_cts import IsoCts
 from .karcher import Karcher
 from .model_stock import ModelStock
 from .multislerp import MultiSlerp, NuSlerp
+from .nearswap import NearSwap
 from .regmean import RegMean
 from .sce import Sce
 from .slerp import Slerp
@@ -41,6 +43,8 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     NuSlerp,
     Sce,
     Karcher,
+    NearSwap,
+    ArceeFusion,
     ActMat,
     WudiCfs,
     Wudi,
