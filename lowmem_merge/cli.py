@@ -177,7 +177,7 @@ def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype
                  tokenizer_source: str | None) -> tuple:
     """(base, experts, method, params, dtype, schedule, slices, tokenizer_source) from the recipe; the options it
     replaces must not be given too."""
-    from .recipe import load_recipe
+    from .recipe import check_layer_range, load_recipe
     ctx = click.get_current_context()
     given = [name for name, flag in (("BASE/EXPERTS", base is not None), ("-p", bool(params)),
                                      ("--method", ctx.get_parameter_source("method") != ParameterSource.DEFAULT))
@@ -186,6 +186,7 @@ def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype
         raise ConfigError(f"--config gives the inputs, method and parameters: {', '.join(given)} cannot be given too",
                           hint="put them in the recipe, or drop --config")
     recipe = load_recipe(config)
+    check_layer_range(recipe)
     if recipe.dtype != "auto" and ctx.get_parameter_source("dtype") != ParameterSource.DEFAULT:
         raise ConfigError(f"--dtype and the recipe's dtype ({recipe.dtype}) are both given", path=config,
                           hint="keep one")

@@ -77,6 +77,7 @@ class Recipe:
     schedule: Schedule | None = None   # per-tensor parameters (gradients, filters); params: at t = 0
     slices: list | None = None         # passthrough: stack.Slice per output layer range (base, experts unused)
     tokenizer_source: str | None = None  # base, union or a model path (vocab.py); None: merge()'s default
+    layer_range: tuple[int, int] | None = None  # a one-slice recipe's range: the base's whole depth (checked)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -102,12 +103,9 @@ def parse_recipe(data: Any) -> Recipe:
         raise ConfigError("the recipe has no merge_method", hint=_methods_hint())
     if name == "passthrough":
         return _passthrough(top)
-    if "slices" in top:
-        raise ConfigError(f"slices with merge_method {name!r} are not supported: only passthrough stacks slices",
-                          hint="list the models under 'models' to merge them whole, or use merge_method: passthrough")
     if name not in MERGEKIT and name not in REGISTRY:
         raise ConfigError(f"unknown merge_method {name!r}", hint=_methods_hint())
-    models = top.get("models")
+    models, layer_range = _slice_models(top) if "slices" in top else (top.get("models"), None)
     if not isinstance(models, list) or not models:
         raise ConfigError("the recipe needs a non-empty list 'models' (each '- model: PATH')")
     base = top.get("base_model")
@@ -138,7 +136,48 @@ def parse_recipe(data: Any) -> Recipe:
     else:
         method, params = name, _own(name, glob, entries)
     return Recipe(str(base), [e[0] for e in entries], method, params, dtype, schedule,
-                  tokenizer_source=_tokenizer_source(top))
+                  tokenizer_source=_tokenizer_source(top), layer_range=layer_range)
+
+
+def _slice_models(top: dict) -> tuple[list, tuple[int, int]]:
+    """mergekit's one-slice form of a whole-model merge (its slerp examples): one slice whose sources all take the
+    same layer_range, which must be the base's whole depth (``check_layer_range``); its sources are the models."""
+    if top.get("models"):
+        raise ConfigError("give either slices or models, not both")
+    raw = top["slices"]
+    hint = ("lowmerge merges whole models: one slice whose sources all take the base's whole layer_range; for "
+            "layer stacking use merge_method: passthrough")
+    if not isinstance(raw, list) or len(raw) != 1:
+        raise ConfigError(f"slices with merge_method {top['merge_method']!r}: only one slice is supported", hint=hint)
+    sources = _mapping(raw[0], "slices[0]", ("sources",)).get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise ConfigError("slices[0] needs sources: [{model, layer_range}, ...]")
+    ranges, models = set(), []
+    for i, src in enumerate(sources):
+        src = _mapping(src, f"slices[0].sources[{i}]", ("model", "layer_range", "parameters"))
+        rng = src.get("layer_range")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in rng)):
+            raise ConfigError(f"slices[0].sources[{i}] needs layer_range: [first, end]")
+        ranges.add(tuple(rng))
+        models.append({k: v for k, v in src.items() if k != "layer_range"})
+    if len(ranges) != 1:
+        raise ConfigError(f"slices[0]: the sources take different layer ranges {sorted(ranges)}", hint=hint)
+    return models, ranges.pop()
+
+
+def check_layer_range(recipe: Recipe) -> None:
+    """A one-slice recipe's layer_range must cover the base's layers, [0, depth)."""
+    if recipe.layer_range is None:
+        return
+    from .io.checkpoint import open_checkpoint
+    from .schedule import layer_of
+    with open_checkpoint(recipe.base) as ck:
+        depth = 1 + max((i for i in map(layer_of, ck.entries) if i is not None), default=-1)
+    if tuple(recipe.layer_range) != (0, depth):
+        raise ConfigError(f"slices[0]: layer_range {list(recipe.layer_range)} is not the base's whole depth "
+                          f"[0, {depth}]", hint="lowmerge merges whole models: give layer_range: [0, "
+                          f"{depth}], or stack layers with merge_method: passthrough")
 
 
 def _passthrough(top: dict) -> Recipe:

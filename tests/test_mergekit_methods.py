@@ -431,3 +431,26 @@ def test_nearswap_and_arcee_fusion_cut_part_of_the_task_vector(models) -> None:
     fused = _arcee_fusion64(b[name].double(), e[name].double()) - b[name].double()
     kept = float((fused != 0).double().mean())
     assert 0.01 < kept < 0.5
+
+
+def test_one_slice_form_is_the_models_form(models) -> None:
+    """mergekit's slerp examples list the models as the sources of one slice over every layer: the same merge."""
+    root, base, experts = models
+    recipe = {"merge_method": "slerp", "base_model": str(base), "dtype": "float32",
+              "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.7]}, {"value": 0.4}]},
+              "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]},
+                                      {"model": str(experts[0]), "layer_range": [0, 2]}]}]}
+    sliced = root / "sliced.yaml"
+    sliced.write_text(yaml.safe_dump(recipe))
+    del recipe["slices"]
+    recipe["models"] = [{"model": str(base)}, {"model": str(experts[0])}]
+    plain = root / "plain.yaml"
+    plain.write_text(yaml.safe_dump(recipe))
+    for path, out in ((sliced, "out-sliced"), (plain, "out-plain")):
+        run_cli("merge", "--config", path, "-o", root / out, "-q", "--device", "cpu", check=True)
+    a, b = tensors(root / "out-sliced"), tensors(root / "out-plain")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    sliced.write_text(sliced.read_text().replace("- 2", "- 1"))       # not the whole depth
+    proc = run_cli("merge", "--config", sliced, "-o", root / "out-bad", "-q")
+    assert proc.returncode == 1 and "is not the base's whole depth [0, 2]" in proc.stderr, proc.stderr
+    assert not (root / "out-bad").exists()

@@ -232,7 +232,7 @@ def test_unsupported_key_hint_lists_the_supported_ones() -> None:
     assert "'chat_template'" in err.value.msg and "merge_method, base_model, models, parameters, dtype" in err.value.hint
     with pytest.raises(ConfigError) as err:
         parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "slices": []})
-    assert "slices with merge_method 'ties' are not supported" in err.value.msg
+    assert "slices with merge_method 'ties': only one slice is supported" in err.value.msg
 
 
 def test_cli_weights_count_mismatch_names_method_and_counts(tiny, tmp_path: Path) -> None:
