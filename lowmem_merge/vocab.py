@@ -221,7 +221,7 @@ def _chat_template(toks: list[Any], out_tok: Any, source: str) -> str | None:
 def _row_map(by_id: dict[int, str], vocab: dict[str, int], out_rows: int, rows: int) -> torch.Tensor:
     """Source row per output row: the model's row of that token; for an output row with no token (padding), the
     same row when the model has it and no token there; else −1."""
-    src = torch.full((out_rows,), -1, dtype=torch.int64)
+    src = [-1] * out_rows                       # a list: 150k-token vocabularies, one lookup per row
     own = set(vocab.values())
     for i in range(out_rows):
         token = by_id.get(i)
@@ -231,7 +231,7 @@ def _row_map(by_id: dict[int, str], vocab: dict[str, int], out_rows: int, rows: 
                 src[i] = j
         elif i < rows and i not in own:
             src[i] = i
-    return src
+    return torch.tensor(src, dtype=torch.int64)
 
 
 def _attach(base: Checkpoint, experts: list[Model], vocab: Vocabulary, base_tok: Any) -> None:

@@ -31,7 +31,9 @@ def _pair(root: Path, width: dict, small: tuple[int, int], big: tuple[int, int])
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
-    return _pair(tmp_path_factory.mktemp("memory"), WIDTH, (4, 2), (12, 6))
+    # 10 layers and 4 experts against 4 and 2: a buffer kept per layer (25 MB in bf16 here) or per expert (the
+    # 131 MB fp32 lm_head) would add 150-260 MB, beyond the 15 % of the small runs' 400-750 MB that the test allows
+    return _pair(tmp_path_factory.mktemp("memory"), WIDTH, (4, 2), (10, 4))
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +68,11 @@ def check_flat(examples: dict, tmp_path: Path, method: str, params: tuple[str, .
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,params", [("actmat", ()), ("average", ()), ("ties", ()), ("ties", ("trim=tensor",)),
-                                           ("dare_ties", ())])
+@pytest.mark.parametrize("method,params", [("actmat", ()), ("average", ()), ("ties", ()), ("ties", ("trim=tensor",))])
 def test_peak_rss_is_flat_in_depth_and_experts(examples, tmp_path, method, params):
-    check_flat(examples, tmp_path, method, params, (4, 12))
+    """A matrix rule, a one-pass elementwise rule, a model-wide prepass and a per-tensor prepass (the stream's
+    four ways through a tensor; the other elementwise rules take one of the last three)."""
+    check_flat(examples, tmp_path, method, params, (4, 10))
 
 
 @pytest.mark.slow

@@ -231,7 +231,7 @@ def test_unsupported_key_hint_lists_the_supported_ones() -> None:
         parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "chat_template": "x"})
     assert "'chat_template'" in err.value.msg and "merge_method, base_model, models, parameters, dtype" in err.value.hint
     with pytest.raises(ConfigError) as err:
-        parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "slices": []})
+        parse_recipe({"merge_method": "ties", "base_model": "b", "slices": []})
     assert "slices with merge_method 'ties': only one slice is supported" in err.value.msg
 
 
