@@ -16,6 +16,8 @@ from . import stream
 from .stream import MERGED, PREFETCH_BYTES, Piece, make_pieces, request_bytes
 
 RUNTIME_BYTES = 230 << 20   # Python, torch and lowmerge loaded, measured on Linux x86-64 (torch 2.13 CPU)
+TOKENIZER_RUNTIME_BYTES = 160 << 20   # transformers and the models' tokenizers, when vocabularies are matched by
+                                      # token (bench/vocab.py: +114-116 MiB peak with 32000-token vocabularies)
 SHRINK_STEPS = 6            # row chunks down to CHUNK_ELEMS / 64 (64K elements) and read-ahead to 1 MiB
 DEVICE_HEADROOM = 0.9       # of the device memory free at the start: the CUDA context and allocator need the rest
 

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from .budget import RUNTIME_BYTES, largest_piece
+from .budget import RUNTIME_BYTES, TOKENIZER_RUNTIME_BYTES, largest_piece
 from .diagnostics import COND_MAX_DIM, collect_stats
 from .io.checkpoint import open_checkpoint
 from .merge import _parse_dtype
@@ -32,6 +32,7 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
         if vocab is not None:
             stack.callback(shutil.rmtree, vocab.files_dir, True)
         plan = make_plan(base_ck, expert_cks, _parse_dtype(dtype))
+        runtime = RUNTIME_BYTES + (TOKENIZER_RUNTIME_BYTES if vocab is not None else 0)
         counts: Counter = Counter()
         sizes: Counter = Counter()
         for info in plan.tensors:
@@ -44,14 +45,14 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
             need, largest = largest_piece(plan, pieces, cls, params)
             pre = cls.prepass_for(params)
             rounds = pre.rounds if pre is not None else 0
-            methods[name] = {"peak_bytes": need + RUNTIME_BYTES, "largest_tensor": largest,
+            methods[name] = {"peak_bytes": need + runtime, "largest_tensor": largest,
                              "reads": rounds + cls.passes_for(cls.Params())}
         first = [p for p in make_pieces(plan, REGISTRY["average"], REGISTRY["average"].Params())
                  if p.target == p.info.name]
         data = {
             "base": str(base_ck.path), "experts": [str(e.path) for e in expert_cks],
             "classes": {c: {"count": counts[c], "bytes": sizes[c]} for c in sorted(counts)},
-            "bytes_per_pass": read_volume(plan, first, 1), "runtime_bytes": RUNTIME_BYTES,
+            "bytes_per_pass": read_volume(plan, first, 1), "runtime_bytes": runtime,
             "methods": methods, "warnings": plan.warnings,
             **({"vocabulary": vocab.describe()} if vocab else {}),
             "tensors": [{"name": i.name, "class": i.cls.value, "shape": list(plan.entry(i.name).shape),

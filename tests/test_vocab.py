@@ -171,6 +171,11 @@ def test_cli_and_recipe_tokenizer_source(models, tmp_path: Path) -> None:
         assert got[_emb(arch)].shape[0] == 64
     first, second = (load_file(tmp_path / d / "model.safetensors") for d in ("cli", "recipe"))
     assert all(torch.equal(first[n], second[n]) for n in first)
+    # the process's own peak (transformers and four tokenizers loaded) within what inspect promised beforehand
+    from lowmem_merge.inspect import describe_plan
+    plan = describe_plan(base, [a, b])
+    peak = json.loads((tmp_path / "cli" / "lowmerge_report.json").read_text())["memory"]["peak_rss_bytes"]
+    assert plan["vocabulary"]["rows"] == 64 and peak <= plan["methods"]["task_arithmetic"]["peak_bytes"], peak
 
 
 def test_expert_of_another_vocabulary_without_tokenizer_is_refused(models, tmp_path: Path) -> None:
