@@ -1,8 +1,8 @@
 """Parameters that vary by tensor, as mergekit recipes write them: a list is a gradient over the layers, a list of
 ``{filter, value}`` picks by tensor name.
 
-mergekit's rules, reproduced: a tensor of layer i of L gets t = i / (L − 1) (t = 1 when L = 1; tensors outside the
-layers, embeddings, final norm and head, get t = 0); a list of numbers [v0 … vn] gives the piecewise-linear value
+mergekit's rules, reproduced: a tensor of layer i of L gets t = i / (L − 1) (t = 1 when L = 1); tensors outside the
+layers get mergekit's planner's t: 0 before them (embeddings), 1 after them (final norm, LM head, pooler); a list of numbers [v0 … vn] gives the piecewise-linear value
 at t·n (booleans and strings take the entry at ⌊t·n⌋); in a list of conditions the first whose ``filter`` is absent,
 ``*`` or a substring of the tensor's name gives the value (itself a number or a gradient); none: the default.
 """
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+BEFORE_LAYERS = re.compile(r"(embed|wte|wpe|(^|\.)shared\.|word_embeddings|position|token_type)")
 
 Setting = Any   # a number, bool or string; a list of them; a list of {filter, value}
 
@@ -26,8 +27,8 @@ def layer_of(name: str) -> int | None:
 def layer_t(name: str, n_layers: int) -> float:
     """mergekit's interpolation point for tensor ``name`` in a model of ``n_layers`` layers."""
     i = layer_of(name)
-    if i is None:
-        return 0.0
+    if i is None:                  # mergekit plans "pre" weights at t = 0 and "post" weights at t = 1
+        return 0.0 if BEFORE_LAYERS.search(name) else 1.0
     return i / (n_layers - 1) if n_layers > 1 else 1.0
 
 

@@ -379,7 +379,8 @@ def gradient_recipe(root: Path, method: str, base: Path, experts: list[Path]) ->
 
 def test_layer_gradients_and_filters_follow_mergekits_interpolation(models3) -> None:
     """task_arithmetic with a per-model weight gradient and a filtered λ, against the rule written out: layer i of
-    3 sits at t = i/2, so a [0.2, 1.0] gradient gives 0.2, 0.6, 1.0; embeddings and the head take t = 0."""
+    3 sits at t = i/2, so a [0.2, 1.0] gradient gives 0.2, 0.6, 1.0; the embeddings take t = 0, the final norm and
+    the head t = 1 (mergekit's planner: pre weights at 0, post weights at 1)."""
     root, base, experts = models3
     out = root / "out-grad-ta"
     run_cli("merge", "--config", gradient_recipe(root, "task_arithmetic", base, experts), "-o", out, "-q",
@@ -391,7 +392,7 @@ def test_layer_gradients_and_filters_follow_mergekits_interpolation(models3) -> 
         if not b.is_floating_point():
             continue
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-        t = 0.0 if layer is None else layer / 2
+        t = layer / 2 if layer is not None else 0.0 if "embed_tokens" in name else 1.0
         lam = 0.5 if "mlp" in name else 1.0
         want = b.double() + lam * ((0.2 + 0.8 * t) * (ws[0][name].double() - b.double())
                                    + 0.7 * (ws[1][name].double() - b.double()))
