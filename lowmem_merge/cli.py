@@ -302,6 +302,7 @@ def _plan_lines(data: dict, show_tensors: bool) -> list[str]:
              "tensors: " + ", ".join(f"{c} {v['count']} ({format_size(v['bytes'])})"
                                      for c, v in data["classes"].items()),
              f"one read of base and experts: {format_size(data['bytes_per_pass'])}",
+             *([_vocab_line(data["vocabulary"])] if "vocabulary" in data else []),
              f"estimated peak memory (runtime ~{format_size(data['runtime_bytes'])} included):"]
     for name, m in data["methods"].items():
         lines.append(f"  {name:16s} {format_size(m['peak_bytes']):>9s}  reads x{m['reads']}  "
@@ -315,6 +316,11 @@ def _plan_lines(data: dict, show_tensors: bool) -> list[str]:
     return lines
 
 
+def _vocab_line(v: dict) -> str:
+    added = ", ".join(v["added_tokens"][:8]) + (", ..." if len(v["added_tokens"]) > 8 else "")
+    return (f"vocabulary: the experts' differ from the base's: merged over the {v['tokenizer_source']} vocabulary, "
+            f"{v['rows']} rows (base {v['base_rows']}), matched by token" + (f"; added: {added}" if added else ""))
+
 def _add_export_command() -> None:
     """`lowmerge export` lives in export/ (which knows nothing of merging); importing it costs only click."""
     from export.cli import export
@@ -322,3 +328,4 @@ def _add_export_command() -> None:
 
 
 _add_export_command()
+

@@ -176,6 +176,8 @@ def test_cli_and_recipe_tokenizer_source(models, tmp_path: Path) -> None:
     plan = describe_plan(base, [a, b])
     peak = json.loads((tmp_path / "cli" / "lowmerge_report.json").read_text())["memory"]["peak_rss_bytes"]
     assert plan["vocabulary"]["rows"] == 64 and peak <= plan["methods"]["task_arithmetic"]["peak_bytes"], peak
+    shown = run_cli("inspect", base, a, b, check=True).stdout
+    assert "union vocabulary, 64 rows (base 64), matched by token; added: <|im_start|>, <|im_end|>, <tool>" in shown
 
 
 def test_expert_of_another_vocabulary_without_tokenizer_is_refused(models, tmp_path: Path) -> None:
