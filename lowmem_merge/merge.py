@@ -30,7 +30,7 @@ from .methods import DEFAULT_METHOD, MergeMethod, get_method, params_dict, parse
 from .plan import Expert, Plan, make_plan
 from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
-from .schedule import Schedule, layer_of, layer_t
+from .schedule import Schedule, layer_of
 from .sizes import parse_size
 from .vocab import TOKENIZER_FILES, align, set_vocab_size
 from .stream import (Piece, StreamContext, prepass_rounds, read_volume, run_merge, run_prepass, stream_volume,
@@ -216,7 +216,7 @@ def _params_for(plan: Plan, method: type[MergeMethod], schedule: Schedule) -> Ca
     parsed: dict[str, Any] = {}
 
     def params_for(info: TensorInfo) -> Any:
-        raw = schedule.params(info.name, layer_t(info.name, n_layers))
+        raw = schedule.for_tensor(info.name, n_layers)
         key = repr(sorted(raw.items()))
         if key not in parsed:
             parsed[key] = parse_params(method, raw)

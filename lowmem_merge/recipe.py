@@ -38,7 +38,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .methods import REGISTRY
-from .schedule import Schedule, evaluate, varies
+from .schedule import Schedule, SlicedSchedule, evaluate, varies
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "slices", "tokenizer_source", "tokenizer")
 MODEL_KEYS = ("model", "parameters")
@@ -105,7 +105,7 @@ def parse_recipe(data: Any) -> Recipe:
         return _passthrough(top)
     if name not in MERGEKIT and name not in REGISTRY:
         raise ConfigError(f"unknown merge_method {name!r}", hint=_methods_hint())
-    models, layer_range = _slice_models(top) if "slices" in top else (top.get("models"), None)
+    models, layer_range, cuts = _slice_models(top) if "slices" in top else (top.get("models"), None, None)
     if not isinstance(models, list) or not models:
         raise ConfigError("the recipe needs a non-empty list 'models' (each '- model: PATH')")
     base = top.get("base_model")
@@ -115,17 +115,31 @@ def parse_recipe(data: Any) -> Recipe:
         raise ConfigError(f"merge_method {name!r}: the recipe has no base_model, and lowmerge merges task vectors "
                           "against a base", hint=hint)
     entries = [_model_entry(m, i) for i, m in enumerate(models)]
-    if name != "linear" and name in MERGEKIT:  # mergekit: the base has no task vector
-        entries = [e for e in entries if _differs(e[0], str(base))]
+    keep = [name == "linear" or name not in MERGEKIT or _differs(e[0], str(base)) for e in entries]
+    entries = [e for e, k in zip(entries, keep) if k]       # mergekit: the base has no task vector
     if not entries:
         raise ConfigError("the recipe lists no model besides base_model")
     dtype = _dtype(top)
     glob = _mapping(top.get("parameters") or {}, "parameters", None)
     schedule = None
+    if cuts is not None and name not in MERGEKIT:
+        raise ConfigError(f"merge_method {name!r}: slices with their own parameters are mergekit's form",
+                          hint="give lowmerge's methods one list of models, or use one slice")
     if name in MERGEKIT:
         paths, settings = [e[0] for e in entries], [e[1] for e in entries]
-        if any(varies(v) for p in [glob, *settings] for v in p.values()):
-            schedule = Schedule(glob, settings, lambda g, ms: _mergekit(name, g, list(zip(paths, ms)))[1])
+
+        def to_params(g: dict, ms: list[dict]) -> dict[str, Any]:
+            return _mergekit(name, g, list(zip(paths, ms)))[1]
+        if cuts is not None:        # several slices (or one with its own parameters): each tensor its slice's
+            schedule = SlicedSchedule([(a, b, Schedule({**glob, **sp}, [m for m, k in zip(ms, keep) if k],
+                                                       to_params)) for a, b, sp, ms in cuts])
+            try:
+                method, _ = _mergekit(name, *_at_start({**glob, **cuts[0][2]}, entries))
+                params = schedule.params("", 0.0)
+            except ValueError as e:
+                raise ConfigError(f"merge_method {name!r}: {e}") from None
+        elif any(varies(v) for p in [glob, *settings] for v in p.values()):
+            schedule = Schedule(glob, settings, to_params)
             try:
                 method, _ = _mergekit(name, *_at_start(glob, entries))
                 params = schedule.params("", 0.0)
@@ -139,35 +153,53 @@ def parse_recipe(data: Any) -> Recipe:
                   tokenizer_source=_tokenizer_source(top), layer_range=layer_range)
 
 
-def _slice_models(top: dict) -> tuple[list, tuple[int, int]]:
-    """mergekit's one-slice form of a whole-model merge (its slerp examples): one slice whose sources all take the
-    same layer_range, which must be the base's whole depth (``check_layer_range``); its sources are the models."""
+def _slice_models(top: dict) -> tuple[list, tuple[int, int], list | None]:
+    """mergekit's slices for a merge of whole models: the slices cut the base's layers in order ([0, a), [a, b), ...,
+    ending at its depth: ``check_layer_range``), every slice lists the same models, all of a slice's sources take
+    the slice's own range. Returns the models (the first slice's sources), the whole range, and per slice
+    (first, end, its parameters, each source's parameters) when there are several slices or slice parameters
+    (None: the models form as it is)."""
     if top.get("models"):
         raise ConfigError("give either slices or models, not both")
     raw = top["slices"]
-    hint = ("lowmerge merges whole models: one slice whose sources all take the base's whole layer_range; for "
-            "layer stacking use merge_method: passthrough")
-    if not isinstance(raw, list) or len(raw) != 1:
-        raise ConfigError(f"slices with merge_method {top['merge_method']!r}: only one slice is supported", hint=hint)
-    sources = _mapping(raw[0], "slices[0]", ("sources",)).get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise ConfigError("slices[0] needs sources: [{model, layer_range}, ...]")
-    ranges, models = set(), []
-    for i, src in enumerate(sources):
-        src = _mapping(src, f"slices[0].sources[{i}]", ("model", "layer_range", "parameters"))
-        rng = src.get("layer_range")
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                               for x in rng)):
-            raise ConfigError(f"slices[0].sources[{i}] needs layer_range: [first, end]")
-        ranges.add(tuple(rng))
-        models.append({k: v for k, v in src.items() if k != "layer_range"})
-    if len(ranges) != 1:
-        raise ConfigError(f"slices[0]: the sources take different layer ranges {sorted(ranges)}", hint=hint)
-    return models, ranges.pop()
+    hint = ("lowmerge merges layer i of every model into layer i: slices cut the base's layers in order and every "
+            "source of a slice takes that slice's range; to stack or reorder layers use merge_method: passthrough")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("slices must be a non-empty list of {sources: [{model, layer_range}], parameters}")
+    cuts, models, start = [], None, 0
+    for k, entry in enumerate(raw):
+        entry = _mapping(entry, f"slices[{k}]", ("sources", "parameters"))
+        sources = entry.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise ConfigError(f"slices[{k}] needs sources: [{{model, layer_range}}, ...]")
+        ranges, these = set(), []
+        for i, src in enumerate(sources):
+            src = _mapping(src, f"slices[{k}].sources[{i}]", ("model", "layer_range", "parameters"))
+            rng = src.get("layer_range")
+            if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                   for x in rng)):
+                raise ConfigError(f"slices[{k}].sources[{i}] needs layer_range: [first, end]")
+            ranges.add(tuple(rng))
+            these.append({key: v for key, v in src.items() if key != "layer_range"})
+        if len(ranges) != 1:
+            raise ConfigError(f"slices[{k}]: the sources take different layer ranges {sorted(ranges)}", hint=hint)
+        first, end = ranges.pop()
+        if first != start or end <= first:
+            raise ConfigError(f"slices[{k}]: layer_range [{first}, {end}] does not continue at layer {start}",
+                              hint=hint)
+        names = [m.get("model") for m in these]
+        if models is not None and names != [m.get("model") for m in models]:
+            raise ConfigError(f"slices[{k}] lists other models than slices[0]", hint=hint)
+        models = models or these
+        cuts.append((first, end, _mapping(entry.get("parameters") or {}, f"slices[{k}].parameters", None),
+                     [_mapping(m.get("parameters") or {}, f"slices[{k}].sources", None) for m in these]))
+        start = end
+    several = len(cuts) > 1 or bool(cuts[0][2])
+    return models, (0, start), cuts if several else None
 
 
 def check_layer_range(recipe: Recipe) -> None:
-    """A one-slice recipe's layer_range must cover the base's layers, [0, depth)."""
+    """A slices recipe's layer ranges must end at the base's depth."""
     if recipe.layer_range is None:
         return
     from .io.checkpoint import open_checkpoint
@@ -175,9 +207,9 @@ def check_layer_range(recipe: Recipe) -> None:
     with open_checkpoint(recipe.base) as ck:
         depth = 1 + max((i for i in map(layer_of, ck.entries) if i is not None), default=-1)
     if tuple(recipe.layer_range) != (0, depth):
-        raise ConfigError(f"slices[0]: layer_range {list(recipe.layer_range)} is not the base's whole depth "
-                          f"[0, {depth}]", hint="lowmerge merges whole models: give layer_range: [0, "
-                          f"{depth}], or stack layers with merge_method: passthrough")
+        raise ConfigError(f"the slices cover layers {list(recipe.layer_range)}, not the base's whole depth "
+                          f"[0, {depth}]", hint=f"lowmerge merges whole models: let the slices end at layer {depth}, "
+                          "or stack layers with merge_method: passthrough")
 
 
 def _passthrough(top: dict) -> Recipe:

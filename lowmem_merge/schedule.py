@@ -71,6 +71,10 @@ class Schedule:
         self.models = models
         self._to_params = to_params
 
+    def for_tensor(self, name: str, n_layers: int) -> dict[str, Any]:
+        """The parameters of tensor ``name`` in a model of ``n_layers`` layers, at mergekit's t for it."""
+        return self.params(name, layer_t(name, n_layers))
+
     def params(self, name: str, t: float) -> dict[str, Any]:
         def resolved(settings: dict[str, Setting]) -> dict[str, Any]:
             values = {k: evaluate(v, name, t) for k, v in settings.items()}
@@ -80,3 +84,29 @@ class Schedule:
     def describe(self) -> str:
         """What a resumed run must match."""
         return json.dumps({"parameters": self.glob, "models": self.models}, sort_keys=True, default=str)
+
+
+class SlicedSchedule:
+    """mergekit's slices over one model's layers: [first, end) each with its own Schedule (the slice's parameters
+    over the recipe's), t running from 0 to 1 inside each slice; tensors before the layers take the first slice's
+    parameters at t = 0, those after them the last slice's at t = 1, as mergekit's planner does."""
+
+    def __init__(self, slices: list[tuple[int, int, Schedule]]) -> None:
+        self.slices = slices
+
+    def for_tensor(self, name: str, n_layers: int) -> dict[str, Any]:
+        i = layer_of(name)
+        if i is None:
+            t = layer_t(name, n_layers)
+            return (self.slices[0] if t == 0 else self.slices[-1])[2].params(name, t)
+        for first, end, schedule in self.slices:
+            if first <= i < end:
+                return schedule.params(name, (i - first) / (end - first - 1) if end - first > 1 else 1.0)
+        raise ValueError(f"layer {i} of {name} is in no slice")
+
+    def params(self, name: str, t: float) -> dict[str, Any]:
+        return self.slices[0][2].params(name, t)
+
+    def describe(self) -> str:
+        return json.dumps([[a, b, json.loads(s.describe())] for a, b, s in self.slices], sort_keys=True)
+

@@ -401,6 +401,47 @@ def test_layer_gradients_and_filters_follow_mergekits_interpolation(models3) -> 
     assert checked > 10
 
 
+def sliced_recipe(root: Path, base: Path, experts: list[Path]) -> Path:
+    """Two slices over the 3 layers: [0, 1) with its own λ, [1, 3) with a weight gradient on its first source."""
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+              "parameters": {"lambda": 1.0},
+              "slices": [{"sources": [{"model": str(e), "layer_range": [0, 1], "parameters": {"weight": w}}
+                                      for e, w in zip(experts, (0.3, 0.6))], "parameters": {"lambda": 0.5}},
+                         {"sources": [{"model": str(experts[0]), "layer_range": [1, 3],
+                                       "parameters": {"weight": [0.2, 1.0]}},
+                                      {"model": str(experts[1]), "layer_range": [1, 3],
+                                       "parameters": {"weight": 0.6}}]}]}
+    path = root / "sliced-ta.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_slices_cut_the_layers_with_their_own_parameters_and_t(models3) -> None:
+    """mergekit's planner: t runs 0 → 1 inside each slice (a one-layer slice at t = 1), a slice's parameters
+    override the recipe's, source parameters the slice's; embeddings take the first slice at t = 0, the final norm
+    and head the last slice at t = 1."""
+    root, base, experts = models3
+    out = root / "out-sliced"
+    run_cli("merge", "--config", sliced_recipe(root, base, experts), "-o", out, "-q", "--device", "cpu", check=True)
+    got, w0 = tensors(out), tensors(base)
+    ws = [tensors(e) for e in experts]
+    for name, b in w0.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if layer == 0 or "embed_tokens" in name:
+            lam, w1, w2 = 0.5, 0.3, 0.6
+        else:
+            t = 1.0 if layer is None else (layer - 1) / 1
+            lam, w1, w2 = 1.0, 0.2 + 0.8 * t, 0.6
+        want = b.double() + lam * (w1 * (ws[0][name].double() - b.double()) + w2 * (ws[1][name].double() - b.double()))
+        assert (got[name].double() - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max())), name
+
+
+@pytest.mark.skipif(not MERGEKIT.is_file(), reason="mergekit's venv (bench/vs_mergekit.py) is not built here")
+def test_slices_match_mergekit_itself(models3) -> None:
+    root, base, experts = models3
+    both_tools(sliced_recipe(root, base, experts), root / "mk-sliced", root / "lm-sliced")
+
+
 @pytest.mark.skipif(not MERGEKIT.is_file(), reason="mergekit's venv (bench/vs_mergekit.py) is not built here")
 @pytest.mark.parametrize("method", list(GRADIENTS))
 def test_layer_gradients_and_filters_match_mergekit_itself(models3, method: str) -> None:
@@ -453,5 +494,5 @@ def test_one_slice_form_is_the_models_form(models) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     sliced.write_text(sliced.read_text().replace("- 2", "- 1"))       # not the whole depth
     proc = run_cli("merge", "--config", sliced, "-o", root / "out-bad", "-q")
-    assert proc.returncode == 1 and "is not the base's whole depth [0, 2]" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "cover layers [0, 1], not the base's whole depth [0, 2]" in proc.stderr, proc.stderr
     assert not (root / "out-bad").exists()

@@ -232,7 +232,20 @@ def test_unsupported_key_hint_lists_the_supported_ones() -> None:
     assert "'chat_template'" in err.value.msg and "merge_method, base_model, models, parameters, dtype" in err.value.hint
     with pytest.raises(ConfigError) as err:
         parse_recipe({"merge_method": "ties", "base_model": "b", "slices": []})
-    assert "slices with merge_method 'ties': only one slice is supported" in err.value.msg
+    assert "slices must be a non-empty list" in err.value.msg
+
+
+@pytest.mark.parametrize("slices,message", [
+    ([[("a", 0, 2), ("b", 0, 2)], [("a", 3, 4), ("b", 3, 4)]], "does not continue at layer 2"),
+    ([[("a", 0, 2), ("b", 0, 2)], [("a", 2, 4), ("c", 2, 4)]], "slices[1] lists other models than slices[0]"),
+    ([[("a", 0, 2), ("b", 1, 3)]], "the sources take different layer ranges"),
+])
+def test_slices_that_do_not_cut_the_layers_in_order_are_refused(slices, message: str) -> None:
+    data = {"merge_method": "task_arithmetic", "base_model": "a",
+            "slices": [{"sources": [{"model": m, "layer_range": [lo, hi]} for m, lo, hi in sl]} for sl in slices]}
+    with pytest.raises(ConfigError) as err:
+        parse_recipe(data)
+    assert message in err.value.msg and "passthrough" in err.value.hint
 
 
 def test_cli_weights_count_mismatch_names_method_and_counts(tiny, tmp_path: Path) -> None:
