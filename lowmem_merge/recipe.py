@@ -18,12 +18,14 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
   nuslerp          SLERP of two task vectors at t = w_1/(w_0 + w_1), per tensor/row/column → nuslerp
   sce              top-variance selection, energy weights per expert, minority signs erased → sce(select_topk)
   karcher          Karcher mean on the sphere of base_model's and the models' weights × their mean norm → karcher
-  nearswap         base_model and one model: W0 + clamp(Δ, −t, t) (mergekit's lerp at min(1, t/|Δ|)) → nearswap(t)
-  arcee_fusion     base_model and one model: Δ kept where |Δ|·KL(row softmaxes) ≥ median + 1.5 IQR → arcee_fusion
   della            MAGPRUNE (keep probability by magnitude rank in the row), L1 rescale, ties' election and agreeing
                    sum (÷ agreeing Σ w_t with normalize: true, the default)        → della(scale, epsilon, ...)
   della_linear     the same drop and rescale, then λ Σ w_t Δ't (÷ Σ w_t with normalize) → della_linear(scale, ...)
   passthrough      ``slices`` of one source each, stacked: layer ranges of one or more models → stack.stack
+  nearswap         base_model and one model: W0 + clamp(Δ, −t, t) (mergekit's lerp at min(1, t/|Δ|)) → nearswap(t)
+  arcee_fusion     base_model and one model: Δ kept where |Δ|·KL(row softmaxes) ≥ median + 1.5 IQR → arcee_fusion
+Any method may take ``slices`` that cut the base's layers in order, each slice's sources over its own range, with
+per-slice ``parameters`` (SlicedSchedule); ``tokenizer_source`` / ``tokenizer.source`` pick the output vocabulary.
 A model listed under ``models`` that is the base has no task vector and is skipped, as mergekit does, except in
 linear, where it is an expert with Δ = 0 and counts with its weight. lowmerge's own methods are accepted by name,
 with their parameters under ``parameters`` and per-model ``weight`` / ``density`` where the rule has per-expert ones.
