@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod
 
@@ -42,6 +41,8 @@ class ArceeFusion(MergeMethod):
     name = "arcee_fusion"
     summary = "W0 + Δ where |Δ|·KL(softmax rows) reaches median + 1.5 IQR of the tensor, else W0 (mergekit)"
     needs_base = True
+    fixed_experts = 1
+    combines = "fuses the base with one expert"
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
@@ -74,12 +75,6 @@ class ArceeFusion(MergeMethod):
 
     def stats(self) -> dict[str, float]:
         return {"kept_fraction": self.kept}
-
-    @classmethod
-    def check_experts(cls, params: Any, n_experts: int) -> None:
-        if n_experts != 1:
-            raise ConfigError(f"arcee_fusion fuses the base with one expert, not {n_experts}",
-                              hint="give exactly one expert (mergekit: base_model and one other model)")
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:

@@ -68,6 +68,8 @@ class MergeMethod:
     Params: ClassVar[type] = NoParams
     prepass: ClassVar[type[Prepass] | None] = None
     param_help: ClassVar[dict[str, str]] = {}    # parameter -> one line, for `lowmerge methods`
+    fixed_experts: ClassVar[int | None] = None   # rules of the base and a fixed number of experts (slerp: 1)
+    combines: ClassVar[str] = ""                 # what such a rule does with them, for the error naming the count
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         self.info = info
@@ -143,6 +145,11 @@ class MergeMethod:
             if isinstance(value, tuple) and value and len(value) != n_experts:
                 raise ConfigError(f"method '{cls.name}': parameter {f.name} has {len(value)} values for "
                                   f"{n_experts} experts", hint="give one value per expert, in the experts' order")
+        if cls.fixed_experts is not None and n_experts != cls.fixed_experts:
+            experts, models = {1: ("one expert", "one other model")}.get(
+                cls.fixed_experts, (f"{cls.fixed_experts} experts", f"{cls.fixed_experts} models"))
+            raise ConfigError(f"{cls.name} {cls.combines}, not {n_experts}",
+                              hint=f"give exactly {experts} (mergekit: {models} besides base_model)")
 
 
 def expert_weight(params: Any, t: int) -> float:

@@ -100,6 +100,8 @@ class NuSlerp(MergeMethod):
     name = "nuslerp"
     summary = "SLERP between two experts' task vectors at t = w_1/(w_0 + w_1), per tensor, row or column (mergekit)"
     Params = NuSlerpParams
+    fixed_experts = 2
+    combines = "interpolates between two experts"
     param_help = {"weights": "w_0,w_1: t = w_1 / (w_0 + w_1); empty: 0.5",
                   "flatten": "one angle for the whole tensor (mergekit's default: true)",
                   "row_wise": "without flatten: one angle per column (true) or per row (false)"}
@@ -119,13 +121,6 @@ class NuSlerp(MergeMethod):
 
     def finalize(self) -> torch.Tensor:
         return self.first
-
-    @classmethod
-    def check_experts(cls, params: Any, n_experts: int) -> None:
-        super().check_experts(params, n_experts)
-        if n_experts != 2:
-            raise ConfigError(f"nuslerp interpolates between two experts, not {n_experts}",
-                              hint="give exactly two experts (mergekit: two models besides base_model)")
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:

@@ -29,6 +29,8 @@ class NearSwap(MergeMethod):
     name = "nearswap"
     summary = "W0 + clamp(Δ, -t, t) of one expert: its small moves whole, larger ones cut to t (mergekit)"
     Params = NearSwapParams
+    fixed_experts = 1
+    combines = "moves the base toward one expert"
     param_help = {"t": "sameness threshold: moves up to t are kept, larger ones stop at distance t"}
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
@@ -44,9 +46,3 @@ class NearSwap(MergeMethod):
     @classmethod
     def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
         return True
-
-    @classmethod
-    def check_experts(cls, params: Any, n_experts: int) -> None:
-        if n_experts != 1:
-            raise ConfigError(f"nearswap moves the base toward one expert, not {n_experts}",
-                              hint="give exactly one expert (mergekit: base_model and one other model)")

@@ -53,6 +53,8 @@ class Slerp(MergeMethod):
     summary = "spherical interpolation of each tensor between the base (t=0) and one expert (t=1) (mergekit)"
     Params = SlerpParams
     needs_base = True
+    fixed_experts = 1
+    combines = "interpolates between the base and one expert"
     param_help = {"t": "interpolation factor: 0 gives the base, 1 the expert"}
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
@@ -66,12 +68,6 @@ class Slerp(MergeMethod):
 
     def finalize(self) -> torch.Tensor:
         return self.delta
-
-    @classmethod
-    def check_experts(cls, params: Any, n_experts: int) -> None:
-        if n_experts != 1:
-            raise ConfigError(f"slerp interpolates between the base and one expert, not {n_experts}",
-                              hint="give exactly one expert (mergekit: base_model and one other model)")
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
