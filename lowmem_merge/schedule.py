@@ -1,8 +1,8 @@
 """Parameters that vary by tensor, as mergekit recipes write them: a list is a gradient over the layers, a list of
 ``{filter, value}`` picks by tensor name.
 
-mergekit's rules, reproduced: a tensor of layer i of L gets t = i / (L − 1) (t = 1 when L = 1); tensors outside the
-layers get mergekit's planner's t: 0 before them (embeddings), 1 after them (final norm, LM head, pooler); a list of numbers [v0 … vn] gives the piecewise-linear value
+mergekit's rules, reproduced: a tensor of layer i of L gets t = i / (L − 1) (t = 1 when L = 1; tensors outside the
+layers, embeddings, final norm and head, get t = 0); a list of numbers [v0 … vn] gives the piecewise-linear value
 at t·n (booleans and strings take the entry at ⌊t·n⌋); in a list of conditions the first whose ``filter`` is absent,
 ``*`` or a substring of the tensor's name gives the value (itself a number or a gradient); none: the default.
 """
@@ -27,8 +27,8 @@ def layer_of(name: str) -> int | None:
 def layer_t(name: str, n_layers: int) -> float:
     """mergekit's interpolation point for tensor ``name`` in a model of ``n_layers`` layers."""
     i = layer_of(name)
-    if i is None:                  # mergekit plans "pre" weights at t = 0 and "post" weights at t = 1
-        return 0.0 if BEFORE_LAYERS.search(name) else 1.0
+    if i is None:
+        return 0.0
     return i / (n_layers - 1) if n_layers > 1 else 1.0
 
 
@@ -88,8 +88,9 @@ class Schedule:
 
 class SlicedSchedule:
     """mergekit's slices over one model's layers: [first, end) each with its own Schedule (the slice's parameters
-    over the recipe's), t running from 0 to 1 inside each slice; tensors before the layers take the first slice's
-    parameters at t = 0, those after them the last slice's at t = 1, as mergekit's planner does."""
+    over the recipe's), t running from 0 to 1 inside each slice; tensors before the layers (embeddings) take the
+    first slice's parameters, those after them (final norm, head) the last slice's, both at t = 0, as mergekit
+    0.1.5's planner does."""
 
     def __init__(self, slices: list[tuple[int, int, Schedule]]) -> None:
         self.slices = slices
@@ -97,8 +98,7 @@ class SlicedSchedule:
     def for_tensor(self, name: str, n_layers: int) -> dict[str, Any]:
         i = layer_of(name)
         if i is None:
-            t = layer_t(name, n_layers)
-            return (self.slices[0] if t == 0 else self.slices[-1])[2].params(name, t)
+            return (self.slices[0] if BEFORE_LAYERS.search(name) else self.slices[-1])[2].params(name, 0.0)
         for first, end, schedule in self.slices:
             if first <= i < end:
                 return schedule.params(name, (i - first) / (end - first - 1) if end - first > 1 else 1.0)

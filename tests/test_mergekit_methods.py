@@ -379,8 +379,7 @@ def gradient_recipe(root: Path, method: str, base: Path, experts: list[Path]) ->
 
 def test_layer_gradients_and_filters_follow_mergekits_interpolation(models3) -> None:
     """task_arithmetic with a per-model weight gradient and a filtered λ, against the rule written out: layer i of
-    3 sits at t = i/2, so a [0.2, 1.0] gradient gives 0.2, 0.6, 1.0; the embeddings take t = 0, the final norm and
-    the head t = 1 (mergekit's planner: pre weights at 0, post weights at 1)."""
+    3 sits at t = i/2, so a [0.2, 1.0] gradient gives 0.2, 0.6, 1.0; embeddings and the head take t = 0."""
     root, base, experts = models3
     out = root / "out-grad-ta"
     run_cli("merge", "--config", gradient_recipe(root, "task_arithmetic", base, experts), "-o", out, "-q",
@@ -392,7 +391,7 @@ def test_layer_gradients_and_filters_follow_mergekits_interpolation(models3) -> 
         if not b.is_floating_point():
             continue
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-        t = layer / 2 if layer is not None else 0.0 if "embed_tokens" in name else 1.0
+        t = 0.0 if layer is None else layer / 2
         lam = 0.5 if "mlp" in name else 1.0
         want = b.double() + lam * ((0.2 + 0.8 * t) * (ws[0][name].double() - b.double())
                                    + 0.7 * (ws[1][name].double() - b.double()))
@@ -418,8 +417,8 @@ def sliced_recipe(root: Path, base: Path, experts: list[Path]) -> Path:
 
 def test_slices_cut_the_layers_with_their_own_parameters_and_t(models3) -> None:
     """mergekit's planner: t runs 0 → 1 inside each slice (a one-layer slice at t = 1), a slice's parameters
-    override the recipe's, source parameters the slice's; embeddings take the first slice at t = 0, the final norm
-    and head the last slice at t = 1."""
+    override the recipe's, source parameters the slice's; embeddings take the first slice's parameters, the final
+    norm and head the last slice's, both at t = 0 (mergekit 0.1.5)."""
     root, base, experts = models3
     out = root / "out-sliced"
     run_cli("merge", "--config", sliced_recipe(root, base, experts), "-o", out, "-q", "--device", "cpu", check=True)
@@ -430,7 +429,7 @@ def test_slices_cut_the_layers_with_their_own_parameters_and_t(models3) -> None:
         if layer == 0 or "embed_tokens" in name:
             lam, w1, w2 = 0.5, 0.3, 0.6
         else:
-            t = 1.0 if layer is None else (layer - 1) / 1
+            t = 0.0 if layer is None else (layer - 1) / 1
             lam, w1, w2 = 1.0, 0.2 + 0.8 * t, 0.6
         want = b.double() + lam * (w1 * (ws[0][name].double() - b.double()) + w2 * (ws[1][name].double() - b.double()))
         assert (got[name].double() - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max())), name
