@@ -404,9 +404,11 @@ def sliced_recipe(root: Path, base: Path, experts: list[Path]) -> Path:
     """Two slices over the 3 layers: [0, 1) with its own λ, [1, 3) with a weight gradient on its first source."""
     recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
               "parameters": {"lambda": 1.0},
-              "slices": [{"sources": [{"model": str(e), "layer_range": [0, 1], "parameters": {"weight": w}}
-                                      for e, w in zip(experts, (0.3, 0.6))], "parameters": {"lambda": 0.5}},
-                         {"sources": [{"model": str(experts[0]), "layer_range": [1, 3],
+              "slices": [{"sources": [{"model": str(base), "layer_range": [0, 1]}]   # mergekit wants the base there
+                          + [{"model": str(e), "layer_range": [0, 1], "parameters": {"weight": w}}
+                             for e, w in zip(experts, (0.3, 0.6))], "parameters": {"lambda": 0.5}},
+                         {"sources": [{"model": str(base), "layer_range": [1, 3]},
+                                      {"model": str(experts[0]), "layer_range": [1, 3],
                                        "parameters": {"weight": [0.2, 1.0]}},
                                       {"model": str(experts[1]), "layer_range": [1, 3],
                                        "parameters": {"weight": 0.6}}]}]}
