@@ -100,13 +100,13 @@ def align(base: Checkpoint, experts: list[Model], source: str | None) -> Vocabul
     out_tok.chat_template = _chat_template([base_tok, *toks], out_tok, source)
     out_vocab = out_tok.get_vocab()
     by_id = {i: t for t, i in out_vocab.items()}
-    maps = [_row_map(by_id, base_tok.get_vocab(), out_rows, base_rows)]
+    base_vocab = base_tok.get_vocab()
+    maps = [_row_map(by_id, base_vocab, out_rows, base_rows)]
     for ex, tok in zip(experts, toks):
         maps.append(_row_map(by_id, tok.get_vocab(), out_rows, _rows(ex, names) or base_rows))
-    base_vocab = base_tok.get_vocab()
     added = [by_id[i] for i in sorted(by_id) if by_id[i] not in base_vocab]
     vocab = Vocabulary(source, out_rows, base_rows, maps, names, added, Path(), [])
-    _attach(base, experts, vocab, base_tok)
+    _attach(base, experts, vocab, base_vocab)
     vocab.files_dir = Path(tempfile.mkdtemp(prefix="lowmerge-tokenizer-"))
     out_tok.save_pretrained(vocab.files_dir)
     vocab.files = sorted(p.name for p in vocab.files_dir.iterdir() if p.is_file())
@@ -234,9 +234,9 @@ def _row_map(by_id: dict[int, str], vocab: dict[str, int], out_rows: int, rows: 
     return torch.tensor(src, dtype=torch.int64)
 
 
-def _attach(base: Checkpoint, experts: list[Model], vocab: Vocabulary, base_tok: Any) -> None:
+def _attach(base: Checkpoint, experts: list[Model], vocab: Vocabulary, base_vocab: dict[str, int]) -> None:
     """Make every model read its vocabulary tensors in the output vocabulary (``AlignedRows``)."""
-    token_rows = torch.tensor(sorted(i for i in base_tok.get_vocab().values() if i < vocab.base_rows))
+    token_rows = torch.tensor(sorted(i for i in base_vocab.values() if i < vocab.base_rows))
     for name in vocab.tensors:
         entry = base.entries[name]
         mean = _mean_row(base, name, entry, token_rows)

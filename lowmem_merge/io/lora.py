@@ -98,10 +98,10 @@ class LoraAdapter:
         """A saved tensor (stored dtype), or the factors of stored rows ``rows`` of Δ (``LowRank``)."""
         if name in self.aligned:
             return self.aligned[name].read(rows, alloc)
+        if name in self.entries:
+            return self.read_raw(name, rows, alloc)
         if self._fd is None:
             self._fd = os.open(self.path / ADAPTER_WEIGHTS, os.O_RDONLY)
-        if name in self.entries:
-            return read_into(self.entries[name], self._fd, rows, alloc)
         f = self.lora.get(name)
         if f is None:
             return LowRank(None, None, 0.0, False)
