@@ -9,59 +9,115 @@ from pathlib import Path
 
 import click
 
+from lowmem_merge.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
 _EPILOG = """\b
 Examples:
-  lowmerge export ./merged -o ./onnx/model.onnx                    # export + validation
-  lowmerge export ./merged -o ./onnx/model.onnx --quantize int8 --quantize int4
-  lowmerge export ./merged -o ./onnx/model.onnx --no-validate      # memory bounded by one tensor
+  lowmerge export ./merged -o ./deploy --precision int4           # decoder LM: a folder onnxruntime-genai runs
+  lowmerge export ./merged -o ./deploy --precision fp32 --no-validate   # flat memory, no check
+  lowmerge export ./encoder -o ./onnx/model.onnx --quantize int8  # encoder / classifier: one graph
 
 \b
-Models: Llama-family and GPT-2 decoder LMs (*ForCausalLM, GPT2LMHeadModel), BERT-family encoders (BertModel)
-and their classifiers (*ForSequenceClassification), as Hugging Face directories with safetensors weights.
-The graph takes input_ids and attention_mask (int64, [batch, sequence], both axes dynamic; 1 = token, 0 =
-padding) and returns one fp32 tensor: logits [batch, sequence, vocab] of every position for a decoder (no KV
-cache: each call recomputes the whole sequence), logits [batch, labels] for a classifier, last_hidden_state
-[batch, sequence, hidden] for a base encoder. OUT holds the graph; OUT.data beside it holds every weight.
+Decoder LMs (Llama, Mistral, Qwen2, Qwen3, Phi-3) get a generation folder (--format genai, their default): a graph
+with a KV cache (input_ids, attention_mask, past_key_values.N.key/value -> logits, present.N.key/value) built
+from onnxruntime's fused operators (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits), its
+weights in model.onnx.data, genai_config.json, and the tokenizer files and chat template. Run it with
+onnxruntime-genai: og.Model(OUT). --precision: fp32; fp16 (slow on CPU, for GPUs); int8 or int4 (weights
+quantized by lowmerge as they stream, MatMulNBits blocks of 32; embeddings, norms and RoPE tables stay fp32, the
+LM head 8-bit under int4). Other decoders (Gemma, GPT-2, GPT-NeoX, Falcon, OPT, mixtures of experts) are refused
+with the reason; --format plain gives the dense ones a graph without KV cache.
 
 \b
-Memory: the export itself reads one tensor at a time and needs about the runtime (~0.5 GB) plus the largest
-tensor, whatever the model's size. Validation loads the whole model in PyTorch and in onnxruntime (about twice
-its fp32 size); onnxruntime's quantizers load the whole fp32 model too (int8: several times its size). Export
-on a small machine with --no-validate and quantize elsewhere.
+--format plain: one graph (-o FILE.onnx, weights in FILE.onnx.data) taking input_ids and attention_mask and
+returning logits of every position (no KV cache), logits [batch, labels] for a classifier, or last_hidden_state
+for a base encoder (BertModel); validated against PyTorch on padded batches; --quantize int8|int4 adds
+onnxruntime-quantized copies.
+
+\b
+Memory: the export reads one tensor at a time (a layer's q, k and v at most) and needs about the runtime
+(~0.5 GB) plus that, whatever the model's size. Validation loads the whole model in PyTorch (fp32) and in
+onnxruntime: about twice its fp32 size. Use --no-validate where that does not fit. onnxruntime's quantizers
+(--quantize, plain format) load the whole fp32 model too.
 """
 
 
 @click.command(epilog=_EPILOG)
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="The .onnx file to write; its weights go to OUT.data and the report to <stem>.report.json.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Generation format: the folder to write. Plain format: the .onnx file (weights go to "
+                   "OUT.data, the report to <stem>.report.json).")
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(["auto", "genai", "plain"]),
+              help="genai: a folder for onnxruntime-genai with KV cache (decoder LMs); plain: one graph without "
+                   "KV cache; auto: genai for decoder LMs, plain for encoders and classifiers.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISIONS)),
+              help="Generation format: weight precision, quantized as each weight streams (int4/int8: "
+                   "MatMulNBits, blocks of 32).")
 @click.option("--validate/--no-validate", "check", default=True, show_default=True,
-              help="Compare onnxruntime with transformers (PyTorch) on padded batches of several shapes; fail "
-                   "above --tolerance. Needs the model in memory twice (see Memory below).")
+              help="genai: generate greedily with onnxruntime-genai and transformers on 4 prompts (one of 400 "
+                   "tokens), fail if fp32 tokens differ; report token agreement, logit error per step and "
+                   "perplexity. plain: compare with PyTorch on padded batches. Needs the model in memory twice.")
 @click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
-              help="Largest max|onnx - torch| / max|torch| of the output that validation accepts (fp32).")
+              help="Plain format: largest max|onnx - torch| / max|torch| of the output that validation accepts "
+                   "(fp32).")
 @click.option("--quantize", "schemes", multiple=True, type=click.Choice(["int8", "int4"]),
-              help="Also write <stem>.int8.onnx (dynamic int8, onnxruntime.quantization) and/or <stem>.int4.onnx "
-                   "(4-bit weight-only MatMulNBits, blocks of 32); repeatable. Reports size, latency and "
-                   "agreement with the fp32 model. The quantizers load the whole model.")
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18),
-              help="ONNX opset of the graph.")
-@click.option("--force", is_flag=True, help="Replace OUT and OUT.data if they exist.")
+              help="Plain format: also write <stem>.int8.onnx (dynamic int8) and/or <stem>.int4.onnx (MatMulNBits) "
+                   "with onnxruntime's quantizers, which load the whole model; repeatable.")
+@click.option("--opset", default=None, type=click.IntRange(min=18),
+              help="ONNX opset of the graph (default: 21 for genai, 18 for plain).")
+@click.option("--force", is_flag=True, help="Replace a previous export at OUT.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-def export(model_dir: Path, out: Path, check: bool, tolerance: float, schemes: tuple[str, ...], opset: int,
-           force: bool, debug: bool) -> None:
-    """Export MODEL_DIR to ONNX: one graph with dynamic batch and sequence axes, weights as external data.
+def export(model_dir: Path, out: Path, fmt: str, precision: str, check: bool, tolerance: float,
+           schemes: tuple[str, ...], opset: int | None, force: bool, debug: bool) -> None:
+    """Export MODEL_DIR to ONNX: a generation folder for onnxruntime-genai (decoder LMs), or one graph.
 
-    The weights are streamed from the safetensors files into OUT.data one tensor at a time (fp32), so the
-    export's peak memory does not grow with the model. A JSON report (validation errors, sizes, latencies,
-    peak memory) is written beside OUT and summarized here.
+    Weights stream from the safetensors files into the ONNX data file one tensor at a time (quantized on the
+    way for int4/int8), so the export's peak memory does not grow with the model. A JSON report (validation,
+    sizes, speed, peak memory) goes beside the model and is summarized here.
     """
-    from .pipeline import report_path, run
-    report = run(model_dir, out, check=check, schemes=tuple(dict.fromkeys(schemes)), tolerance=tolerance,
-                 opset=opset, force=force)
-    for line in summary_lines(report):
+    from .pipeline import choose_format, report_path, run, run_genai
+    fmt = choose_format(model_dir, fmt)
+    if fmt == "genai":
+        if schemes:
+            raise ConfigError("--quantize is for --format plain; the generation folder takes --precision int4|int8",
+                              hint=f"lowmerge export {model_dir} -o {out} --precision int4")
+        report = run_genai(model_dir, out, precision=precision, check=check, force=force)
+        lines = genai_summary(report)
+    else:
+        if precision != "fp32":
+            raise ConfigError("--precision is for the generation folder; --format plain writes fp32 and "
+                              "--quantize int8|int4 for quantized copies", hint="e.g. --quantize int4")
+        report = run(model_dir, out, check=check, schemes=tuple(dict.fromkeys(schemes)), tolerance=tolerance,
+                     opset=opset or 18, force=force)
+        lines = summary_lines(report) + [f"report: {report_path(out)}"]
+    for line in lines:
         click.echo(line)
-    click.echo(f"report: {report_path(out)}")
+
+
+def genai_summary(report: dict) -> list[str]:
+    e = report["export"]
+    lines = [f"exported {e['model_type']} ({e['layers']} layers) at {report['precision']} to {e['path']}: "
+             f"{_mb(e['bytes'])}, {e['seconds']:.1f} s, peak memory {_mb(e['peak_rss_bytes'])}"]
+    v = report.get("validation")
+    if v:
+        rows = v["prompts"]
+        same, total = sum(r["same_tokens"] for r in rows), sum(r["new_tokens"] for r in rows)
+        ties = sum(r["ties"] for r in rows)
+        verdict = ("passed" if v["passed"] else "FAILED") if report["precision"] == "fp32" else "reported"
+        lines.append(f"validation: onnxruntime-genai vs {v['reference']}, greedy, {len(rows)} prompts of "
+                     f"{min(r['prompt_tokens'] for r in rows)}-{max(r['prompt_tokens'] for r in rows)} tokens: "
+                     f"{verdict}")
+        lines.append(f"  tokens: {same}/{total} generated tokens agree" + (f" ({ties} ties)" if ties else "") +
+                     f", teacher-forced top-1 {100 * min(r['teacher_forced_top1'] for r in rows):.1f}% (worst "
+                     f"prompt); max logit error {v['max_logit_abs']:.1e} ({v['max_logit_rel']:.1e} of scale)")
+        p = v["perplexity"]
+        lines.append(f"  perplexity on a held-out text ({p['tokens']} tokens): onnx {p['onnx']:.4g}, "
+                     f"transformers {p['transformers']:.4g}; decode {v['decode_tokens_per_s']:.0f} tokens/s; "
+                     f"tokenizer {'agrees' if v['tokenizer_agrees'] else 'DIFFERS'} with transformers'")
+    lines.append(f"report: {Path(e['path']) / 'export_report.json'}")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return lines
 
 
 def _mb(n: int) -> str:

@@ -9,25 +9,12 @@ report for the whole process, so the JSON report keeps each step's peak instead.
 from __future__ import annotations
 
 import contextlib
-import resource
-import sys
 from collections.abc import Iterator
 
-
-def peak_rss_bytes() -> int:
-    """VmHWM on Linux (the memory image's own peak: ru_maxrss survives exec and would report a large parent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+from lowmem_merge.device import peak_rss_bytes
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -39,7 +26,7 @@ def _reset_peak() -> bool:
 @contextlib.contextmanager
 def step_peak() -> Iterator[dict]:
     """``with step_peak() as m:`` ... then ``m["peak_rss_bytes"]`` is the peak during the block."""
-    result: dict = {"peak_is_step_only": _reset_peak()}
+    result: dict = {"peak_is_step_only": reset_peak()}
     try:
         yield result
     finally:

@@ -7,6 +7,7 @@ parameters live on the meta device while its buffers are computed for real.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,23 @@ _KINDS = (
 def load_config(model_dir: Path):
     """The directory's config with the settings export and validation share: no KV cache, SDPA attention."""
     from transformers import AutoConfig
-    if not (model_dir / "config.json").is_file():
+    path = model_dir / "config.json"
+    if not path.is_file():
         raise InputError("no config.json", path=model_dir,
                          hint="pass a Hugging Face model directory (config.json + safetensors)")
     try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, KeyError, OSError) as e:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        raise InputError("config.json is not readable JSON", path=path, hint="fix or replace config.json") from None
+    if not isinstance(raw, dict):
+        raise InputError("config.json is not a JSON object", path=path, hint="fix or replace config.json")
+    if "auto_map" in raw:
+        raise InputError("config.json asks to run the model's own Python code (auto_map); lowmerge never runs "
+                         "code that comes with a model", path=path,
+                         hint="export only architectures that transformers itself implements")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, KeyError, OSError, TypeError) as e:
         raise InputError(f"transformers cannot read config.json: {str(e).splitlines()[0]}", path=model_dir,
                          hint="check config.json's model_type") from None
     if getattr(config, "quantization_config", None):
@@ -53,6 +65,11 @@ def load_config(model_dir: Path):
 
 def kind_of(config, model_dir: Path) -> Kind:
     archs = getattr(config, "architectures", None) or []
+    composite = [k for k in ("text_config", "vision_config", "audio_config") if getattr(config, k, None) is not None]
+    if composite:
+        raise InputError(f"{archs[0] if archs else config.model_type} combines several models ({', '.join(composite)}):"
+                         " export takes one text model", path=model_dir / "config.json",
+                         hint="export a decoder LM, an encoder or a classifier")
     for arch in archs:
         for suffixes, kind in _KINDS:
             if arch.endswith(suffixes):
@@ -62,10 +79,35 @@ def kind_of(config, model_dir: Path) -> Kind:
                           "(BertModel); set 'architectures' in config.json")
 
 
+def refuse_plain(config, model_dir: Path) -> None:
+    """The no-cache graph is traced by torch.onnx: architectures it cannot trace are refused in one line."""
+    if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
+        raise InputError(f"{config.model_type}: mixture-of-experts routing picks experts by value, which torch.onnx "
+                         "cannot trace into a graph", path=model_dir / "config.json",
+                         hint="export a dense model; lowmerge cannot export this architecture yet")
+
+
 def build(config, kind: Kind, dtype: torch.dtype) -> torch.nn.Module:
     import transformers
     auto = getattr(transformers, kind.auto_class)
-    return auto.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    return _with_attention(lambda attn: auto.from_config(config, dtype=dtype, attn_implementation=attn)).eval()
+
+
+def from_pretrained(auto_class, model_dir: Path) -> torch.nn.Module:
+    """The whole model in fp32 from its directory, never running code from it (the reference of validation)."""
+    return _with_attention(lambda attn: auto_class.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation=attn, trust_remote_code=False)).eval()
+
+
+def _with_attention(make):
+    """SDPA where the architecture offers it (the fast kernel), else transformers' eager attention (Gemma 2's
+    soft-capping has no SDPA form, and transformers refuses to build it with one)."""
+    try:
+        return make("sdpa")
+    except ValueError as e:
+        if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e).lower():
+            raise
+        return make("eager")
 
 
 def fake_model(config, kind: Kind, dtype: torch.dtype) -> torch.nn.Module:
@@ -75,10 +117,15 @@ def fake_model(config, kind: Kind, dtype: torch.dtype) -> torch.nn.Module:
         return build(config, kind, dtype)
 
 
-def buffers_and_ties(config, kind: Kind, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Real values of every buffer, and for each parameter name the names it is tied to (itself first)."""
+def meta_model(config, kind: Kind, dtype: torch.dtype) -> torch.nn.Module:
+    """The model with every parameter on the meta device and every buffer real (rotary tables, position ids)."""
     with _parameters_on_meta():
-        model = build(config, kind, dtype)
+        return build(config, kind, dtype)
+
+
+def buffers_and_ties(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Real values of every buffer of a :func:`meta_model`, and for each parameter name the names it is tied to
+    (itself first)."""
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     by_id: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -22,7 +22,7 @@ from lowmem_merge.errors import ExportError, InputError, OutputError
 
 from . import models
 from .runtime import require
-from .weights import Weights
+from .weights import ByParameter, Weights
 
 INPUTS = ("input_ids", "attention_mask")
 _PREFIX = "model."          # the wrapper's attribute name, which prefixes every initializer name
@@ -64,14 +64,20 @@ def export_onnx(model_dir: Path, out: Path, *, opset: int = 18, force: bool = Fa
     _check_output(out, force)
     config = models.load_config(model_dir)
     kind = models.kind_of(config, model_dir)
+    models.refuse_plain(config, model_dir)
     weights = Weights(model_dir)
     model = _trace(config, kind, opset)
-    buffers, ties = models.buffers_and_ties(config, kind, torch.float32)
-    sources = _attach_weights(ir, model.graph, weights, buffers, ties)
-    _fold_weight_transposes(ir, model.graph, weights, sources)
+    meta = models.meta_model(config, kind, torch.float32)
+    buffers, ties = models.buffers_and_ties(meta)
+    params = ByParameter(meta, weights, ties)
+    sources = _attach_weights(ir, model.graph, params, buffers)
+    _fold_weight_transposes(ir, model.graph, params, sources)
     _strip_debug_metadata(model.graph)
     data_path = out.with_name(out.name + ".data")
-    _save_atomically(ir, model, out, data_path)
+    try:
+        _save_atomically(ir, model, out, data_path)
+    finally:
+        weights.close()
     return ExportResult(out, data_path, kind.task, kind.output, opset, time.perf_counter() - t0)
 
 
@@ -108,57 +114,44 @@ def _trace(config, kind: models.Kind, opset: int):
     return program.model
 
 
-def _attach_weights(ir, graph, weights: Weights, buffers: dict[str, torch.Tensor],
-                    ties: dict[str, list[str]]) -> dict[str, str]:
+def _attach_weights(ir, graph, params: ByParameter, buffers: dict[str, torch.Tensor]) -> dict[str, str]:
     """Give every initializer its value: a lazy read of the checkpoint, or a real buffer the checkpoint lacks.
 
-    Returns the checkpoint name behind each lazily read initializer.
+    Returns the parameter name behind each lazily read initializer.
     """
     sources: dict[str, str] = {}
     for name, value in list(graph.initializers.items()):
         key = name.removeprefix(_PREFIX)
-        source = _checkpoint_name(key, ties, weights)
+        source = params.stored(key)
         shape = tuple(value.shape.numpy())
         if source is not None:
-            stored = weights.entries[source].shape
-            if stored != shape:
-                raise InputError(f"shape {list(stored)} in the checkpoint, config.json implies {list(shape)}",
-                                 path=weights.entries[source].path, tensor=source,
-                                 hint="config.json does not describe these weights")
-            value.const_value = ir.LazyTensor(_reader(ir, weights, source, None), dtype=value.dtype,
+            entry = params.weights.entries[source]
+            if entry.shape != shape:
+                raise InputError(f"shape {list(entry.shape)} in the checkpoint, config.json implies {list(shape)}",
+                                 path=entry.path, tensor=source, hint="config.json does not describe these weights")
+            value.const_value = ir.LazyTensor(_reader(ir, params, key, None), dtype=value.dtype,
                                               shape=value.shape, name=name)
-            sources[name] = source
+            sources[name] = key
         elif key in buffers:
             value.const_value = ir.tensor(buffers[key].to(torch.float32 if buffers[key].is_floating_point()
                                                           else buffers[key].dtype).numpy(), name=name)
         else:
-            raise InputError("the checkpoint has no such tensor", path=weights.model_dir, tensor=key,
+            raise InputError("the checkpoint has no such tensor", path=params.weights.model_dir, tensor=key,
                              hint="config.json's architecture needs it; is this the right directory?")
     return sources
 
 
-def _checkpoint_name(key: str, ties: dict[str, list[str]], weights: Weights) -> str | None:
-    """The checkpoint name holding ``key``: itself, a tied twin (lm_head -> embeddings), or either without the
-    base-model prefix (GPT-2 checkpoints saved from GPT2Model have ``h.0...`` for ``transformer.h.0...``)."""
-    for name in ties.get(key, [key]):
-        for candidate in (name, name.partition(".")[2]):
-            if candidate in weights:
-                return candidate
-    return None
-
-
-def _reader(ir, weights: Weights, source: str, perm: tuple[int, ...] | None):
-    """A function that reads one tensor as fp32 (transposed by ``perm``) when onnx_ir writes it."""
+def _reader(ir, params: ByParameter, name: str, perm: tuple[int, ...] | None):
+    """A function that reads one parameter as fp32 (transposed by ``perm``) when onnx_ir writes it."""
     def load():
-        t = weights.read(source)
-        t = t.to(torch.float32) if t.is_floating_point() else t
+        t = params.read(name)
         if perm is not None:
             t = t.permute(*perm).contiguous()
         return ir.tensor(t.numpy())
     return load
 
 
-def _fold_weight_transposes(ir, graph, weights: Weights, sources: dict[str, str]) -> None:
+def _fold_weight_transposes(ir, graph, params: ByParameter, sources: dict[str, str]) -> None:
     """Replace ``Transpose(W)`` of a checkpoint weight used once by an initializer read already transposed.
 
     A weight with other consumers (tied embeddings: Gather and the lm_head's Transpose) keeps its Transpose
@@ -171,7 +164,7 @@ def _fold_weight_transposes(ir, graph, weights: Weights, sources: dict[str, str]
         perm = tuple(node.attributes["perm"].as_ints())
         shape = ir.Shape([src.shape[p] for p in perm])
         folded = ir.Value(name=src.name + ".T", shape=shape, type=ir.TensorType(src.dtype))
-        folded.const_value = ir.LazyTensor(_reader(ir, weights, sources[src.name], perm), dtype=src.dtype,
+        folded.const_value = ir.LazyTensor(_reader(ir, params, sources[src.name], perm), dtype=src.dtype,
                                            shape=shape, name=folded.name)
         graph.register_initializer(folded)
         node.outputs[0].replace_all_uses_with(folded)

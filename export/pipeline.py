@@ -7,11 +7,21 @@ import platform
 import time
 from pathlib import Path
 
+from . import generation_check
 from . import quantize as quant
 from . import runtime
-from .memory import step_peak
+from .genai_export import REPORT, GenaiResult, export_genai
+from .memory import peak_rss_bytes, reset_peak, step_peak
 from .onnx_export import export_onnx
 from .validate import FP32_TOLERANCE, max_length, raise_if_failed, validate
+
+
+def choose_format(model_dir: Path, fmt: str) -> str:
+    """``auto``: the generation folder for decoder LMs, one plain graph for encoders and classifiers."""
+    if fmt != "auto":
+        return fmt
+    from .models import kind_of, load_config
+    return "genai" if kind_of(load_config(model_dir), model_dir).task == "causal-lm" else "plain"
 
 
 def report_path(onnx_path: Path) -> Path:
@@ -48,6 +58,50 @@ def run(model_dir: Path, out: Path, *, check: bool = True, schemes: tuple[str, .
     return report
 
 
+def run_genai(model_dir: Path, out: Path, *, precision: str = "fp32", check: bool = True,
+              force: bool = False) -> dict:
+    """The generation folder for onnxruntime-genai; returns the report, also written to ``out/export_report.json``.
+
+    Validation runs on the finished folder before it gets its name: a failed fp32 validation leaves no folder,
+    only its report at :func:`failed_report_path`, and raises ``ValidationError``.
+    """
+    require_genai()
+    report: dict = {"model_dir": str(model_dir), "format": "genai", "precision": precision,
+                    "versions": _versions(), "notes": []}
+    step_only = reset_peak()
+
+    def finish(folder: Path, result: GenaiResult) -> None:
+        report["export"] = {"path": str(out), "bytes": result.bytes, "seconds": result.seconds,
+                            "model_type": result.spec.model_type, "layers": result.spec.layers,
+                            "peak_rss_bytes": peak_rss_bytes(), "peak_is_step_only": step_only}
+        if check:
+            with step_peak() as vmem:
+                report["validation"] = generation_check.check(model_dir, folder, precision)
+            report["validation"]["peak_rss_bytes"] = vmem["peak_rss_bytes"]
+            if not report["validation"]["passed"]:
+                _write_json(report, failed_report_path(out))
+                generation_check.raise_if_failed(report["validation"], failed_report_path(out))
+        _write_json(report, folder / REPORT)
+
+    export_genai(model_dir, out, precision, force=force, check=finish)
+    return report
+
+
+def failed_report_path(out: Path) -> Path:
+    return out.with_name(out.name + ".failed-validation.json")
+
+
+def require_genai() -> None:
+    """onnxruntime-genai (CPU build, or -cuda beside onnxruntime-gpu), or the pip command that installs it."""
+    runtime.require("onnx", "transformers", "onnxruntime")
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as e:
+        from lowmem_merge.errors import ExportError
+        raise ExportError(f"the generation export needs onnxruntime-genai, which is not installed ({e})",
+                          hint=runtime.INSTALL_HINT) from None
+
+
 def _quantize_all(model_dir: Path, out: Path, schemes: tuple[str, ...], logits: bool) -> dict:
     from .models import load_config
     config = load_config(model_dir)
@@ -65,7 +119,10 @@ def _quantize_all(model_dir: Path, out: Path, schemes: tuple[str, ...], logits: 
 
 
 def _write(report: dict, out: Path) -> None:
-    path = report_path(out)
+    _write_json(report, report_path(out))
+
+
+def _write_json(report: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(path)
@@ -78,4 +135,14 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": ",".join(f"{d} {importlib.metadata.version(d)}" for d in runtime.installed_ort_dists())
                            or "not installed",
+            "onnxruntime-genai": _version_of("onnxruntime-genai", "onnxruntime-genai-cuda"),
             "python": platform.python_version()}
+
+
+def _version_of(*dists: str) -> str:
+    for dist in dists:
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"

@@ -107,10 +107,9 @@ def validate(model_dir: Path, onnx_path: Path, tolerance: float = FP32_TOLERANCE
 def _load_reference(model_dir: Path, kind: models.Kind) -> torch.nn.Module:
     """The whole model in fp32: validation needs about the model's fp32 size in memory, twice with onnxruntime's."""
     import transformers
-    model = getattr(transformers, kind.auto_class).from_pretrained(model_dir, dtype=torch.float32,
-                                                                   attn_implementation="sdpa")
+    model = models.from_pretrained(getattr(transformers, kind.auto_class), model_dir)
     model.config.use_cache = False
-    return model.eval()
+    return model
 
 
 def raise_if_failed(report: dict, onnx_path: Path) -> None:

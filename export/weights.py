@@ -1,118 +1,101 @@
-"""The weights of a Hugging Face directory, read one tensor at a time with ``pread``.
+"""The weights of a Hugging Face directory, read one tensor at a time through lowmerge's own reader.
 
-Export attaches each ONNX initializer to a reader from here, so a tensor is in memory only while it is written.
-Files are never mapped: a mapped safetensors file counts in the resident set once its pages are touched, which
-made the prototype's peak grow with the model (1.33x from 2 to 8 layers); page cache filled by ``pread`` does not.
-This module is independent of lowmerge's merge reader on purpose: ``export/`` imports only ``lowmem_merge.errors``.
+Export reads through the reader that merge uses (``lowmem_merge.io.checkpoint``): the same header checks, the same
+refusal of shard indexes that point outside the model's folder, the same ``pread`` into a fresh buffer. Files are
+never mapped: a mapped safetensors file counts in the resident set once its pages are touched, which would make
+the export's peak grow with the model; page cache filled by ``pread`` does not.
+
+Names: ``names_in(model)`` maps each parameter of a transformers model to the checkpoint tensor holding it, through
+transformers' own key renaming (GPT-NeoX stores ``embed_out``, the model calls it ``lm_head``) and base-model prefix.
 """
 from __future__ import annotations
 
-import json
-import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lowmem_merge.errors import InputError
+from lowmem_merge.io.checkpoint import Checkpoint, open_checkpoint
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_HINT = "re-save the model with save_pretrained (safetensors) or fetch the file again"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """``nbytes`` bytes at absolute ``offset`` of ``path`` hold tensor ``name``."""
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    path: Path
-    offset: int
-    nbytes: int
+from .tensors import check_finite
 
 
 class Weights:
-    """Every tensor of a model directory (``model.safetensors`` or shards with an index), by checkpoint name."""
+    """Every tensor of a model directory, by checkpoint name; ``read`` returns one fresh CPU tensor."""
 
     def __init__(self, model_dir: Path) -> None:
+        ckpt = open_checkpoint(model_dir)
+        if not isinstance(ckpt, Checkpoint) or ckpt.model_dir is None:
+            raise InputError("not a model directory with safetensors weights", path=model_dir,
+                             hint="export takes a merged model directory (config.json + safetensors); merge a "
+                                  "LoRA adapter first: lowmerge merge BASE ADAPTER -o OUT")
         self.model_dir = model_dir
-        self.entries: dict[str, Entry] = {}
-        for path in _safetensors_files(model_dir):
-            self.entries.update(_read_header(path))
+        self.checkpoint = ckpt
+        self.entries = ckpt.entries
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
     def read(self, name: str) -> torch.Tensor:
         """A fresh CPU tensor in its stored dtype; the caller owns (and frees) it."""
-        e = self.entries[name]
-        buf = torch.empty(e.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        fd = os.open(e.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < e.nbytes:
-                n = os.preadv(fd, [view[done:]], e.offset + done)
-                if n <= 0:
-                    raise InputError(f"file ended while reading ({done} of {e.nbytes} bytes)", path=e.path,
-                                     tensor=name, hint="the file changed or was truncated during the export")
-                done += n
-        finally:
-            os.close(fd)
-        return buf.view(e.dtype).reshape(e.shape)
+        return self.checkpoint.read(name)
+
+    def close(self) -> None:
+        self.checkpoint.close()
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise InputError("malformed shard index: no weight_map", path=index, hint=_HINT) from None
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise InputError("no model.safetensors or model.safetensors.index.json", path=model_dir,
-                     hint="export reads safetensors checkpoints: " + _HINT)
+def names_in(model: torch.nn.Module, weights: Weights) -> dict[str, str]:
+    """Model parameter name -> checkpoint name, as ``from_pretrained`` would match them.
+
+    Only renamings are followed. A checkpoint that transformers must convert while loading (per-expert tensors
+    stacked into one, fused projections split) is refused: its tensors are not the model's.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    meta = dict(model.state_dict(keep_vars=True))
+    found: dict[str, str] = {}
+    for stored in weights.entries:
+        name, converter = rename_source_key(stored, renamings, converters, model.base_model_prefix, meta)
+        if converter is not None:
+            raise InputError("transformers converts this checkpoint's tensors while loading (not only renames)",
+                             path=weights.model_dir, tensor=stored,
+                             hint="save the model once with transformers' save_pretrained, then export that")
+        found.setdefault(name, stored)
+    return found
 
 
-def _read_header(path: Path) -> dict[str, Entry]:
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            hlen = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if hlen < 0 or 8 + hlen > size:
-                raise InputError(f"not a safetensors file, or truncated: {size} bytes", path=path, hint=_HINT)
-            header = json.loads(f.read(hlen))
-    except OSError as e:
-        raise InputError(f"cannot read: {e.strerror}", path=path, hint="check the path and its permissions") from None
-    except (ValueError, UnicodeDecodeError):
-        raise InputError("not a safetensors file: its header is not JSON", path=path, hint=_HINT) from None
-    header.pop("__metadata__", None)
-    return {name: _entry(path, name, spec, 8 + hlen, size) for name, spec in header.items()}
+class ByParameter:
+    """The checkpoint read by the model's own parameter names: renamings and tied weights followed, every tensor
+    checked for NaN/Inf as it is read (so a broken model stops the export before its output can look complete)."""
 
+    def __init__(self, meta: torch.nn.Module, weights: Weights, ties: dict[str, list[str]]) -> None:
+        self.weights = weights
+        self.names = names_in(meta, weights)
+        self.ties = ties
 
-def _entry(path: Path, name: str, spec: dict, data_start: int, size: int) -> Entry:
-    try:
-        dtype = _DTYPES[spec["dtype"]]
-        shape = tuple(int(s) for s in spec["shape"])
-        begin, end = (int(x) for x in spec["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise InputError("malformed safetensors header entry", path=path, tensor=name, hint=_HINT) from None
-    numel = 1
-    for s in shape:
-        numel *= s
-    if begin < 0 or end - begin != numel * dtype.itemsize:
-        raise InputError(f"header gives {end - begin} bytes for shape {list(shape)}", path=path, tensor=name,
-                         hint=_HINT)
-    if data_start + end > size:
-        raise InputError(f"file is truncated: the tensor ends at byte {data_start + end} but the file has {size}",
-                         path=path, tensor=name, hint="the download or copy was cut short: fetch the file again")
-    return Entry(name, dtype, shape, path, data_start + begin, end - begin)
+    def stored(self, name: str) -> str | None:
+        """The checkpoint name holding parameter ``name`` (or a tied twin of it), or None."""
+        for candidate in self.ties.get(name, [name]):
+            if candidate in self.names:
+                return self.names[candidate]
+        return None
+
+    def has(self, name: str) -> bool:
+        return name in self.ties and self.stored(name) is not None
+
+    def read(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` as a fresh CPU tensor, floats in fp32."""
+        stored = self.stored(name)
+        if stored is None:
+            raise InputError("the checkpoint has no tensor for this parameter", path=self.weights.model_dir,
+                             tensor=name, hint="config.json does not describe these weights; is this the right "
+                                               "directory?")
+        t = self.weights.read(stored)
+        if not t.is_floating_point():
+            return t
+        t = t.to(torch.float32)
+        check_finite(t, stored, self.weights.model_dir)
+        return t

@@ -172,3 +172,29 @@ def _try_transformers(merged: Path) -> Iterator[str]:
         logits = model(input_ids=ids).logits
     yield (f"transformers loaded it as {type(model).__name__}: logits {tuple(logits.shape)}, "
            f"finite={bool(torch.isfinite(logits).all())}")
+
+
+def write_tokenizer(directory: Path, vocab: int, seed: int = 0) -> None:
+    """A real byte-level BPE tokenizer (the `tokenizers` library) of at most ``vocab`` tokens, trained here on
+    generated text, saved as transformers and onnxruntime-genai read it: tokenizer.json, tokenizer_config.json
+    and a chat template. Token 0 is the end of text (the example's eos), 1 the start (its bos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    rng = torch.Generator().manual_seed(seed)
+    syllables = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"] + list("aeiou")
+    words = ["".join(syllables[int(i)] for i in torch.randint(len(syllables), (int(n),), generator=rng))
+             for n in torch.randint(1, 4, (4 * vocab,), generator=rng)]
+    corpus = [" ".join(words[int(i)] for i in torch.randint(len(words), (64,), generator=rng)) for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<|startoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    template = ("{% for m in messages %}<|startoftext|>{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
+                "{% if add_generation_prompt %}<|startoftext|>assistant: {% endif %}")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "add_bos_token": False, "chat_template": template,
+        "model_max_length": 2048}, indent=2) + "\n")
