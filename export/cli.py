@@ -50,7 +50,8 @@ onnxruntime: about twice its fp32 size. Use --no-validate where that does not fi
                    "OUT.data, the report to <stem>.report.json).")
 @click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(["auto", "genai", "plain"]),
               help="genai: a folder for onnxruntime-genai with KV cache (decoder LMs); plain: one graph without "
-                   "KV cache; auto: genai for decoder LMs, plain for encoders and classifiers.")
+                   "KV cache; auto: plain when OUT ends in .onnx or the model is an encoder or classifier, else "
+                   "genai.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISIONS)),
               help="Generation format: weight precision, quantized as each weight streams (int4/int8: "
                    "MatMulNBits, blocks of 32).")
@@ -77,7 +78,7 @@ def export(model_dir: Path, out: Path, fmt: str, precision: str, check: bool, to
     sizes, speed, peak memory) goes beside the model and is summarized here.
     """
     from .pipeline import choose_format, report_path, run, run_genai
-    fmt = choose_format(model_dir, fmt)
+    fmt = choose_format(model_dir, fmt, out)
     if fmt == "genai":
         if schemes:
             raise ConfigError("--quantize is for --format plain; the generation folder takes --precision int4|int8",

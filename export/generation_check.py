@@ -52,9 +52,9 @@ def check(model_dir: Path, folder: Path, precision: str, new_tokens: int = NEW_T
     rows, decode_s, decoded = [], 0.0, 0
     for text in prompts:
         ids = tokenizer(text)["input_ids"][: context - new_tokens - 1]
-        tokens, logits, seconds = _generate(og, model, ids, new_tokens)
-        decode_s, decoded = decode_s + seconds, decoded + len(tokens) - 1
-        ref = _reference_logits(reference, ids, tokens)
+        tokens, logits, seconds, steps = generate_greedy(og, model, ids, new_tokens)
+        decode_s, decoded = decode_s + seconds, decoded + steps
+        ref = reference_logits(reference, ids, tokens)
         rows.append(_compare(text, ids, tokens, logits, ref, np.asarray(og_tokenizer.encode(text)).tolist()))
     ppl = _perplexities(og, model, reference, tokenizer(HELD_OUT)["input_ids"])
     scale_ok = max(r["max_logit_rel"] for r in rows) <= FP32_TOLERANCE
@@ -102,24 +102,37 @@ def _long_prompt(tokenizer, n_tokens: int) -> str:
     return tokenizer.decode(tokenizer(text)["input_ids"][:n_tokens], skip_special_tokens=True)
 
 
-def _generate(og, model, ids: list[int], n: int) -> tuple[list[int], np.ndarray, float]:
-    """Greedy tokens, the logits each was chosen from (n, vocab), and the seconds of the n - 1 decode steps."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)                   # runs the prompt; its last logits choose the first token
-    tokens, logits = [], []
-    t0 = 0.0
-    while len(tokens) < n and not gen.is_done():
-        if len(tokens) == 1:
-            t0 = time.perf_counter()
-        gen.generate_next_token()
-        logits.append(np.array(gen.get_output("logits")[0, -1], dtype=np.float32))
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens, np.stack(logits), (time.perf_counter() - t0) if len(tokens) > 1 else 0.0
+def generate_greedy(og, model, ids: list[int], n: int) -> tuple[list[int], np.ndarray, float, int]:
+    """``n`` greedy tokens, the logits each was chosen from (n, vocab), and the seconds and number of the decode
+    steps (one new token through the KV cache each; the prompt passes are not counted).
+
+    A generation that stops at the end-of-text token goes on from the prompt plus everything generated so far,
+    so every prompt checks ``n`` tokens whatever the model says (genai's min_length would hide the eos logit).
+    """
+    tokens: list[int] = []
+    logits: list[np.ndarray] = []
+    seconds, steps = 0.0, 0
+    while len(tokens) < n:
+        context = ids + tokens
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(context) + n - len(tokens), do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(context)           # runs the prompt; its last logits choose the next token
+        first, t0 = True, time.perf_counter()
+        while len(tokens) < n and not gen.is_done():
+            if first:                        # the first choice comes from the prompt pass: not a decode step
+                gen.generate_next_token()
+                t0, first = time.perf_counter(), False
+            else:
+                gen.generate_next_token()
+                steps += 1
+            logits.append(np.array(gen.get_output("logits")[0, -1], dtype=np.float32))
+            tokens.append(int(gen.get_next_tokens()[0]))
+        seconds += time.perf_counter() - t0
+    return tokens, np.stack(logits), seconds, steps
 
 
-def _reference_logits(reference, ids: list[int], tokens: list[int]) -> np.ndarray:
+def reference_logits(reference, ids: list[int], tokens: list[int]) -> np.ndarray:
     """transformers' logits at each generation step, scoring the prompt and the ONNX tokens in one pass."""
     seq = torch.tensor([ids + tokens[:-1]])
     with torch.no_grad():

@@ -16,10 +16,13 @@ from .onnx_export import export_onnx
 from .validate import FP32_TOLERANCE, max_length, raise_if_failed, validate
 
 
-def choose_format(model_dir: Path, fmt: str) -> str:
-    """``auto``: the generation folder for decoder LMs, one plain graph for encoders and classifiers."""
+def choose_format(model_dir: Path, fmt: str, out: Path) -> str:
+    """``auto``: one plain graph when OUT names a .onnx file or the model is not a decoder LM (encoders,
+    classifiers); the generation folder otherwise."""
     if fmt != "auto":
         return fmt
+    if out.suffix == ".onnx":
+        return "plain"
     from .models import kind_of, load_config
     return "genai" if kind_of(load_config(model_dir), model_dir).task == "causal-lm" else "plain"
 

@@ -82,8 +82,10 @@ def task_delta(name: str, shape: tuple[int, ...], seed: int, expert: int, rank: 
 
 def build_example(root: Path, shape: LlamaShape = LlamaShape(), n_experts: int = 3,
                   dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                  shard_size: int = 4 * 10**9) -> tuple[Path, list[Path]]:
-    """Write ``root/base`` and ``root/expert{t}`` as Hugging Face directories; returns their paths."""
+                  shard_size: int = 4 * 10**9, tokenizer: bool = False) -> tuple[Path, list[Path]]:
+    """Write ``root/base`` and ``root/expert{t}`` as Hugging Face directories; returns their paths.
+
+    ``tokenizer``: also a real BPE tokenizer of the example's vocabulary in each (:func:`write_tokenizer`)."""
     specs = shape.specs(dtype)
     shapes = {name: s for name, _, s in specs}
     dirs = [root / "base"] + [root / f"expert{t}" for t in range(n_experts)]
@@ -94,19 +96,23 @@ def build_example(root: Path, shape: LlamaShape = LlamaShape(), n_experts: int =
         write_model(d, specs, produce, shard_size)
         (d / "config.json").write_text(json.dumps(shape.config(dtype), indent=2) + "\n")
         (d / "lowmerge_example.json").write_text(json.dumps({"shape": asdict(shape), "seed": seed}) + "\n")
+        if tokenizer:
+            write_tokenizer(d, shape.vocab, seed)
     return dirs[0], dirs[1:]
 
 
 def run_demo(directory: Path, method: str, force: bool = False, export: bool = True) -> Iterator[str]:
-    """Build the example (if absent), merge it, try it in transformers; then export it to ONNX, validate it,
-    quantize it to int8 and end with one table of what each step cost (skipped without the ONNX extras)."""
+    """Build the example (if absent), merge it, try it in transformers; then export it for onnxruntime-genai
+    (fp32 and int4 folders, each validated by generation against transformers), generate a short text from the
+    int4 folder and end with one table of what each step cost (the export is skipped without the ONNX extras)."""
     from .merge import merge
     inputs, merged = directory / "inputs", directory / "merged"
     if force and directory.exists():
         shutil.rmtree(inputs, ignore_errors=True)
-    if not (inputs / "base" / "model.safetensors").is_file():
-        yield f"building a Llama-shaped base and 3 experts in {inputs} ..."
-        base, experts = build_example(inputs)
+    if not (inputs / "base" / "tokenizer.json").is_file():
+        shutil.rmtree(inputs, ignore_errors=True)
+        yield f"building a Llama-shaped base and 3 experts with a BPE tokenizer in {inputs} ..."
+        base, experts = build_example(inputs, tokenizer=True)
     else:
         base, experts = inputs / "base", sorted(inputs.glob("expert*"))
     yield f"merging with {method} ..."
@@ -116,48 +122,74 @@ def run_demo(directory: Path, method: str, force: bool = False, export: bool = T
     yield f"report: {report.path}"
     yield from _try_transformers(merged)
     if export:
-        yield from _export(report.data, merged, directory / "onnx" / "model.onnx")
+        yield from _deploy(report.data, merged, directory / "deploy")
 
 
-def _export(merge_data: dict, merged: Path, onnx_path: Path) -> Iterator[str]:
-    """The deployment half: ONNX export + validation + int8, summarized with the merge in one table."""
+def _deploy(merge_data: dict, merged: Path, root: Path) -> Iterator[str]:
+    """The deployment half: generation folders for onnxruntime-genai, validated, then text from the int4 one."""
     try:
-        from export.runtime import require
-        require("onnx", "onnx_ir", "onnxscript", "transformers", "onnxruntime")
+        from export.pipeline import require_genai
+        require_genai()
     except LowmergeError as e:
         yield f"(skipping the ONNX export: {e.msg}; {e.hint})"
         return
-    from export.pipeline import report_path, run
-    yield f"exporting to {onnx_path}, validating against PyTorch, quantizing to int8 ..."
-    data = run(merged, onnx_path, check=True, schemes=("int8",), force=True)
-    yield from demo_table(merge_data, data)
-    yield f"onnx report: {report_path(onnx_path)}"
+    from export.pipeline import run_genai
+    reports = {}
+    for precision in ("fp32", "int4"):
+        yield f"exporting {root / precision} ({precision}) for onnxruntime-genai, validating against transformers ..."
+        reports[precision] = run_genai(merged, root / precision, precision=precision, force=True)
+    yield from demo_table(merge_data, reports)
+    yield from _generate_text(merged, root / "int4")
+
+
+def _generate_text(merged: Path, folder: Path) -> Iterator[str]:
+    """A short greedy generation from the int4 folder with onnxruntime-genai, beside transformers' own."""
+    import onnxruntime_genai as og
+    from export.generation_check import generate_greedy, reference_logits
+    from transformers import AutoModelForCausalLM
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    prompt = "Once upon a time"
+    ids = [int(i) for i in tokenizer.encode(prompt)]
+    tokens, _, seconds, steps = generate_greedy(og, model, ids, 32)
+    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    choices = reference_logits(reference, ids, tokens).argmax(-1).tolist()
+    same = next((i for i, (a, b) in enumerate(zip(tokens, choices)) if a != b), len(tokens))
+    yield (f"int4 folder, onnxruntime-genai on {'GPU' if og.is_cuda_available() else 'CPU'}: {prompt!r} -> "
+           f"{tokenizer.decode(tokens)!r}")
+    yield (f"  {len(tokens)} tokens, decode {steps / seconds:.0f} tokens/s; the first {same} of them are "
+           "transformers' (fp32) greedy tokens (random weights: the text is noise, the agreement is the point)")
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def demo_table(merge_data: dict, export_data: dict) -> list[str]:
-    """One row per step: time, peak memory, size on disk, onnxruntime latency, error against its reference."""
-    e, v, q = export_data["export"], export_data["validation"], export_data["quantized"]
-    fp32, int8 = q["fp32"], q["int8"]
-    rows = [("step", "time", "peak memory", "size", f"latency {fp32['latency_input']}", "error vs reference"),
+def demo_table(merge_data: dict, reports: dict[str, dict]) -> list[str]:
+    """One row per step: time, peak memory, size on disk, decode speed, agreement with transformers."""
+    rows = [("step", "time", "peak memory", "size", "decode", "vs transformers (fp32, greedy, 4 prompts)"),
             (f"merge ({merge_data['method']}, {len(merge_data['inputs']['experts'])} experts)",
              f"{merge_data['timings_s']['total']:.1f} s", _mb(merge_data["memory"]["peak_rss_bytes"]),
-             _mb(merge_data["output"]["bytes"]), "-", "-"),
-            ("ONNX export fp32 + validation", f"{e['seconds'] + v['seconds']:.1f} s",
-             _mb(max(e["peak_rss_bytes"], v["peak_rss_bytes"])),
-             _mb(e["bytes"]), f"{fp32['latency_ms']:.2f} ms",
-             f"vs PyTorch: max abs {v['max_abs']:.1e}, rel {v['max_rel']:.1e}, top-1 {100 * v['top1']:.0f}%"),
-            ("ONNX int8 (dynamic)", f"{int8['seconds']:.1f} s", _mb(int8["peak_rss_bytes"]), _mb(int8["bytes"]),
-             f"{int8['latency_ms']:.2f} ms",
-             f"vs fp32 ONNX: max abs {int8['vs_fp32']['max_abs']:.1e}, rel {int8['vs_fp32']['max_rel']:.1e}, "
-             f"top-1 {100 * int8['vs_fp32']['top1']:.0f}%")]
+             _mb(merge_data["output"]["bytes"]), "-", "-")]
+    for precision, r in reports.items():
+        e, v = r["export"], r["validation"]
+        same = sum(p["same_tokens"] for p in v["prompts"])
+        total = sum(p["new_tokens"] for p in v["prompts"])
+        ppl = v["perplexity"]
+        top1 = sum(p["teacher_forced_top1"] * p["new_tokens"] for p in v["prompts"]) / total
+        rows.append((f"ONNX {precision} export + validation", f"{e['seconds'] + v['seconds']:.1f} s",
+                     f"{_mb(e['peak_rss_bytes'])} / {_mb(v['peak_rss_bytes'])}", _mb(e["bytes"]),
+                     f"{v['decode_tokens_per_s']:.0f} tok/s",
+                     f"tokens {same}/{total}, top-1 {100 * top1:.0f}%, max logit err {v['max_logit_abs']:.1e}, "
+                     f"perplexity {ppl['onnx']:.1f} vs {ppl['transformers']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
-    return [lines[0], "-" * len(lines[0]), *lines[1:]]
+    return [lines[0], "-" * len(lines[0]), *lines[1:],
+            "(tokens: greedy tokens equal to transformers'; top-1: its choice at every step of the ONNX path; peak memory:",
+            " the export / its validation, which loads the model twice. The example's weights are random, so its",
+            " logits are nearly tied (perplexity ~ the vocabulary size): int4 rounding flips many greedy choices here,",
+            " where a trained model's margins are wide. fp32 must agree on every token.)"]
 
 
 def _try_transformers(merged: Path) -> Iterator[str]:
@@ -177,7 +209,7 @@ def _try_transformers(merged: Path) -> Iterator[str]:
 def write_tokenizer(directory: Path, vocab: int, seed: int = 0) -> None:
     """A real byte-level BPE tokenizer (the `tokenizers` library) of at most ``vocab`` tokens, trained here on
     generated text, saved as transformers and onnxruntime-genai read it: tokenizer.json, tokenizer_config.json
-    and a chat template. Token 0 is the end of text (the example's eos), 1 the start (its bos)."""
+    and a chat template. Tokens 0, 1 and 2 are padding, start and end of text (the example's pad, bos and eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     rng = torch.Generator().manual_seed(seed)
     syllables = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"] + list("aeiou")
@@ -187,7 +219,7 @@ def write_tokenizer(directory: Path, vocab: int, seed: int = 0) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<|startoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|pad|>", "<|startoftext|>", "<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     directory.mkdir(parents=True, exist_ok=True)
@@ -196,5 +228,5 @@ def write_tokenizer(directory: Path, vocab: int, seed: int = 0) -> None:
                 "{% if add_generation_prompt %}<|startoftext|>assistant: {% endif %}")
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "add_bos_token": False, "chat_template": template,
+        "pad_token": "<|pad|>", "add_bos_token": False, "chat_template": template,
         "model_max_length": 2048}, indent=2) + "\n")

@@ -224,17 +224,21 @@ def test_two_onnxruntime_distributions_are_refused_with_the_fix(monkeypatch):
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in e.value.hint
 
 
-def test_demo_goes_on_to_onnx_and_prints_one_table(tmp_path):
+def test_demo_merges_deploys_and_generates(tmp_path):
     proc = run_cli("demo", tmp_path / "demo", "--method", "average", check=True)   # the quickest merge
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("step "))
     table = lines[header:header + 5]
-    assert "peak memory" in table[0] and "latency 1x64" in table[0] and set(table[1]) == {"-"}
+    assert "peak memory" in table[0] and "decode" in table[0] and set(table[1]) == {"-"}
     assert table[2].startswith("merge (average, 3 experts)")
-    assert table[3].startswith("ONNX export fp32 + validation") and "vs PyTorch: max abs" in table[3]
-    assert table[4].startswith("ONNX int8 (dynamic)") and "vs fp32 ONNX" in table[4]
-    report = json.loads((tmp_path / "demo" / "onnx" / "model.report.json").read_text())
-    assert report["validation"]["passed"] and report["quantized"]["int8"]["bytes"] < report["export"]["bytes"] / 2
+    assert table[3].startswith("ONNX fp32 export + validation") and "tokens 128/128" in table[3]
+    assert table[4].startswith("ONNX int4 export + validation") and "perplexity" in table[4]
+    assert any(line.startswith("int4 folder, onnxruntime-genai on CPU: 'Once upon a time' -> ") for line in lines)
+    for precision in ("fp32", "int4"):
+        report = json.loads((tmp_path / "demo" / "deploy" / precision / "export_report.json").read_text())
+        assert report["validation"]["passed"] and report["precision"] == precision
+    assert report["export"]["bytes"] < json.loads((tmp_path / "demo" / "deploy" / "fp32" /
+                                                   "export_report.json").read_text())["export"]["bytes"] / 2
 
 
 def test_cuda_machines_use_onnxruntime_gpu_and_a_cpu_build_there_is_explained(monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem_merge.demo import LlamaShape, build_example
+from lowmem_merge.demo import LlamaShape, build_example, write_tokenizer
 
 from conftest import run_cli
 
@@ -41,3 +41,21 @@ def test_export_peak_memory_is_flat_in_depth(tmp_path):
     assert big_bytes > 3.5 * small_bytes                   # the models really differ by ~4x in weights
     assert big_peak <= 1.15 * small_peak, f"peak {small_peak / 1e6:.0f} MB -> {big_peak / 1e6:.0f} MB"
     assert big_peak - small_peak < 0.25 * (big_bytes - small_bytes)   # far from holding the extra weights
+
+
+def genai_peak(tmp_path: Path, layers: int) -> tuple[int, int]:
+    """(peak bytes of the int4 generation export, bytes of its weights read) for a bf16 Llama of ``layers``."""
+    base, _ = build_example(tmp_path / f"g{layers}", LlamaShape(layers=layers, **WIDTH), n_experts=0)
+    write_tokenizer(base, WIDTH["vocab"])
+    out = tmp_path / f"deploy{layers}"
+    run_cli("export", base, "-o", out, "--precision", "int4", "--no-validate", check=True, timeout=600)
+    export = json.loads((out / "export_report.json").read_text())["export"]
+    return export["peak_rss_bytes"], sum(p.stat().st_size for p in base.glob("*.safetensors"))
+
+
+def test_int4_generation_export_peak_is_flat_in_depth(tmp_path):
+    """The generation folder streams and quantizes one layer's weights at a time: 4x the layers, same peak."""
+    small_peak, small_read = genai_peak(tmp_path, 2)
+    big_peak, big_read = genai_peak(tmp_path, 8)
+    assert big_read > 3.5 * small_read
+    assert big_peak <= 1.15 * small_peak, f"peak {small_peak / 1e6:.0f} MB -> {big_peak / 1e6:.0f} MB"
