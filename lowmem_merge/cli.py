@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +32,19 @@ tensor of one expert plus the method's statistics for it, whatever the number of
 `lowmerge methods` lists every method and its parameters."""
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run unwinds as on Ctrl-C: writers stop, finished shards are
+    recorded, and only temporary names are left."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 class _Group(click.Group):
     def main(self, *args, **kwargs):  # one line per user error, a traceback only with --debug
         debug = "--debug" in sys.argv
+        signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except LowmergeError as e:
@@ -41,9 +52,13 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
-        except click.exceptions.Abort:
-            click.echo("aborted", err=True)
-            sys.exit(130)
+        except click.exceptions.Abort as e:
+            terminated = isinstance(e.__cause__, _Terminated)
+            click.echo("aborted" + (" (SIGTERM)" if terminated else ""), err=True)
+            if "merge" in (kwargs.get("args") or sys.argv[1:])[:1]:
+                click.echo("hint: rerun the same command with --resume to continue from the finished shards",
+                           err=True)
+            sys.exit(143 if terminated else 130)
         except click.UsageError as e:  # a bad option reads like every other user error: one line and a hint
             if isinstance(e, click.exceptions.NoArgsIsHelpError):
                 e.show()

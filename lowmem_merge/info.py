@@ -12,7 +12,7 @@ class TensorClass(str, enum.Enum):
     CONV = "CONV"  # ndim >= 3
     HEAD = "HEAD"  # task-specific head: never merged, kept per expert
     TIED = "TIED"  # alias of another tensor: written as a copy of its merged canonical tensor
-    INT = "INT"    # integer / bool buffer: copied from the base
+    INT = "INT"    # integer / bool buffer, or a tensor with no elements: copied from the base
 
 
 @dataclass(frozen=True)

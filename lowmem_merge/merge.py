@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import distributed
 from .calib.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
@@ -22,17 +22,18 @@ from .budget import choose_strategy, device_budget
 from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device, tune_malloc
 from .errors import ConfigError, LowmergeError
 from .info import TensorClass, TensorInfo
-from .io.checkpoint import open_checkpoint
-from .io.outdir import OutputDir
+from .io.checkpoint import input_paths, open_checkpoint
+from .io.hub import resolve
+from .io.outdir import OutputDir, check_apart
 from .io.reader import INDEX_NAME, SINGLE_NAME
-from .io.writer import Shard, ShardWriter, output_error, plan_shards
+from .io.writer import Shard, ShardWriter, copy_new, output_error, plan_shards, write_new
 from .methods import DEFAULT_METHOD, MergeMethod, get_method, params_dict, parse_params
 from .plan import Expert, Plan, make_plan
 from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from .schedule import Schedule, layer_of
 from .sizes import parse_size
-from .vocab import TOKENIZER_FILES, align, set_vocab_size
+from .vocab import SOURCES, TOKENIZER_FILES, align, set_vocab_size
 from .stream import (Piece, StreamContext, prepass_rounds, read_volume, run_merge, run_prepass, stream_volume,
                      tensor_groups)
 
@@ -86,6 +87,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
             stack.callback(dist.close)
         base_ck = stack.enter_context(open_checkpoint(base))
         expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
+        check_apart(out, _inputs([base_ck, *expert_cks], calib, tokenizer_source))
         vocab = align(base_ck, expert_cks, tokenizer_source)
         if vocab is not None:
             stack.callback(shutil.rmtree, vocab.files_dir, True)
@@ -123,18 +125,18 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         final = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + _extra_files(plan)
         outdir = work = None
         if dist is None:
-            outdir = work = OutputDir(out, fingerprint, resume=resume, force=force)
+            outdir = work = stack.enter_context(OutputDir(out, fingerprint, resume=resume, force=force))
             outdir.claim(final + [REPORT_NAME, CARD_NAME])
         else:
             error = None
             if dist.is_main:
                 try:
-                    outdir = OutputDir(out, fingerprint, resume=resume, force=force)
+                    outdir = stack.enter_context(OutputDir(out, fingerprint, resume=resume, force=force))
                     outdir.claim(final + [REPORT_NAME, CARD_NAME])
                 except LowmergeError as e:
                     error = e
             dist.sync(error)                           # nobody writes unless rank 0 may use the directory
-            work = _rank_dir(Path(out), rank, fingerprint, resume)
+            work = stack.enter_context(_rank_dir(Path(out), rank, fingerprint, resume))
         resumed = sorted(work.done_shards)            # kept from the interrupted run; the writer adds to it
         pool = BufferPool(limit=strategy.prefetch_bytes, pin=dev.type == "cuda")
         ctx = StreamContext(plan, method_cls, parsed, dev, lambda n: None, pool,
@@ -182,6 +184,14 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         except OSError as e:
             raise output_error(e, outdir.path) from None
         return report
+
+
+def _inputs(cks: list, calib: Sequence[str | Path] | None, tokenizer_source: str | None) -> list[Path]:
+    """Every path the merge reads: the models' files, the calibration files, a tokenizer source directory."""
+    paths = [p for ck in cks for p in input_paths(ck)] + [Path(f) for f in calib or []]
+    if tokenizer_source is not None and tokenizer_source not in SOURCES:
+        paths.append(resolve(tokenizer_source))
+    return paths
 
 
 def _check_calib(method: type[MergeMethod], calib: Sequence | None, n_experts: int) -> None:
@@ -367,7 +377,8 @@ def _parse_dtype(dtype: str) -> torch.dtype | None:
 def _fingerprint(plan: Plan, method: str, params: Any, dtype: str, dev: torch.device, shard_bytes: int) -> dict:
     """What must not change between an interrupted run and its --resume (any change alters the output bytes)."""
     def files(ck: Expert) -> dict:
-        return {f.path: {"size": f.size, "mtime_ns": f.mtime_ns, "header_sha256": f.header_sha256} for f in ck.files}
+        return {f.path: {"size": f.size, "mtime_ns": f.mtime_ns, "header_sha256": f.header_sha256,
+                         "sample_sha256": f.sample_sha256} for f in ck.files}
     return {"base": files(plan.base), "experts": [files(e) for e in plan.experts], "method": method,
             "params": params_dict(params), "dtype": dtype, "device": dev.type, "threads": torch.get_num_threads(),
             "shard_size": shard_bytes, "lowmerge": versions()["lowmerge"]}
@@ -395,7 +406,7 @@ def _write_heads(plan: Plan, out: Path) -> None:
     for i, (ck, names) in enumerate(zip(plan.experts, plan.heads)):
         if names:
             (out / "heads").mkdir(exist_ok=True)
-            save_file({n: ck.read(n) for n in names}, str(out / _head_file(i, ck)), metadata={"format": "pt"})
+            write_new(out / _head_file(i, ck), save({n: ck.read(n) for n in names}, metadata={"format": "pt"}))
 
 
 def _copy_base_files(plan: Plan, out: Path, out_dtype: torch.dtype | None,
@@ -417,8 +428,8 @@ def _copy_base_files(plan: Plan, out: Path, out_dtype: torch.dtype | None,
                 cfg["quantization_config"] = quantization_config
             if plan.vocab:
                 set_vocab_size(cfg, plan.vocab.rows)
-            (out / name).write_text(json.dumps(cfg, indent=2) + "\n")
+            write_new(out / name, (json.dumps(cfg, indent=2) + "\n").encode())
         else:
-            shutil.copyfile(src, out / name)
+            copy_new(src, out / name)
     for name in plan.vocab.files if plan.vocab else []:
-        shutil.copyfile(plan.vocab.files_dir / name, out / name)
+        copy_new(plan.vocab.files_dir / name, out / name)

@@ -92,7 +92,7 @@ def _tied_embedding(base: Checkpoint, config: dict) -> str | None:
 def _classify(entry: TensorEntry, conv1d: bool, moe_in_out: bool, canonical_emb: str | None) -> TensorInfo:
     """The tensor's class and its shape as the method sees it (ALGORITHMS.md §13)."""
     name, shape = entry.name, entry.shape
-    if not entry.is_float:
+    if not entry.is_float or 0 in shape:      # no elements: nothing to merge, the base's (empty) value is the merge
         return TensorInfo(name, shape, TensorClass.INT)
     if _HEAD.search(name):
         return TensorInfo(name, shape, TensorClass.HEAD)
@@ -115,9 +115,9 @@ def _classify(entry: TensorEntry, conv1d: bool, moe_in_out: bool, canonical_emb:
 
 def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Expert) -> None:
     name = entry.name
-    if info.cls in (TensorClass.HEAD, TensorClass.INT) or (info.cls == TensorClass.TIED
-                                                           and name not in expert.entries):
-        return   # heads are kept per expert, integer buffers come from the base
+    if info.cls == TensorClass.HEAD or (info.cls == TensorClass.INT and not entry.is_float) or \
+            (info.cls == TensorClass.TIED and name not in expert.entries):
+        return   # heads are kept per expert, integer buffers come from the base (empty float tensors are checked)
     if isinstance(expert, LoraAdapter) and name not in expert.entries:
         return   # Δ = 0 or a LoRA product: _check_adapter
     theirs = expert.entries.get(name)

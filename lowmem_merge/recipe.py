@@ -40,6 +40,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .methods import REGISTRY
+from .recipe_yaml import load_yaml
 from .schedule import Schedule, SlicedSchedule, evaluate, varies
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "slices", "tokenizer_source", "tokenizer")
@@ -85,11 +86,15 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     import yaml
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
     except OSError as e:
         raise ConfigError(f"cannot read the recipe: {e.strerror}", path=path) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"the recipe is not valid YAML: {e}", path=path) from None
+    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
+        raise ConfigError(f"the recipe is not valid YAML: {e}".split("\n")[0], path=path,
+                          hint="fix the YAML (mergekit recipe syntax)") from None
+    except ConfigError as e:
+        e.path = str(path)
+        raise
     try:
         return parse_recipe(data)
     except ConfigError as e:

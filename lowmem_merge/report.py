@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .io.writer import write_json_atomic, write_new
 from .sizes import format_size
 
 REPORT_NAME = "lowmerge_report.json"
@@ -70,7 +71,11 @@ and peak memory.
 
 
 def write_report(out_dir: Path, data: dict) -> Report:
+    """The card, then the report (which says the merge is done) under a temporary name, renamed.
+
+    Paths that are not UTF-8 (bytes kept as surrogates) appear escaped: writing them must not fail after every
+    shard is written."""
     path = out_dir / REPORT_NAME
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    (out_dir / CARD_NAME).write_text(model_card(data))
+    write_new(out_dir / CARD_NAME, model_card(data).encode("utf-8", "backslashreplace"))
+    write_json_atomic(path, data)
     return Report(path, data)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ import torch
 
 from .device import peak_rss_bytes
 from .errors import ConfigError, InputError
-from .io.checkpoint import Checkpoint, open_checkpoint
-from .io.outdir import OutputDir
-from .io.writer import ShardWriter, output_error, plan_shards
+from .io.checkpoint import Checkpoint, input_paths, open_checkpoint
+from .io.outdir import OutputDir, check_apart
+from .io.writer import ShardWriter, copy_new, output_error, plan_shards, write_new
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from .sizes import parse_size
 
@@ -66,10 +65,11 @@ def stack(slices: Sequence[Slice], out: str | Path, *, dtype: str = "auto", shar
         first = models[slices[0].model]
         extra = [n for n in COPIED_FILES if first.model_dir and (first.model_dir / n).is_file()]
         fingerprint = {"method": "passthrough", "slices": [[s.model, s.start, s.end] for s in slices],
-                       "inputs": {m: [[f.path, f.size, f.mtime_ns, f.header_sha256] for f in ck.files]
+                       "inputs": {m: [[f.path, f.size, f.mtime_ns, f.header_sha256, f.sample_sha256] for f in ck.files]
                                   for m, ck in models.items()},
                        "dtype": dtype, "shard_size": shard_bytes, "lowmerge": versions()["lowmerge"]}
-        outdir = OutputDir(out, fingerprint, resume=resume, force=force)
+        check_apart(out, [p for ck in models.values() for p in input_paths(ck)])
+        outdir = stack_.enter_context(OutputDir(out, fingerprint, resume=resume, force=force))
         outdir.claim([s.name for s in shards] + (["model.safetensors.index.json"] if len(shards) > 1 else [])
                      + extra + [REPORT_NAME, CARD_NAME])
         writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard)
@@ -91,7 +91,7 @@ def stack(slices: Sequence[Slice], out: str | Path, *, dtype: str = "auto", shar
             _write_config(first, [models[s.model] for s in slices], slices, n_layers, out_dtype, outdir.path)
             for name in extra:
                 if name != "config.json":
-                    shutil.copyfile(first.model_dir / name, outdir.path / name)
+                    copy_new(first.model_dir / name, outdir.path / name)
             data = {
                 "lowmerge_version": versions()["lowmerge"], "created": now_utc(), "method": "passthrough",
                 "params": {"slices": [f"{s.model}[{s.start}:{s.end}]" for s in slices]},
@@ -189,4 +189,4 @@ def _write_config(first: Checkpoint, per_slice: list[Checkpoint], slices: Sequen
         cfg["layer_types"] = types
     if out_dtype is not None:
         cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(out_dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_new(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())

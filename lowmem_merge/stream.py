@@ -193,7 +193,8 @@ def _delta(ctx: StreamContext, ckpt: Expert, x: torch.Tensor | LowRank, base: to
     result back to the pool after use.
     """
     if isinstance(x, LowRank):
-        hint = "this adapter's weights are corrupt: re-export it or leave it out"
+        hint = (f"this adapter's factors are corrupt, or its scale (lora_alpha/r = {x.scale:g}) makes Δ overflow: "
+                "re-export it or leave it out")
         if ctx.method.takes_factors(info):
             f = _lora_factors(ctx, x, info)
             for part in (f.b, f.a):

@@ -154,8 +154,11 @@ def _tokenizer(transformers: Any, directory: Path | None, model: Model, who: str
                          path=model.path,
                          hint="put the tokenizer it was trained with (tokenizer.json, tokenizer_config.json) "
                               "beside its weights")
+    from .calib import refuse_remote_code
+    refuse_remote_code(directory)
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                          trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a broken tokenizer
         raise InputError(f"cannot load {who}'s tokenizer: {type(e).__name__}: {e}".split("\n")[0], path=directory,
                          hint="check its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
@@ -186,7 +189,7 @@ def _copy(transformers: Any, tok: Any) -> Any:
     """A tokenizer to change without touching ``tok`` (saved and loaded again, as transformers has no copy)."""
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
-        return transformers.AutoTokenizer.from_pretrained(d, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=False)
 
 
 def _add_union(out: Any, toks: list[Any]) -> None:

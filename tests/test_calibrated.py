@@ -322,3 +322,48 @@ def test_calibration_errors(tmp_path):
                    files[1])
     assert "cannot load the base's tokenizer" in proc.stderr or "tokenizer" in proc.stderr, proc.stderr
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_custom_code_named_by_the_base_is_refused_and_never_run(tmp_path):
+    """A config.json with auto_map makes transformers offer to import the model's own Python: lowmerge refuses."""
+    base, experts, files = build(tmp_path / "in", "llama", n_experts=2)
+    marker = tmp_path / "pwned"
+    (base / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for name in ("config.json", "tokenizer_config.json"):
+        cfg = json.loads((base / name).read_text())
+        cfg["auto_map"] = {"AutoConfig": "custom.Config", "AutoTokenizer": ["custom.Tok", None],
+                           "AutoModel": "custom.Model"}
+        (base / name).write_text(json.dumps(cfg))
+    proc = run_cli("merge", base, *experts, "-o", tmp_path / "out", "-m", "regmean", "--calib", files[0], "--calib",
+                   files[1])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {base}: ") and "auto_map" in proc.stderr, proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line", ['{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "[" * 100_000 + "]" * 100_000],
+                         ids=["nested-text", "nested-line"])
+def test_deeply_nested_jsonl_is_one_line(tmp_path, line):
+    base, experts, files = build(tmp_path / "in", "llama", n_experts=2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(line + "\n")
+    proc = run_cli("merge", base, *experts, "-o", tmp_path / "out", "-m", "regmean", "--calib", files[0], "--calib",
+                   bad)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {bad}: line 1") and "hint: " in proc.stderr, proc.stderr
+
+
+def test_one_huge_line_is_cut_before_it_is_tokenized(tmp_path):
+    """An 11 MB line costs what SEQ_LEN tokens cost: the peak memory of the merge stays where it is without it."""
+    base, experts, files = build(tmp_path / "in", "llama", n_experts=2)
+    huge = tmp_path / "huge.txt"
+    huge.write_text(" ".join(WORDS[i % 56] for i in range(3_500_000)) + "\n" + files[1].read_text())
+    assert huge.stat().st_size > 11e6
+    peaks = []
+    for name, calib in (("plain", files[1]), ("huge", huge)):
+        out = tmp_path / name
+        args = ["-m", "regmean", "--calib", files[0], "--calib", calib, "--calib-samples", str(SAMPLES),
+                "--calib-seq-len", str(SEQ_LEN), "-q"]
+        run_cli("merge", base, *experts, "-o", out, *args, check=True)
+        peaks.append(json.loads((out / "lowmerge_report.json").read_text())["memory"]["peak_rss_bytes"])
+    assert peaks[1] < peaks[0] + 150 * 2**20, peaks

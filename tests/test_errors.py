@@ -390,3 +390,160 @@ def test_untouched_inputs_merge_cleanly(option_runs):
     proc, out, _ = option_runs["control"]
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert sorted(looks_complete(out)) == ["lowmerge_report.json", "model.safetensors"]
+
+
+# -- nothing outside the output directory, nothing of the inputs lost ------------------------------------------------
+
+def test_a_symlink_planted_at_a_temporary_name_is_replaced_not_followed(tiny, tmp_path):
+    base, experts = tiny
+    out = tmp_path / "out"
+    assert merge(base, experts, out).returncode == 0
+    victims = {name: tmp_path / f"victim-{i}" for i, name in enumerate(
+        ["lowmerge-manifest.json.partial", "model.safetensors.partial", "lowmerge_report.json.partial"])}
+    for name, victim in victims.items():
+        (out / name).symlink_to(victim)
+    (out / "config.json").unlink()
+    (out / "config.json").symlink_to(tmp_path / "victim-config")   # a final name a previous run wrote
+    proc = merge(base, experts, out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not any(v.exists() for v in victims.values()) and not (tmp_path / "victim-config").exists()
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "lowmerge_report.json",
+                                                     "model.safetensors"]
+
+
+@pytest.mark.parametrize("flag", ["--force", "--resume"])
+def test_force_or_resume_refuse_a_directory_lowmerge_did_not_write(tiny, tmp_path, flag):
+    base, experts = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lowmerge-manifest.json.partial").symlink_to(tmp_path / "victim")
+    (out / "notes.txt").write_text("mine")
+    user_error(merge(base, experts, out, flag), f"error: {out}: ", "holds no lowmerge output", "notes.txt")
+    assert sorted(p.name for p in out.iterdir()) == ["lowmerge-manifest.json.partial", "notes.txt"]
+    assert not (tmp_path / "victim").exists()
+
+
+def test_force_refuses_an_output_that_is_one_of_the_inputs(tiny, tmp_path):
+    """`merge B E0 E1 -o prev`, then `merge B prev E1 -o prev --force`: the second run must not delete prev."""
+    base, experts = tiny
+    prev = tmp_path / "prev"
+    assert merge(base, experts[:2], prev).returncode == 0
+    before = {p.name: p.read_bytes() for p in prev.iterdir()}
+    user_error(merge(base, [prev, experts[1]], prev, "--force"), f"error: {prev}: ", "is the input", str(prev))
+    assert {p.name: p.read_bytes() for p in prev.iterdir()} == before
+
+
+@pytest.mark.parametrize("where", ["base", "inside-expert", "contains-expert", "via-symlink", "calib"])
+def test_output_inside_or_around_an_input_is_refused_before_anything_is_written(tiny, tmp_path, where):
+    base, experts = tiny
+    link = tmp_path / "link"
+    link.symlink_to(experts[0])
+    out, needle, extra = {
+        "base": (base, "is the input", []),
+        "inside-expert": (experts[1] / "sub", "lies inside the input", []),
+        "contains-expert": (experts[0].parent, "contains the input", []),
+        "via-symlink": (link, "is the input", []),
+        "calib": (tmp_path / "calib-out", "contains the input", []),
+    }[where]
+    if where == "calib":
+        out.mkdir()
+        (out / "task.txt").write_text("some text\n")
+        extra = ["-m", "regmean", "--calib", out / "task.txt", "--calib", out / "task.txt", "--calib",
+                 out / "task.txt"]
+    listing = {p: sorted(q.name for q in p.iterdir()) for p in [base, *experts, tmp_path]}
+    user_error(merge(base, experts, out, "--force", *extra), f"error: {out}: ", needle)
+    assert {p: sorted(q.name for q in p.iterdir()) for p in listing} == listing
+
+
+def test_output_under_a_regular_file_is_one_line(tiny, tmp_path):
+    base, experts = tiny
+    (tmp_path / "file").write_text("x")
+    user_error(merge(base, experts, tmp_path / "file" / "out"), f"error: {tmp_path / 'file' / 'out'}: ",
+               "Not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_unwritable_output_is_one_line(tiny, tmp_path):
+    base, experts = tiny
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        user_error(merge(base, experts, parent / "out"), "error: ", "Permission denied")
+    finally:
+        parent.chmod(0o755)
+
+
+def test_a_path_that_is_not_utf8_is_handled_to_the_end(tiny, tmp_path):
+    base, experts = tiny
+    odd = tmp_path / os.fsdecode(b"expert-\xff")
+    odd.mkdir()
+    (odd / "model.safetensors").write_bytes((experts[0] / "model.safetensors").read_bytes())
+    out = tmp_path / "out"
+    proc = merge(base, [odd, experts[1]], out)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(looks_complete(out)) == ["lowmerge_report.json", "model.safetensors"]
+    assert "expert-\\udcff" in (out / "README.md").read_text()
+
+
+def test_zero_element_tensors_keep_the_base_value(tiny, tmp_path):
+    base, experts = tiny
+    empty = {"model.extra.weight": (0, 32), "model.extra2.weight": (32, 0), "model.extra.bias": (0,)}
+    for d in [base, *experts]:
+        edit(d / "model.safetensors", lambda t: t.update({n: torch.zeros(s, dtype=torch.bfloat16)
+                                                          for n, s in empty.items()}))
+    for method in ("wudi_cfs", "ties", "dare"):
+        out = tmp_path / method
+        proc = merge(base, experts, out, "-m", method)
+        assert proc.returncode == 0, proc.stderr
+        merged = load_file(out / "model.safetensors")
+        assert {n: tuple(merged[n].shape) for n in empty} == empty
+
+
+# -- malformed files: one line each ----------------------------------------------------------------------------------
+
+def _raw_safetensors(path: Path, header: bytes, data: bytes) -> None:
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+RAW_HEADERS = {   # case -> (header, data, what the error line must say)
+    "nested": (b'{"a":' * 200_000 + b"1" + b"}" * 200_000, b"", "not JSON"),
+    "negative-shape": (b'{"w":{"dtype":"F32","shape":[-2,-2],"data_offsets":[0,16]}}', bytes(16), "non-negative"),
+    "float-shape": (b'{"w":{"dtype":"F32","shape":[2.5],"data_offsets":[0,8]}}', bytes(8), "non-negative"),
+    "duplicate": (b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+                  b'"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8), "names 'w' twice"),
+    "overlap": (b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+                b'"v":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}', bytes(12), "overlap"),
+    "gap": (b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}', bytes(16), "gap"),
+}
+
+
+@pytest.mark.parametrize("case", RAW_HEADERS)
+def test_malformed_safetensors_header(tiny, tmp_path, case):
+    base, experts = tiny
+    header, data, needle = RAW_HEADERS[case]
+    file = tmp_path / "bad.safetensors"
+    _raw_safetensors(file, header, data)
+    out = tmp_path / "out"
+    user_error(merge(base, [experts[0], file], out), f"error: {file}: ", needle)
+    assert not out.exists()
+
+
+def test_index_whose_weight_map_value_is_not_a_string(tiny, tmp_path):
+    base, experts = tiny
+    split = shard_model(experts[0], ("a.safetensors", "b.safetensors"))
+    index = experts[0] / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    victim = sorted(split["b.safetensors"])[0]
+    data["weight_map"][victim] = ["b.safetensors"]
+    index.write_text(json.dumps(data))
+    user_error(merge(base, experts, tmp_path / "out"), f"error: {index}: {victim}: ", "not a file name")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "[" * 100_000 + "]" * 100_000], ids=["list", "nested"])
+def test_config_json_that_is_not_an_object(tiny, tmp_path, content):
+    base, experts = tiny
+    (experts[1] / "config.json").write_text(content)
+    user_error(merge(base, experts, tmp_path / "out"), f"error: {experts[1] / 'config.json'}: ")

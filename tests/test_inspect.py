@@ -201,3 +201,16 @@ def test_row_chunks_give_the_same_stats(model, request, monkeypatch):
             if a.get(key) is not None:
                 assert b[key] == pytest.approx(a[key], rel=1e-9), (a["name"], key)
         assert a.get("rank") == b.get("rank")
+
+
+def test_zero_element_tensors_are_copied_from_the_base_not_divided_by(tiny):
+    base, experts = tiny
+    for d in [base, *experts]:
+        tensors = load_file(d / "model.safetensors")
+        tensors["model.extra.weight"] = tensors["model.norm.weight"].new_zeros(0, 32)
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    proc = run_cli("inspect", base, *experts, "--stats", "--json")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert {"name": "model.extra.weight", "class": "INT"}.items() <= next(
+        t for t in plan["tensors"] if t["name"] == "model.extra.weight").items()

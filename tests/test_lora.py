@@ -266,3 +266,32 @@ def test_unknown_adapter_tensor_and_adapter_as_base_are_errors(llama, tmp_path):
     assert "adapter_model.safetensors" in line and "model.extra_gate.weight" in line and "not in the base" in line
     line = _one_line_error(run_cli("merge", adapters[0], base, "-o", tmp_path / "out2"))
     assert "cannot be the base" in line, line
+
+
+def _adapter_with_config(adapter: Path, out: Path, change: dict) -> Path:
+    """A copy of ``adapter`` with ``change`` applied to adapter_config.json (written as Python's json writes NaN)."""
+    out.mkdir()
+    cfg = {**json.loads((adapter / "adapter_config.json").read_text()), **change}
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    (out / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    return out
+
+
+BAD_CONFIGS = {   # case -> (change to adapter_config.json, what the error line must say)
+    "rank-pattern-list": ({"rank_pattern": ["up_proj", 2]}, "rank_pattern is a JSON list, not an object"),
+    "rank-pattern-value": ({"rank_pattern": {"up_proj": "two"}}, "rank_pattern['up_proj'] is 'two'"),
+    "alpha-pattern-regex": ({"alpha_pattern": {"(o_proj": 3}}, "alpha_pattern key '(o_proj' is not a valid regular"),
+    "alpha-nan": ({"lora_alpha": float("nan")}, "lora_alpha nan gives the scale nan"),
+    "alpha-huge": ({"lora_alpha": 1e300}, "lora_alpha 1e+300 gives the scale 2.5e+299"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_adapter_config_values_are_one_line_errors_naming_them(llama, tmp_path, case):
+    base, adapters, _ = llama
+    change, needle = BAD_CONFIGS[case]
+    bad = _adapter_with_config(adapters[0], tmp_path / "bad", change)
+    out = tmp_path / "out"
+    line = _one_line_error(run_cli("merge", base, bad, adapters[1], "-o", out, "-m", "task_arithmetic"))
+    assert "adapter_config.json" in line and needle in line and "corrupt" not in line, line
+    assert not out.exists()

@@ -253,3 +253,24 @@ def test_cli_weights_count_mismatch_names_method_and_counts(tiny, tmp_path: Path
     proc = run_cli("merge", base, *experts, "-o", tmp_path / "out", "-m", "average", "-p", "weights=1,2")
     assert proc.returncode == 1
     assert "method 'average': parameter weights has 2 values for 3 experts" in proc.stderr
+
+
+def _alias_bomb(base: Path, expert: Path, levels: int = 9) -> str:
+    """A valid recipe whose nested aliases stand for 9**levels nodes, in a few hundred bytes ("billion laughs")."""
+    lines = ["merge_method: task_arithmetic", f"base_model: {base}", f"models:\n  - model: {expert}",
+             "parameters:", '  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text", ["bomb", "merge_method: &a [*a]\n"], ids=["billion-laughs", "recursive"])
+def test_alias_bombs_are_refused_before_anything_expands_them(tiny, tmp_path: Path, text: str) -> None:
+    base, experts = tiny
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_alias_bomb(base, experts[0]) if text == "bomb" else text)
+    assert recipe.stat().st_size < 1000
+    proc = run_cli("merge", "--config", recipe, "-o", tmp_path / "out", timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {recipe}: the recipe ") and "alias" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -193,6 +193,21 @@ def test_expert_of_another_vocabulary_without_tokenizer_is_refused(models, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_expert_tokenizer_naming_custom_code_is_refused_and_never_run(models, tmp_path: Path) -> None:
+    arch, base, a, b = models
+    odd = tmp_path / "odd"
+    shutil.copytree(a, odd)
+    marker = tmp_path / "pwned"
+    (odd / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cfg = json.loads((odd / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["custom.Tok", "custom.Tok"]}
+    (odd / "tokenizer_config.json").write_text(json.dumps(cfg))
+    proc = run_cli("merge", base, odd, b, "-o", tmp_path / "out", "-m", "task_arithmetic", "--device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {odd}: tokenizer_config.json names custom code (auto_map)"), proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_row_chunks_read_the_same_rows(models, tmp_path: Path, monkeypatch) -> None:
     """Row ranges of the aligned tensors (runs cut anywhere, fills inside a chunk) give the whole-tensor result."""
     from lowmem_merge import stream

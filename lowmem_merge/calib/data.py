@@ -7,17 +7,19 @@ Grams (their hidden states are real model outputs), and the attention mask keeps
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, InputError
-from . import require_transformers
+from . import refuse_remote_code, require_transformers
 
 DEFAULT_SAMPLES = 256
 DEFAULT_SEQ_LEN = 128
 BATCH = 16
+CHARS_PER_TOKEN = 32   # an example is cut to seq_len * this many characters before tokenizing: more than enough
 
 
 @dataclass
@@ -26,37 +28,48 @@ class Batch:
     attention_mask: torch.Tensor   # (B, L) int64, 0 on padding
 
 
-def read_examples(path: Path, limit: int) -> list[str]:
-    """Up to ``limit`` non-empty examples of ``path`` in file order."""
+def read_examples(path: Path, limit: int, max_chars: int | None = None) -> list[str]:
+    """Up to ``limit`` non-empty examples of ``path`` in file order, each cut to ``max_chars`` characters (a few
+    times what ``seq_len`` tokens need, so that one huge line is never tokenized whole); the file is read line by
+    line, only as far as needed."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, encoding="utf-8") as f:
+            examples = _examples(f, path, limit, max_chars)
     except OSError as e:
         raise InputError(f"cannot read the calibration file: {e.strerror}", path=path) from None
     except UnicodeDecodeError:
         raise InputError("the calibration file is not UTF-8 text", path=path,
                          hint="give plain text (one example per line) or JSONL with a 'text' field") from None
+    if not examples:
+        raise InputError("the calibration file holds no examples", path=path,
+                         hint="one example per line (or JSONL with a 'text' field)")
+    return examples
+
+
+def _examples(lines: Iterable[str], path: Path, limit: int, max_chars: int | None) -> list[str]:
     jsonl = path.suffix in (".jsonl", ".json")
     examples: list[str] = []
     for number, line in enumerate(lines, 1):
         if len(examples) == limit:
             break
+        line = line.rstrip("\r\n")
         if not line.strip():
             continue
-        if jsonl:
-            try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
-                raise InputError(f"line {number} is not a JSON object with a 'text' field", path=path,
-                                 hint='JSONL calibration files hold one {"text": "..."} per line') from None
-            if not isinstance(text, str):
-                raise InputError(f"line {number}: 'text' is not a string", path=path)
-            examples.append(text)
-        else:
-            examples.append(line)
-    if not examples:
-        raise InputError("the calibration file holds no examples", path=path,
-                         hint="one example per line (or JSONL with a 'text' field)")
+        text = _json_text(line, number, path) if jsonl else line
+        examples.append(text[:max_chars])
     return examples
+
+
+def _json_text(line: str, number: int, path: Path) -> str:
+    try:
+        text = json.loads(line)["text"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise InputError(f"line {number} is not a JSON object with a 'text' field", path=path,
+                         hint='JSONL calibration files hold one {"text": "..."} per line') from None
+    if not isinstance(text, str):
+        raise InputError(f"line {number}: 'text' is not a string", path=path,
+                         hint='JSONL calibration files hold one {"text": "..."} per line')
+    return text
 
 
 def load_tokenizer(model_dir: Path | None):
@@ -64,8 +77,9 @@ def load_tokenizer(model_dir: Path | None):
     auto_tokenizer = require_transformers().AutoTokenizer
     if model_dir is None:
         raise InputError("calibrated merges need the base as a model directory with its tokenizer")
+    refuse_remote_code(Path(model_dir))
     try:
-        tok = auto_tokenizer.from_pretrained(str(model_dir))
+        tok = auto_tokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the base's tokenizer: {str(e).splitlines()[0]}", path=model_dir,
                          hint="calibration text is tokenized with the base's tokenizer: put its files "
@@ -94,4 +108,4 @@ def load_calibration(model_dir: Path | None, files: list[Path], samples: int, se
     if samples < 1 or seq_len < 1:
         raise ConfigError("--calib-samples and --calib-seq-len must be at least 1")
     tokenizer = load_tokenizer(model_dir)
-    return [tokenize(tokenizer, read_examples(Path(f), samples), seq_len) for f in files]
+    return [tokenize(tokenizer, read_examples(Path(f), samples, seq_len * CHARS_PER_TOKEN), seq_len) for f in files]

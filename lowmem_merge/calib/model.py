@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import InputError
 from ..io.lora import LoraAdapter, LowRank
 from ..plan import Plan
-from . import require_transformers
+from . import refuse_remote_code, require_transformers
 
 Source = Callable[[str], torch.Tensor]   # checkpoint tensor name -> its fp32 value (stored layout, CPU)
 
@@ -92,7 +92,9 @@ class BlockModel:
         if model_dir is None or not (Path(model_dir) / "config.json").is_file():
             raise InputError("calibrated merges need the base's config.json", path=plan.base.path,
                              hint="the base must be a Hugging Face model directory")
-        config = transformers.AutoConfig.from_pretrained(str(model_dir))
+        refuse_remote_code(Path(model_dir))
+        config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True,
+                                                         trust_remote_code=False)
         layer_types = getattr(config, "layer_types", None)
         if layer_types and len(set(layer_types)) > 1:
             raise InputError(f"layers of different attention types ({', '.join(sorted(set(layer_types)))})",
@@ -101,7 +103,8 @@ class BlockModel:
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         with _params_on_meta():
-            self.model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+            self.model = cls(config) if cls is not None else \
+                transformers.AutoModel.from_config(config, trust_remote_code=False)
         self.model.eval()
         for m in self.model.modules():             # buffers (rotary frequencies, position ids) to the device
             for k, b in m._buffers.items():

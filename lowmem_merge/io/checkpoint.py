@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 
 from ..errors import InputError
 from .hub import resolve
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
-from .reader import (BIN_NAMES, INDEX_NAME, SINGLE_NAME, FileInfo, TensorEntry, read_header, read_into)
+from .reader import (BIN_NAMES, INDEX_NAME, SINGLE_NAME, FileInfo, TensorEntry, read_header, read_into,
+                     sample_hash)
 
 
 class Checkpoint:
@@ -69,6 +70,12 @@ class Checkpoint:
         self.close()
 
 
+def input_paths(ck: Checkpoint | LoraAdapter) -> list[Path]:
+    """Every path a model is read from: the directory or file given, and each of its files (as named: resolved, a
+    symlink's target is judged too)."""
+    return [ck.path, *(Path(f.path) for f in ck.files)]
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint | LoraAdapter:
     """A Hugging Face directory (single file or sharded), a .safetensors file, a .bin via mmap'd torch.load, a
     PEFT LoRA adapter directory (or its adapter_model.safetensors), or a Hugging Face id already in the local cache."""
@@ -103,10 +110,14 @@ def _read_config(model_dir: Path) -> dict | None:
     if not cfg.is_file():
         return None
     try:
-        return json.loads(cfg.read_text())
-    except (ValueError, OSError) as e:
-        raise InputError(f"config.json is not readable JSON ({e})", path=cfg,
+        config = json.loads(cfg.read_text())
+    except (ValueError, OSError, RecursionError) as e:
+        raise InputError(f"config.json is not readable JSON ({type(e).__name__}: {e})".split("\n")[0], path=cfg,
                          hint="fix or remove config.json") from None
+    if not isinstance(config, dict):
+        raise InputError(f"config.json holds a JSON {type(config).__name__}, not an object", path=cfg,
+                         hint="fix or remove config.json")
+    return config
 
 
 def _open_sharded(model_dir: Path, config: dict | None) -> Checkpoint:
@@ -115,18 +126,21 @@ def _open_sharded(model_dir: Path, config: dict | None) -> Checkpoint:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (ValueError, KeyError, TypeError, OSError):
+    except (ValueError, KeyError, TypeError, OSError, RecursionError):
         raise InputError("not a valid index: expected JSON with a 'weight_map' object", path=index_path,
                          hint="re-save the model with save_pretrained") from None
-    root = model_dir.resolve()
     shards: dict[str, set[str]] = {}
     for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise InputError(f"the index gives {shard!r} as this tensor's shard, not a file name", path=index_path,
+                             tensor=name, hint="re-save the model with save_pretrained")
         shards.setdefault(shard, set()).add(name)
     entries: dict[str, TensorEntry] = {}
     files: list[FileInfo] = []
     for shard in sorted(shards):
-        shard_path = (model_dir / shard)
-        if Path(shard).is_absolute() or root not in shard_path.resolve().parents:
+        shard_path = model_dir / shard
+        # the entry is judged, not where a symlink leads: in the Hugging Face cache every file links to ../../blobs
+        if not shard or PurePath(shard).is_absolute() or ".." in PurePath(shard).parts:
             raise InputError(f"the index names a shard outside the model directory: {shard!r}", path=index_path,
                              hint="an index may only name files inside its own directory")
         if not shard_path.is_file():
@@ -153,6 +167,7 @@ def _open_bin(path: Path, model_dir: Path) -> Checkpoint:
         raise InputError("not a flat state dict of tensors", path=path, hint="convert it to safetensors")
     entries = {k: TensorEntry(k, v.dtype, tuple(v.shape), path, 0, v.numel() * v.element_size())
                for k, v in state.items()}
-    st = path.stat()
-    info = FileInfo(str(path), st.st_size, st.st_mtime_ns, "")
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        info = FileInfo(str(path), st.st_size, st.st_mtime_ns, "", sample_hash(f.fileno(), 0, st.st_size))
     return Checkpoint(path, entries, [info], model_dir, _read_config(model_dir), bin_state=state)

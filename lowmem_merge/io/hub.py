@@ -18,7 +18,7 @@ def resolve(path: str | Path) -> Path:
         return p
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
     except ImportError:        # without huggingface_hub there is no cache to look in
         return p
     repo, _, revision = str(path).partition("@")
@@ -28,3 +28,5 @@ def resolve(path: str | Path) -> Path:
         raise InputError("neither a local path nor a model in the local Hugging Face cache", path=str(path),
                          hint="download it first (huggingface-cli download " + repo + "), or give a local "
                               "directory; lowmerge reads the cache only and never downloads") from None
+    except HFValidationError:   # shaped like an id but not a valid one (models/my--model): a missing path
+        raise InputError("no such file or directory", path=str(path), hint="check the path") from None

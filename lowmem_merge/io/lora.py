@@ -136,16 +136,44 @@ def _read_config(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
         r, alpha = cfg["r"], cfg["lora_alpha"]
-        if not (isinstance(r, int) and r > 0 and isinstance(alpha, (int, float))):
+        if not (_is_rank(r) and _is_number(alpha)):
             raise TypeError
-    except (ValueError, OSError, KeyError, TypeError):
+    except (ValueError, OSError, KeyError, TypeError, RecursionError):
         raise InputError("not a LoRA adapter config: expected JSON with a positive integer 'r' and 'lora_alpha'",
                          path=path, hint="re-save the adapter with PEFT's save_pretrained") from None
+    _check_patterns(cfg, path)
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("target_parameters"):
         what = "DoRA" if cfg.get("use_dora") else "target_parameters" if cfg.get("target_parameters") \
             else f"peft_type {cfg.get('peft_type')}"
         raise InputError(f"{what} adapters are not supported", path=path, hint=_UNSUPPORTED_HINT)
     return cfg
+
+
+def _is_rank(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_patterns(cfg: dict, path: Path) -> None:
+    """rank_pattern / alpha_pattern: objects from a regular expression to a rank (a number for alpha)."""
+    for key, valid, what in (("rank_pattern", _is_rank, "a positive integer"), ("alpha_pattern", _is_number,
+                                                                                  "a number")):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise InputError(f"{key} is a JSON {type(patterns).__name__}, not an object", path=path,
+                             hint=f"{key} maps module-name patterns to values: re-save the adapter with PEFT")
+        for pattern, value in patterns.items():
+            if not valid(value):
+                raise InputError(f"{key}[{pattern!r}] is {value!r}, not {what}", path=path,
+                                 hint="re-save the adapter with PEFT's save_pretrained")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise InputError(f"{key} key {pattern!r} is not a valid regular expression ({e})", path=path,
+                                 hint="fix the pattern in adapter_config.json") from None
 
 
 def _map_names(raw: dict[str, TensorEntry], cfg: dict) -> tuple[dict[str, LoraFactors], dict[str, TensorEntry]]:
@@ -192,6 +220,10 @@ def _factors(module: str, ab: dict[str, TensorEntry], cfg: dict) -> LoraFactors:
         raise InputError(f"rank {a.shape[0]}, but adapter_config.json gives r={r} for this module", path=a.path,
                          tensor=a.name, hint="the config does not belong to these weights: re-save the adapter")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r    # PEFT's LoraLayer.update_layer
+    if not abs(scale) <= torch.finfo(torch.float32).max:     # NaN too: Δ is formed in fp32
+        raise InputError(f"lora_alpha {alpha!r} gives the scale {scale:g} for this module, which is not a finite fp32 "
+                         "number", path=a.path.parent / ADAPTER_CONFIG, tensor=module + ".weight",
+                         hint="fix lora_alpha (or alpha_pattern) in adapter_config.json")
     return LoraFactors(a, b, scale, bool(cfg.get("fan_in_fan_out")))
 
 

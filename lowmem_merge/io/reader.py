@@ -25,6 +25,7 @@ ST_DTYPES: dict[str, torch.dtype] = {
 }
 ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 8, 64 * 2**10   # sample_hash: 512 KiB read per file
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -52,6 +53,7 @@ class FileInfo:
     size: int
     mtime_ns: int
     header_sha256: str
+    sample_sha256: str = ""      # sample_hash of the file: --resume's check of the bytes the header does not cover
 
 
 def _fail(path: Path, msg: str, hint: str = _NOT_SAFETENSORS_HINT) -> InputError:
@@ -71,41 +73,98 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], FileInfo]:
                 raise _fail(path, f"not a safetensors file or truncated: header length {hlen} "
                                   f"does not fit a file of {size} bytes")
             raw = f.read(hlen)
+            sample = sample_hash(f.fileno(), 8 + hlen, size)
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror}", path=path, hint="check the path and its permissions") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise _fail(path, "not a safetensors file: its header is not JSON") from None
+    header = _parse_header(path, raw)
     header.pop("__metadata__", None)
     data_start = 8 + hlen
     entries: dict[str, TensorEntry] = {}
     for name, spec in header.items():
         entries[name] = _entry(path, name, spec, data_start, size)
-    info = FileInfo(str(path), size, path.stat().st_mtime_ns, hashlib.sha256(raw).hexdigest())
+    _check_layout(path, entries, data_start)
+    info = FileInfo(str(path), size, path.stat().st_mtime_ns, hashlib.sha256(raw).hexdigest(), sample)
     return entries, info
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: a key given twice is an error (as in safetensors), not the last one silently kept."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise _fail(path, f"not a valid safetensors file: the header names {e.args[0]!r} twice") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _fail(path, "not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "not a safetensors file: its header is not a JSON object")
+    return header
+
+
+def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int) -> None:
+    """As safetensors validates: in offset order, each tensor's bytes start where the previous one's end (from 0),
+    so no two tensors share bytes and none hides in a gap."""
+    end = data_start
+    for e in sorted(entries.values(), key=lambda e: (e.offset, e.nbytes)):
+        if e.offset != end:
+            what = "overlap the previous tensor's" if e.offset < end else "leave a gap after the previous tensor"
+            raise InputError(f"invalid data_offsets: this tensor's bytes {what} (starts at {e.offset - data_start}, "
+                             f"expected {end - data_start})", path=path, tensor=e.name, hint=_NOT_SAFETENSORS_HINT)
+        end += e.nbytes
+
+
+def sample_hash(fd: int, start: int, size: int) -> str:
+    """sha256 of SAMPLE_BLOCKS blocks of SAMPLE_BLOCK_BYTES at fixed places of bytes [start, size) (all of them when
+    they fit): a cheap check that the data did not change. A change between the blocks goes unseen."""
+    h = hashlib.sha256()
+    span = size - start
+    if span <= SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES:
+        offsets, block = [start], span
+    else:
+        step = (span - SAMPLE_BLOCK_BYTES) // (SAMPLE_BLOCKS - 1)
+        offsets, block = [start + k * step for k in range(SAMPLE_BLOCKS)], SAMPLE_BLOCK_BYTES
+    for off in offsets:
+        h.update(os.pread(fd, block, off))
+    return h.hexdigest()
 
 
 def _entry(path: Path, name: str, spec: object, data_start: int, size: int) -> TensorEntry:
     try:
         dtype = ST_DTYPES[spec["dtype"]]
-        shape = tuple(int(s) for s in spec["shape"])
-        begin, end = (int(x) for x in spec["data_offsets"])
+        shape = tuple(_count(s) for s in spec["shape"])
+        begin, end = (_count(x) for x in spec["data_offsets"])
     except (KeyError, TypeError, ValueError):
-        raise InputError("malformed safetensors header entry", path=path, tensor=name,
-                         hint=_NOT_SAFETENSORS_HINT) from None
+        raise InputError("malformed safetensors header entry (dtype, shape and data_offsets: non-negative "
+                         "integers expected)", path=path, tensor=name, hint=_NOT_SAFETENSORS_HINT) from None
     numel = 1
     for s in shape:
         numel *= s
-    if end - begin != numel * dtype.itemsize or begin < 0:
+    if end - begin != numel * dtype.itemsize:
         raise InputError(f"header says {end - begin} bytes for shape {list(shape)} {spec['dtype']}",
                          path=path, tensor=name, hint=_NOT_SAFETENSORS_HINT)
     if data_start + end > size:
         raise InputError(f"file is truncated: the tensor ends at byte {data_start + end} but the file has {size}",
                          path=path, tensor=name, hint="the download or copy was cut short: fetch the file again")
     return TensorEntry(name, dtype, shape, path, data_start + begin, end - begin)
+
+
+def _count(x: object) -> int:
+    """A shape or offset value: a non-negative JSON integer (safetensors' usize), nothing else."""
+    if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+        raise ValueError(x)
+    return x
 
 
 def read_into(entry: TensorEntry, fd: int, rows: tuple[int, int] | None = None,

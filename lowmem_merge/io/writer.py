@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -85,9 +87,35 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def create_new(path: Path) -> BinaryIO:
+    """``path`` opened for writing as a new regular file of this process.
+
+    Whatever is at that name (a previous run's file, or a symlink planted there to redirect the write) is unlinked,
+    never followed; O_EXCL and O_NOFOLLOW make the open fail if anything appears there again meanwhile.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    return os.fdopen(fd, "wb")
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """``data`` as the new file ``path`` (``create_new``)."""
+    with create_new(path) as f:
+        f.write(data)
+
+
+def copy_new(src: Path, dst: Path) -> None:
+    """A copy of ``src`` as the new file ``dst`` (``create_new``: a link at ``dst`` is replaced, not followed)."""
+    with open(src, "rb") as fin, create_new(dst) as fout:
+        shutil.copyfileobj(fin, fout)
+
+
 def write_json_atomic(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_new(tmp, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
     os.replace(tmp, path)
 
 
@@ -169,7 +197,7 @@ class ShardWriter:
                 shard, part = item
                 if shard is not current:
                     current, written = shard, len(shard.header)
-                    f = open(self.out_dir / shard.partial, "wb")
+                    f = create_new(self.out_dir / shard.partial)
                     hasher = hashlib.sha256(shard.header)
                     f.write(shard.header)
                 # 1-D, so that len(data) counts bytes (a 2-D memoryview's len is its number of rows)
