@@ -5,7 +5,7 @@ PYTHON ?= python3
 # onnxruntime-gpu where an NVIDIA driver answers, the CPU build elsewhere (the two cannot share an environment)
 ONNX_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo onnx-gpu || echo onnx-cpu)
 
-.PHONY: setup demo test bench-speed bench-quality clean
+.PHONY: setup demo test test-slow bench-speed bench-quality clean
 
 setup: $(VENV)/.lowmerge-installed
 
@@ -19,8 +19,13 @@ $(VENV)/.lowmerge-installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/lowmerge demo
 
+# `make test` is CI's suite (under 10 minutes on a 2-core machine); tests marked slow (exhaustive parametrizations,
+# cross-checks that repeat a cheaper test's coverage) run with `make test-slow`
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 bench-speed: setup
 	$(PY) bench/speed.py
