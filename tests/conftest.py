@@ -5,6 +5,7 @@ import os
 import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,13 @@ def run_cli(*args: str | Path, check: bool = False, env: dict | None = None,
     if check and proc.returncode != 0:
         raise AssertionError(f"lowmerge {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_cli_many(*commands: list[str | Path], check: bool = False) -> list[subprocess.CompletedProcess]:
+    """``run_cli`` for independent commands, as many at a time as there are cores (each start is mostly torch's
+    import, single-threaded); results in the order given."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda args: run_cli(*args, check=check), commands))
 
 
 def start_merge(root: Path, out: str, *args: str, limit: int | None = None) -> subprocess.Popen:

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lowmem_merge.merge import merge
 
-from conftest import finish, run_cli, start_merge
+from conftest import finish, run_cli, run_cli_many, start_merge
 
 SAMPLES, SEQ_LEN = 24, 12
 WORDS = [f"w{i}" for i in range(56)]
@@ -301,21 +301,20 @@ def test_cli_chain_output_loads_and_resumes(tmp_path):
 
 def test_calibration_errors(tmp_path):
     base, experts, files = build(tmp_path, "llama", n_experts=2)
-    cases = [
-        ([], "regmean needs calibration data: --calib FILE once per expert"),
-        (["--calib", files[0]], "chain: 1 --calib files for 2 experts"),
-    ]
-    for extra, message in cases:
-        method = "regmean" if not extra else "chain"
-        proc = run_cli("merge", base, *experts, "-o", tmp_path / "o", "-m", method, *extra)
-        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
-    proc = run_cli("merge", base, *experts, "-o", tmp_path / "o", "-m", "average", "--calib", files[0],
-                   "--calib", files[1])
-    assert "average is data-free: --calib is not used" in proc.stderr
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    proc = run_cli("merge", base, *experts, "-o", tmp_path / "o", "-m", "chain", "--calib", files[0], "--calib", empty)
-    assert f"{empty}: the calibration file holds no examples" in proc.stderr
+    cases = [   # independent runs (an output directory each), two at a time: method, --calib files, message
+        ("regmean", [], "regmean needs calibration data: --calib FILE once per expert"),
+        ("chain", [files[0]], "chain: 1 --calib files for 2 experts"),
+        ("average", files, "average is data-free: --calib is not used"),
+        ("chain", [files[0], empty], f"{empty}: the calibration file holds no examples"),
+    ]
+    procs = run_cli_many(*(["merge", base, *experts, "-o", tmp_path / f"o{i}", "-m", method,
+                            *[a for f in calib for a in ("--calib", f)]] for i, (method, calib, _) in enumerate(cases)))
+    for (method, _, message), proc in zip(cases, procs):
+        assert message in proc.stderr, proc.stderr
+        if method != "average":
+            assert proc.returncode != 0
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (base / name).unlink(missing_ok=True)
     proc = run_cli("merge", base, *experts, "-o", tmp_path / "o", "-m", "chain", "--calib", files[0], "--calib",

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import reference as ref
 from lowmem_merge.demo import LlamaShape, build_example
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_many
 
 SHAPE = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
 # deterministic in mergekit too: compared with it. Not arcee_fusion: mergekit computes its KL in the inputs' dtype,
@@ -293,12 +293,20 @@ def _magprune(name: str, t: int, x: torch.Tensor, density: float, epsilon: float
     return y * (x.abs().sum() / y.abs().sum())
 
 
-@pytest.mark.parametrize("method", list(RECIPES))
-def test_recipe_matches_mergekits_formula(models, method: str) -> None:
+@pytest.fixture(scope="module")
+def recipe_outputs(models) -> dict[str, Path]:
+    """Every RECIPES merge through the CLI, two at a time on two cores: method -> its output directory."""
     root, base, experts = models
-    recipe = write_recipe(root, method, base, experts)
-    run_cli("merge", "--config", recipe, "-o", root / f"out-{method}", "-q", "--device", "cpu", check=True)
-    got = tensors(root / f"out-{method}")
+    outs = {method: root / f"out-{method}" for method in RECIPES}
+    run_cli_many(*(["merge", "--config", write_recipe(root, method, base, experts), "-o", out, "-q", "--device", "cpu"]
+                   for method, out in outs.items()), check=True)
+    return outs
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_recipe_matches_mergekits_formula(models, recipe_outputs, method: str) -> None:
+    root, base, experts = models
+    got = tensors(recipe_outputs[method])
     want = formula(method, base, experts)
     assert want and set(want) <= set(got)
     compared = 0
@@ -491,11 +499,12 @@ def test_one_slice_form_is_the_models_form(models) -> None:
     recipe["models"] = [{"model": str(base)}, {"model": str(experts[0])}]
     plain = root / "plain.yaml"
     plain.write_text(yaml.safe_dump(recipe))
-    for path, out in ((sliced, "out-sliced"), (plain, "out-plain")):
-        run_cli("merge", "--config", path, "-o", root / out, "-q", "--device", "cpu", check=True)
+    short = root / "short.yaml"
+    short.write_text(sliced.read_text().replace("- 2", "- 1"))        # not the whole depth
+    *merged, proc = run_cli_many(*(["merge", "--config", path, "-o", root / out, "-q", "--device", "cpu"]
+                              for path, out in ((sliced, "out-sliced"), (plain, "out-plain"), (short, "out-bad"))))
+    assert all(p.returncode == 0 for p in merged), [p.stderr for p in merged]
     a, b = tensors(root / "out-sliced"), tensors(root / "out-plain")
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    sliced.write_text(sliced.read_text().replace("- 2", "- 1"))       # not the whole depth
-    proc = run_cli("merge", "--config", sliced, "-o", root / "out-bad", "-q")
+    assert a and a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert proc.returncode == 1 and "cover layers [0, 1], not the base's whole depth [0, 2]" in proc.stderr, proc.stderr
     assert not (root / "out-bad").exists()

@@ -11,7 +11,7 @@ import reference as ref
 from lowmem_merge.errors import ConfigError
 from lowmem_merge.recipe import parse_recipe
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_many
 from test_merge import load_model
 
 
@@ -221,8 +221,9 @@ def test_bad_recipes_fail_with_one_line_naming_the_key(tiny, tmp_path: Path, tex
 def test_config_with_positional_inputs_or_params_is_an_error(tiny, tmp_path: Path) -> None:
     base, experts = tiny
     recipe = _write(tmp_path, LINEAR, base, experts)
-    for extra in ([base, experts[0]], ["-p", "scale=1"], ["--method", "ties"], ["--dtype", "bfloat16"]):
-        proc = run_cli("merge", "--config", recipe, "-o", tmp_path / "out", *extra)
+    extras = ([base, experts[0]], ["-p", "scale=1"], ["--method", "ties"], ["--dtype", "bfloat16"])
+    for proc in run_cli_many(*(["merge", "--config", recipe, "-o", tmp_path / f"out{i}", *extra]
+                               for i, extra in enumerate(extras))):
         assert proc.returncode == 1 and proc.stderr.startswith("error: "), proc.stderr
 
 
