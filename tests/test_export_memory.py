@@ -34,7 +34,6 @@ def export_peak(tmp_path: Path, layers: int) -> tuple[int, int]:
     return export["peak_rss_bytes"], export["bytes"]
 
 
-@pytest.mark.slow
 def test_export_peak_memory_is_flat_in_depth(tmp_path):
     small_peak, small_bytes = export_peak(tmp_path, 2)
     big_peak, big_bytes = export_peak(tmp_path, 8)
