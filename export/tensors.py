@@ -36,7 +36,8 @@ class ExternalData:
         import onnx
         array = np.ascontiguousarray(array)
         pad = -self.offset % ALIGN
-        self._write(b"\0" * pad + memoryview(array).cast("B"))
+        self._write(b"\0" * pad)                    # apart from the data: joining them would copy the tensor
+        self._write(memoryview(array).cast("B"))
         start = self.offset + pad
         self.offset = start + array.nbytes
         proto = onnx.TensorProto(name=name, dims=list(array.shape),
