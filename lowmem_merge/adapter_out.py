@@ -39,7 +39,7 @@ from .methods.covariance import CovarianceMethod
 from .methods.task_arithmetic import TaskArithmetic
 from .plan import make_plan
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
-from .stream import StreamContext, make_pieces, run_merge, run_prepass
+from .stream import StreamContext, make_pieces, run_merge, run_prepass, stream_volume
 
 PREFIX = "base_model.model."
 CONCAT_RULES = (Average, TaskArithmetic)
@@ -69,19 +69,10 @@ def merge_adapter(base: str | Path, experts: Sequence[str | Path], out: str | Pa
     """Merge the LoRA adapters ``experts`` of ``base`` into a PEFT adapter directory ``out``.
 
     ``unsupported``: merge options that have no meaning for an adapter output; any that is set is refused.
+    Everything is checked before ``out`` is created; until the end it holds only a manifest and a partial file.
     """
     t_start = time.perf_counter()
-    _refuse(unsupported)
-    method_cls = get_method(method)
-    parsed = parse_params(method_cls, params)
-    method_cls.check_experts(parsed, len(experts))
-    if method_cls.calibration:
-        raise ConfigError(f"--output-format peft: {method_cls.name} needs calibration data, which an adapter output "
-                          "does not support", hint="use a data-free rule, or drop --output-format peft")
-    if adapter_rank is not None and adapter_rank < 1:
-        raise ConfigError(f"--adapter-rank {adapter_rank} is not a positive rank", hint="e.g. --adapter-rank 16")
-    if dtype not in _OUT_DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
+    method_cls, parsed = _check_options(method, params, len(experts), adapter_rank, dtype, unsupported)
     dev = resolve_device(device)
     with contextlib.ExitStack() as stack:
         base_ck = stack.enter_context(open_checkpoint(base))
@@ -91,36 +82,53 @@ def merge_adapter(base: str | Path, experts: Sequence[str | Path], out: str | Pa
         plan = make_plan(base_ck, adapters, None)
         modules = _modules(plan, adapters, method_cls, adapter_rank)
         out_dtype = _OUT_DTYPES[dtype]
-        specs = [spec for m in modules for spec in _specs(m, out_dtype)]
-        shard = dataclasses.replace(plan_shards(specs, _WHOLE)[0], name=ADAPTER_WEIGHTS)
+        shard = dataclasses.replace(plan_shards([s for m in modules for s in _specs(m, out_dtype)], _WHOLE)[0],
+                                    name=ADAPTER_WEIGHTS)
         fingerprint = {"output_format": "peft", "method": method_cls.name, "params": params_dict(parsed),
                        "base": str(base), "experts": [str(e) for e in experts], "adapter_rank": adapter_rank,
                        "dtype": dtype}
         outdir = stack.enter_context(OutputDir(out, fingerprint, force=force))
         outdir.claim([ADAPTER_WEIGHTS, ADAPTER_CONFIG, REPORT_NAME, CARD_NAME])
-        writer = ShardWriter(outdir.path, [shard], {}, outdir.record_shard)
-        errors: dict[str, float] = {}
         t_merge = time.perf_counter()
+        errors: dict[str, float] = {}
+        writer = ShardWriter(outdir.path, [shard], {}, outdir.record_shard)
         try:
-            emit = _emitter(writer, modules, adapters, out_dtype, errors)
-            if issubclass(method_cls, CONCAT_RULES):
-                bytes_read = _concat(plan, adapters, modules, method_cls, parsed, emit, progress)
+            emit = _emitter(writer, modules, out_dtype, errors)
+            if method_cls in CONCAT_RULES:
+                bytes_read = _concat(adapters, modules, method_cls, parsed, emit, progress)
             else:
                 bytes_read = _stream_deltas(plan, method_cls, parsed, dev, modules, adapters, emit, progress)
             writer.close()
         except BaseException:
             writer.abort()
             raise
+        timings = {"plan": t_merge - t_start, "merge": time.perf_counter() - t_merge}
         try:
             write_new(outdir.path / ADAPTER_CONFIG, _config_json(base, adapters, modules))
-            data = _report_data(base_ck, adapters, method_cls, parsed, outdir.path, modules, errors, shard.size,
-                                dtype, dev, bytes_read, {"plan": t_merge - t_start, "merge": time.perf_counter() - t_merge,
-                                             "total": time.perf_counter() - t_start})
-            report = write_report(outdir.path, data)
+            report = write_report(outdir.path, _report_data(
+                base_ck, adapters, method_cls, parsed, outdir.path, modules, errors, shard.size, dtype, dev,
+                bytes_read, {**timings, "total": time.perf_counter() - t_start}))
             outdir.finish([shard])
         except OSError as e:
             raise output_error(e, outdir.path) from None
         return report
+
+
+def _check_options(method: str, params: dict[str, Any], n_experts: int, adapter_rank: int | None, dtype: str,
+                   unsupported: dict[str, Any]) -> tuple[type[MergeMethod], Any]:
+    """The rule and its parsed parameters; anything an adapter output cannot honour is a ConfigError."""
+    _refuse(unsupported)
+    method_cls = get_method(method)
+    parsed = parse_params(method_cls, params)
+    method_cls.check_experts(parsed, n_experts)
+    if method_cls.calibration:
+        raise ConfigError(f"--output-format peft: {method_cls.name} needs calibration data, which an adapter output "
+                          "does not support", hint="use a data-free rule, or drop --output-format peft")
+    if adapter_rank is not None and adapter_rank < 1:
+        raise ConfigError(f"--adapter-rank {adapter_rank} is not a positive rank", hint="e.g. --adapter-rank 16")
+    if dtype not in _OUT_DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
+    return method_cls, parsed
 
 
 def _refuse(options: dict[str, Any]) -> None:
@@ -164,7 +172,7 @@ def _modules(plan: Any, adapters: list[LoraAdapter], method: type[MergeMethod],
         some = next(ad.lora[name] for ad in adapters if name in ad.lora)
         out_features, in_features = some.b.shape[0], some.a.shape[1]     # PEFT's B (out, r), A (r, in)
         total = sum(ranks)
-        if issubclass(method, CONCAT_RULES):
+        if method in CONCAT_RULES:
             form, rank = "concat", total
         elif issubclass(method, CovarianceMethod) and method.takes_factors(infos[name]):
             form, rank = "core", min(total, in_features)
@@ -179,7 +187,7 @@ def _specs(m: Module, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[
             (f"{PREFIX}{m.name}.lora_B.weight", dtype, (m.out_features, m.rank))]
 
 
-def _emitter(writer: ShardWriter, modules: list[Module], adapters: list[LoraAdapter], dtype: torch.dtype,
+def _emitter(writer: ShardWriter, modules: list[Module], dtype: torch.dtype,
              errors: dict[str, float]) -> Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor | None], None]:
     """``emit(weight, b, a, delta)``: B' (out, k) and A' (k, in) to the file in plan order; with ``delta`` (the merged
     Δ*, (out, in) fp32) the relative error of B'A' against it goes to ``errors``."""
@@ -204,7 +212,7 @@ def _coefficient(method: type[MergeMethod], params: Any, t: int, n_experts: int)
     return expert_weight(params, t) / (sum(params.weights) if params.weights else n_experts)
 
 
-def _concat(plan: Any, adapters: list[LoraAdapter], modules: list[Module], method: type[MergeMethod], params: Any,
+def _concat(adapters: list[LoraAdapter], modules: list[Module], method: type[MergeMethod], params: Any,
             emit: Callable, progress: Callable[[int, int], None] | None) -> int:
     """B' = [c_1 s_1 B_1 | c_2 s_2 B_2 | …], A' = [A_1; A_2; …] per module, from the factors alone."""
     total = sum(ad.read_bytes(m.weight, None) for m in modules for ad in adapters)
@@ -232,26 +240,29 @@ def _stream_deltas(plan: Any, method: type[MergeMethod], params: Any, dev: torch
     for name in by_name:
         plan.out_dtype[name] = torch.float32
     pool = BufferPool(pin=dev.type == "cuda")
-    done = [0]
+    done, total = [0], [0]
 
     def tick(n: int) -> None:
         done[0] += n
         if progress:
-            progress(done[0], 0)
+            progress(done[0], total[0])
 
     ctx = StreamContext(plan, method, params, dev, tick, pool, deltas=True)
     pieces = make_pieces(plan, method, params, _WHOLE)
+    todo = [p for p in pieces if p.target in by_name and p.target == p.info.name]
+    total[0] = stream_volume(ctx, pieces, todo)
     state = run_prepass(ctx, pieces)       # a model-wide statistic sees every tensor, as in a full merge
 
     def write(name: str, stored: torch.Tensor) -> None:
         m = by_name[name]
         factors = next(ad.lora[name] for ad in adapters if name in ad.lora)
-        delta = stored.mT if factors.fan_in_fan_out else stored      # (out, in): PEFT's B·A orientation
+        delta = (stored.mT if factors.fan_in_fan_out else stored).to(dev)  # (out, in): PEFT's B·A orientation
         b, a = _core(delta, adapters, name) if m.form == "core" else _svd(delta, m.rank)
         emit(name, b, a, delta)
+        del delta
         pool.give(stored)
 
-    run_merge(ctx, [p for p in pieces if p.target in by_name and p.target == p.info.name], state, write)
+    run_merge(ctx, todo, state, write)
     return done[0]
 
 

@@ -23,6 +23,7 @@ Examples:
   lowmerge merge ./base ./a ./b -o ./merged --resume      # continue a run that was interrupted
   lowmerge merge ./base ./a ./b -o ./merged --quantize nf4  # 4-bit bitsandbytes weights for transformers
   lowmerge merge --config recipe.yaml -o ./merged         # a mergekit recipe (linear, task_arithmetic, ties, ...)
+  lowmerge merge ./base ./lora_a ./lora_b -o ./adapter --output-format peft   # one merged PEFT adapter
   lowmerge merge ./base ./a ./b -o ./merged --method chain --calib a.txt --calib b.txt   # with each task's text
 
 Inputs are Hugging Face directories (model.safetensors, or shards with model.safetensors.index.json), single
