@@ -44,6 +44,7 @@ from .stream import StreamContext, make_pieces, run_merge, run_prepass, stream_v
 PREFIX = "base_model.model."
 CONCAT_RULES = (Average, TaskArithmetic)
 _WHOLE = 1 << 62        # no row chunks: a module's SVD needs all of Δ*
+READ_AHEAD = 16 << 20   # bytes read ahead of the module being merged: its SVD, not the reads, sets the pace
 _OUT_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
                "float16": torch.float16}
 
@@ -247,7 +248,7 @@ def _stream_deltas(plan: Any, method: type[MergeMethod], params: Any, dev: torch
         if progress:
             progress(done[0], total[0])
 
-    ctx = StreamContext(plan, method, params, dev, tick, pool, deltas=True)
+    ctx = StreamContext(plan, method, params, dev, tick, pool, READ_AHEAD, deltas=True)
     pieces = make_pieces(plan, method, params, _WHOLE)
     todo = [p for p in pieces if p.target in by_name and p.target == p.info.name]
     total[0] = stream_volume(ctx, pieces, todo)

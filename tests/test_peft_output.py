@@ -196,3 +196,36 @@ def test_modules_to_save_and_a_stray_adapter_rank_are_refused(llama, tmp_path):
     proc = run_cli("merge", base, *adapters, "-o", out, "--adapter-rank", "4")
     assert proc.returncode != 0 and "--adapter-rank is for --output-format peft" in proc.stderr
     assert not out.exists()
+
+
+def _plain_model(where: Path, layers: int, n_adapters: int, dim: int = 512, rank: int = 8) -> tuple[Path, list]:
+    """A base of ``layers`` (dim, dim) fp32 weights in one file, and adapters of rank ``rank`` on every one."""
+    where.mkdir()
+    g = torch.Generator().manual_seed(layers)
+    save_file({f"layers.{i}.proj.weight": torch.randn(dim, dim, generator=g) for i in range(layers)},
+              where / "base.safetensors")
+    adapters = []
+    for t in range(n_adapters):
+        a = where / f"adapter{t}"
+        a.mkdir()
+        (a / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
+                                                           "target_modules": ["proj"]}))
+        save_file({f"base_model.model.layers.{i}.proj.lora_{w}.weight": torch.randn(*shape, generator=g) / 32
+                   for i in range(layers) for w, shape in (("A", (rank, dim)), ("B", (dim, rank)))},
+                  a / "adapter_model.safetensors")
+        adapters.append(a)
+    return where / "base.safetensors", adapters
+
+
+def test_peak_memory_is_flat_in_depth(tmp_path):
+    """32 vs 128 layers of 1 MiB (both above the 16 MiB read-ahead): a run holding the model would grow by 96 MiB."""
+    peaks = []
+    for layers in (32, 128):
+        base, adapters = _plain_model(tmp_path / f"m{layers}", layers, 2)
+        out = tmp_path / f"out{layers}"
+        run_cli("merge", base, *adapters, "-o", out, "-m", "ties", "--output-format", "peft", "--device", "cpu",
+                check=True)
+        report = json.loads((out / "lowmerge_report.json").read_text())
+        assert len(report["adapter"]["modules"]) == layers
+        peaks.append(report["memory"]["peak_rss_bytes"])
+    assert peaks[1] / peaks[0] <= 1.15, peaks
