@@ -8,7 +8,8 @@ that every module has lora_alpha = r (PEFT's scale 1):
   Δ*'s (N's rows do, and (A + ridge·I)⁻¹ keeps that span), so Δ* = (Δ* Q) Qᵀ with Q an orthonormal basis of it: exact
   up to fp32 rounding, rank min(Σ r_t, in).
 - ``svd`` (every other rule): the stream's Δ* (``StreamContext.deltas``), cut to its top ``--adapter-rank`` singular
-  triplets (default Σ r_t of the module, the concatenation's size).
+  triplets (default Σ r_t of the module, the concatenation's size). ``--adapter-rank`` caps the exact forms too: a
+  module whose exact rank exceeds it is cut the same way.
 The relative Frobenius error ‖Δ* − B'A'‖ / ‖Δ*‖ of each module is measured and reported, whatever the form.
 One module at a time: its factors are written to the adapter file as soon as they are formed, then freed.
 """
@@ -95,7 +96,7 @@ def merge_adapter(base: str | Path, experts: Sequence[str | Path], out: str | Pa
         writer = ShardWriter(outdir.path, [shard], {}, outdir.record_shard)
         try:
             emit = _emitter(writer, modules, out_dtype, errors)
-            if method_cls in CONCAT_RULES:
+            if all(m.form == "concat" for m in modules):
                 bytes_read = _concat(adapters, modules, method_cls, parsed, emit, progress)
             else:
                 bytes_read = _stream_deltas(plan, method_cls, parsed, dev, modules, adapters, emit, progress)
@@ -173,12 +174,13 @@ def _modules(plan: Any, adapters: list[LoraAdapter], method: type[MergeMethod],
         some = next(ad.lora[name] for ad in adapters if name in ad.lora)
         out_features, in_features = some.b.shape[0], some.a.shape[1]     # PEFT's B (out, r), A (r, in)
         total = sum(ranks)
+        form, rank = "svd", min(adapter_rank or total, out_features, in_features)
         if method in CONCAT_RULES:
             form, rank = "concat", total
         elif issubclass(method, CovarianceMethod) and method.takes_factors(infos[name]):
             form, rank = "core", min(total, in_features)
-        else:
-            form, rank = "svd", min(adapter_rank or total, out_features, in_features)
+        if adapter_rank is not None and adapter_rank < rank:    # --adapter-rank caps the exact forms too
+            form, rank = "svd", adapter_rank
         modules.append(Module(name, out_features, in_features, rank, form))
     return modules
 
@@ -213,21 +215,27 @@ def _coefficient(method: type[MergeMethod], params: Any, t: int, n_experts: int)
     return expert_weight(params, t) / (sum(params.weights) if params.weights else n_experts)
 
 
+def _concat_factors(adapters: list[LoraAdapter], weight: str, method: type[MergeMethod],
+                    params: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """B' = [c_1 s_1 B_1 | c_2 s_2 B_2 | …] (out, Σ r_t), A' = [A_1; A_2; …] (Σ r_t, in), fp32."""
+    bs, as_ = [], []
+    for t, ad in enumerate(adapters):
+        if weight in ad.lora:
+            x = ad.read(weight)
+            bs.append(x.b.float().mul_(x.scale * _coefficient(method, params, t, len(adapters))))  # (out, r_t)
+            as_.append(x.a.float())                                                                # (r_t, in)
+    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
 def _concat(adapters: list[LoraAdapter], modules: list[Module], method: type[MergeMethod], params: Any,
             emit: Callable, progress: Callable[[int, int], None] | None) -> int:
-    """B' = [c_1 s_1 B_1 | c_2 s_2 B_2 | …], A' = [A_1; A_2; …] per module, from the factors alone."""
+    """Every module concatenated, from the factors alone (the base is never read)."""
     total = sum(ad.read_bytes(m.weight, None) for m in modules for ad in adapters)
     done = 0
     for m in modules:
-        bs, as_ = [], []
-        for t, ad in enumerate(adapters):
-            if m.weight not in ad.lora:
-                continue
-            done += ad.read_bytes(m.weight, None)
-            x = ad.read(m.weight)
-            bs.append(x.b.float().mul_(x.scale * _coefficient(method, params, t, len(adapters))))  # (out, r_t)
-            as_.append(x.a.float())                                                                # (r_t, in)
-        emit(m.weight, torch.cat(bs, dim=1), torch.cat(as_, dim=0), None)
+        b, a = _concat_factors(adapters, m.weight, method, params)
+        emit(m.weight, b, a, None)
+        done += sum(ad.read_bytes(m.weight, None) for ad in adapters)
         if progress:
             progress(done, total)
     return done
@@ -258,7 +266,10 @@ def _stream_deltas(plan: Any, method: type[MergeMethod], params: Any, dev: torch
         m = by_name[name]
         factors = next(ad.lora[name] for ad in adapters if name in ad.lora)
         delta = (stored.mT if factors.fan_in_fan_out else stored).to(dev)  # (out, in): PEFT's B·A orientation
-        b, a = _core(delta, adapters, name) if m.form == "core" else _svd(delta, m.rank)
+        if m.form == "concat":       # a module within --adapter-rank while others are cut
+            b, a = (x.to(dev) for x in _concat_factors(adapters, name, method, params))
+        else:
+            b, a = _core(delta, adapters, name) if m.form == "core" else _svd(delta, m.rank)
         emit(name, b, a, delta)
         del delta
         pool.give(stored)

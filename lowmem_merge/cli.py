@@ -152,8 +152,9 @@ def _progress_bar(quiet: bool, desc: str = "merging") -> tuple[Callable[[int, in
                    "core space); every other rule's merged delta is cut to --adapter-rank by SVD, with each "
                    "module's relative error in lowmerge_report.json.")
 @click.option("--adapter-rank", default=None, type=click.IntRange(min=1),
-              help="With --output-format peft: the rank an SVD-truncated module keeps (default: the sum of the "
-                   "adapters' ranks on that module).")
+              help="With --output-format peft: the rank each module keeps at most; a merged delta of higher rank "
+                   "is SVD-truncated (default: exact forms keep their rank, other rules keep the sum of the "
+                   "adapters' ranks on the module).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge in OUT: keeps the shards it "
                                              "finished (verified by sha256) after checking inputs and options.")
 @click.option("--force", is_flag=True, help="Replace a previous lowmerge output in OUT (deletes only files "

@@ -141,6 +141,23 @@ def test_covariance_rules_are_exact_in_their_core_space(llama, tmp_path, method)
         assert err <= info["rel_error"] + slack, (name, err, info)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "wudi_cfs"])
+def test_adapter_rank_cuts_the_exact_forms_above_it(llama, tmp_path, method):
+    base, adapters, _ = llama
+    got, want, report = _both(base, adapters, tmp_path, method, adapter_rank=4)
+    base_sd = _state(base)
+    ranks = _adapter_targets(adapters)
+    for name, info in report["adapter"]["modules"].items():
+        assert info["rank"] == min(ranks[name], 4)
+        assert info["form"] == ("svd" if ranks[name] > 4 else "concat" if method == "task_arithmetic" else "core")
+        key = name + ".weight"
+        full = want[key].double() - base_sd[key].double()
+        slack = 4 * EPS32 * float(want[key].double().norm()) / float(full.norm())
+        err = float((got[key].double() - base_sd[key].double() - full).norm() / full.norm())
+        assert err <= info["rel_error"] + slack, (name, err, info)
+    assert report["adapter"]["max_rel_error"] > 1e-3      # q_proj and v_proj (rank 8) were cut to 4
+
+
 def test_gpt2_fan_in_fan_out_adapters(gpt2, tmp_path):
     base, adapters, _ = gpt2
     got, want, _ = _both(base, adapters, tmp_path / "avg", "average")
