@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device
 from .errors import ConfigError, InputError
 from .io.checkpoint import input_paths, open_checkpoint
@@ -126,6 +127,9 @@ def _check_options(method: str, params: dict[str, Any], n_experts: int, adapter_
     if method_cls.calibration:
         raise ConfigError(f"--output-format peft: {method_cls.name} needs calibration data, which an adapter output "
                           "does not support", hint="use a data-free rule, or drop --output-format peft")
+    if distributed.from_env() is not None:
+        raise ConfigError("--output-format peft runs in one process: it cannot run under torchrun",
+                          hint="run it as a plain `lowmerge merge`")
     if adapter_rank is not None and adapter_rank < 1:
         raise ConfigError(f"--adapter-rank {adapter_rank} is not a positive rank", hint="e.g. --adapter-rank 16")
     if dtype not in _OUT_DTYPES:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowmem_merge import merge
+from lowmem_merge.errors import ConfigError
 from test_lora import _adapters, _gpt2, _llama, _one_line_error
 from conftest import run_cli
 
@@ -209,6 +210,10 @@ def test_modules_to_save_and_a_stray_adapter_rank_are_refused(llama, tmp_path):
     out = tmp_path / "out"
     line = _one_line_error(run_cli("merge", base, saved, "-o", out, "--output-format", "peft"))
     assert "modules_to_save" in line and "lm_head.weight" in line, line
+    assert not out.exists()
+    for option in ({"quantize": "int8"}, {"resume": True}, {"tokenizer_source": "union"}):
+        with pytest.raises(ConfigError, match="--output-format peft does not take"):
+            merge(base, adapters, out, "ties", output_format="peft", **option)
     assert not out.exists()
     proc = run_cli("merge", base, *adapters, "-o", out, "--adapter-rank", "4")
     assert proc.returncode != 0 and "--adapter-rank is for --output-format peft" in proc.stderr
