@@ -23,6 +23,7 @@ Examples:
   lowmerge merge ./base ./a ./b -o ./merged --resume      # continue a run that was interrupted
   lowmerge merge ./base ./a ./b -o ./merged --quantize nf4  # 4-bit bitsandbytes weights for transformers
   lowmerge merge --config recipe.yaml -o ./merged         # a mergekit recipe (linear, task_arithmetic, ties, ...)
+  lowmerge merge ./base ./lora_a ./lora_b -o ./adapter --output-format peft   # one merged PEFT adapter
   lowmerge merge ./base ./a ./b -o ./merged --method chain --calib a.txt --calib b.txt   # with each task's text
 
 Inputs are Hugging Face directories (model.safetensors, or shards with model.safetensors.index.json), single
@@ -144,6 +145,16 @@ def _progress_bar(quiet: bool, desc: str = "merging") -> tuple[Callable[[int, in
                    "know are dropped), union (the base's plus every token an expert added, with its added tokens "
                    "and chat template), or a model directory whose tokenizer to use. Default: the base's, or union "
                    "when an expert's vocabulary differs.")
+@click.option("--output-format", default="model", show_default=True, type=click.Choice(["model", "peft"]),
+              help="model: the merged model. peft (every expert a LoRA adapter of BASE): one merged PEFT adapter "
+                   "(adapter_config.json, adapter_model.safetensors) to load onto BASE. Exact for task_arithmetic "
+                   "and average (the factors concatenated: rank = sum of ranks) and for actmat / wudi_cfs (their "
+                   "core space); every other rule's merged delta is cut to --adapter-rank by SVD, with each "
+                   "module's relative error in lowmerge_report.json.")
+@click.option("--adapter-rank", default=None, type=click.IntRange(min=1),
+              help="With --output-format peft: the rank each module keeps at most; a merged delta of higher rank "
+                   "is SVD-truncated (default: exact forms keep their rank, other rules keep the sum of the "
+                   "adapters' ranks on the module).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge in OUT: keeps the shards it "
                                              "finished (verified by sha256) after checking inputs and options.")
 @click.option("--force", is_flag=True, help="Replace a previous lowmerge output in OUT (deletes only files "
@@ -153,8 +164,8 @@ def _progress_bar(quiet: bool, desc: str = "merging") -> tuple[Callable[[int, in
 def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path | None, method: str,
           params: tuple[str, ...], device: str, dtype: str, shard_size: str, max_memory: str | None,
           max_device_memory: str | None, quantize: str | None, calib: tuple[Path, ...], calib_samples: int,
-          calib_seq_len: int, tokenizer_source: str | None, resume: bool, force: bool, quiet: bool,
-          debug: bool) -> None:
+          calib_seq_len: int, tokenizer_source: str | None, output_format: str, adapter_rank: int | None,
+          resume: bool, force: bool, quiet: bool, debug: bool) -> None:
     """Merge EXPERTS (fine-tunes of BASE) into one model in OUT.
 
     OUT receives the merged safetensors shards, config and tokenizer files copied from BASE,
@@ -174,18 +185,23 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
         raise click.UsageError("missing BASE and EXPERTS (or --config RECIPE)")
     else:
         kv, schedule = _parse_kv(params), None
+    if adapter_rank is not None and output_format != "peft":
+        raise click.UsageError("--adapter-rank is for --output-format peft")
     update, close = _progress_bar(quiet or int(os.environ.get("RANK", "0")) > 0)   # torchrun: rank 0's bar only
     try:
         report = run(base, list(experts), out, method, device=device, dtype=dtype, shard_size=shard_size,
                      max_memory=max_memory, max_device_memory=max_device_memory, resume=resume, force=force,
                      quantize=quantize, progress=update, schedule=schedule, calib=list(calib) or None,
                      calib_samples=calib_samples, calib_seq_len=calib_seq_len, tokenizer_source=tokenizer_source,
-                     **kv)
+                     output_format=output_format, adapter_rank=adapter_rank, **kv)
     finally:
         close()
     if not quiet and report is not None:             # None: a torchrun rank other than 0
         for line in report.summary_lines():
             click.echo(line)
+        if "adapter" in report.data:
+            click.echo(f"  PEFT adapter: {len(report.data['adapter']['modules'])} modules, largest relative "
+                       f"truncation error {report.data['adapter']['max_rel_error']:.3g}")
 
 
 def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype: str,

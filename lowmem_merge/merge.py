@@ -50,7 +50,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
           progress: Callable[[int, int], None] | None = None, schedule: Schedule | None = None,
           calib: Sequence[str | Path] | None = None, calib_samples: int = DEFAULT_SAMPLES,
           calib_seq_len: int = DEFAULT_SEQ_LEN, tokenizer_source: str | None = None,
-          **params: Any) -> Report | None:
+          output_format: str = "model", adapter_rank: int | None = None, **params: Any) -> Report | None:
     """Merge ``experts`` (fine-tunes of ``base``, or LoRA adapters of it) into ``out``.
 
     Options are those of ``lowmerge merge --help``; ``params`` are the method's (``lowmerge methods``).
@@ -63,9 +63,17 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
     matched to it by token (``vocab.py``). None: the base's vocabulary, or the union when an expert's differs.
     Started by torchrun (WORLD_SIZE > 1), each rank merges its share of the tensors (``distributed.py``); rank 0
     returns the report, the other ranks None.
+    ``output_format`` "peft" (every expert a LoRA adapter) writes one merged PEFT adapter instead, with factors of
+    rank ``adapter_rank`` where the rule's Δ* must be truncated (``adapter_out.py``).
     """
     t_start = time.perf_counter()
     _prepare_process()
+    if output_format == "peft":
+        from .adapter_out import merge_adapter
+        return merge_adapter(base, experts, out, method or DEFAULT_METHOD, params=params, adapter_rank=adapter_rank,
+                             device=device, dtype=dtype, force=force, progress=progress, quantize=quantize,
+                             calib=calib, schedule=schedule, tokenizer_source=tokenizer_source, resume=resume,
+                             max_memory=max_memory, max_device_memory=max_device_memory)
     method_cls = get_method(method or DEFAULT_METHOD)
     parsed = parse_params(method_cls, params)
     method_cls.check_experts(parsed, len(experts))

@@ -143,6 +143,7 @@ class StreamContext:
     params_for: Callable[[TensorInfo], Any] | None = None  # per-tensor parameters (a recipe's gradients, filters)
     calib: Any = None                        # a calibrated rule's walker (calib.Calibration): each tensor's state,
                                              # and each merged tensor handed back to it
+    deltas: bool = False                     # write Δ* itself, not W0 + Δ* (--output-format peft, adapter_out.py)
 
 
 def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Expert, str, tuple[int, int] | None]]:
@@ -431,7 +432,7 @@ def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: An
             m.add(t, delta, pass_)
             if not isinstance(delta, Factors):        # factors stay with the method until it finalizes
                 ctx.pool.give(delta)
-    out = _inplace(torch.Tensor.add_, m.finalize(), base_m)          # W* = W0 + Δ*, fp32
+    out = m.finalize() if ctx.deltas else _inplace(torch.Tensor.add_, m.finalize(), base_m)  # W* = W0 + Δ*, fp32
     return (out.mT if piece.info.transposed else out), m.stats()
 
 
