@@ -49,13 +49,20 @@ def now_utc() -> str:
 
 
 def model_card(data: dict) -> str:
+    """README.md for the Hub: a merged model (transformers), or a merged LoRA adapter (peft, with how to load it)."""
     experts = "\n".join(f"- `{e['path']}`" for e in data["inputs"]["experts"])
     params = ", ".join(f"`{k}={v}`" for k, v in data["params"].items()) or "none"
+    adapter = data["output"].get("format") == "peft"
+    header = (f"library_name: peft\nbase_model: {json.dumps(data['inputs']['base']['path'])}" if adapter
+              else "library_name: transformers")
+    title = "Merged LoRA adapter" if adapter else "Merged model"
+    load = ("\nLoad it onto its base: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
+            "THIS_DIR)`.\n" if adapter else "")
     return f"""---
-library_name: transformers
+{header}
 tags: [merge, lowmerge]
 ---
-# Merged model
+# {title}
 
 Made with lowmerge {data['versions']['lowmerge']} on {data['created']}.
 
@@ -64,7 +71,7 @@ Made with lowmerge {data['versions']['lowmerge']} on {data['created']}.
 - experts:
 {experts}
 - output dtype: {data['output']['dtype']}
-
+{load}
 `lowmerge_report.json` beside this file holds the inputs' sizes and header hashes, per-tensor statistics, timings
 and peak memory.
 """

@@ -98,6 +98,8 @@ def test_concatenation_has_the_sum_of_ranks_and_nothing_for_untouched_tensors(ll
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(ranks)
     assert not (tmp_path / "adapter" / "lowmerge-manifest.json").exists()
+    card = (tmp_path / "adapter" / "README.md").read_text()       # the Hub reads the card's front matter
+    assert "library_name: peft" in card and f"base_model: {json.dumps(str(base))}" in card, card
 
 
 @pytest.mark.parametrize("rank", [None, 2])
