@@ -7,6 +7,9 @@ are all the base's MLP make the MoE compute the base); memory in real subprocess
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from lowmem_merge.demo import LlamaShape, build_example
 from lowmem_merge.moe import build_moe
 
 from conftest import run_cli, run_cli_many
-from test_errors import user_error
+from test_errors import looks_complete, user_error
 
 transformers = pytest.importorskip("transformers")
 
@@ -242,3 +245,19 @@ def test_peak_rss_is_flat_in_the_number_of_experts(tmp_path):
             for n in cfgs}
     print(f"moe peak RSS: 2 experts {peak[2] / 2**20:.0f} MiB, 6 experts {peak[6] / 2**20:.0f} MiB")
     assert peak[6] <= 1.15 * peak[2], peak
+
+
+def test_a_failed_build_leaves_nothing_complete_and_force_replaces_it(example, tmp_path):
+    """A write that fails (RLIMIT_FSIZE: EFBIG) leaves only temporary names; the directory is then refused without
+    --force, and --force builds into it."""
+    base, experts = example
+    cfg, out = write_config(tmp_path / "moe.yml", base, experts, "random"), tmp_path / "out"
+    cmd = [sys.executable, "-m", "lowmem_merge", "moe", str(cfg), "-o", str(out)]
+    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16)))
+    user_error(failed, "file size limit reached")
+    assert out.is_dir() and looks_complete(out) == []
+    user_error(run_cli("moe", cfg, "-o", out), "output directory exists and is not empty")
+    run_cli("moe", cfg, "-o", out, "--force", "-q", check=True)
+    assert sorted(looks_complete(out)) == ["lowmerge_report.json", "model.safetensors"]
+    assert not list(out.glob("*.partial"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ def build_moe(config_path: str | Path, out: str | Path, *, device: str = "auto",
               shard_size: str | int = "4GB", force: bool = False,
               progress: Callable[[int, int], None] | None = None) -> Report:
     t_start = time.perf_counter()
-    tune_malloc()                      # as a merge does: freed parts go back to the OS, the heap does not drift
+    _prepare_process()
     config = load_moe_config(config_path)
     dev = resolve_device(device)
     shard_bytes = parse_size(shard_size, "--shard-size")
@@ -83,6 +85,14 @@ def build_moe(config_path: str | Path, out: str | Path, *, device: str = "auto",
         except OSError as e:
             raise output_error(e, outdir.path) from None
         return report
+
+
+def _prepare_process() -> None:
+    """As a merge does: freed parts go back to the OS (the heap does not drift with the number of tensors), and a
+    file-size limit raises EFBIG, named in one line, instead of killing the process with SIGXFSZ."""
+    tune_malloc()
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def _open(stack: contextlib.ExitStack, path: str, where: str) -> Checkpoint:

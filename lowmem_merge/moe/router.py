@@ -99,7 +99,7 @@ def _hidden(base: Checkpoint, sets: list[Batch], negatives: list[Batch | None], 
                          hint="the base's checkpoint does not match its config.json")
     source = lambda name: base.read(name).float()                        # noqa: E731
     batches = sets + [b for b in negatives if b is not None]
-    caches = [net.prelude([b], source)[0] for b in batches]              # per set: (hidden, args, kwargs)
+    caches = net.prelude(batches, source)                                # per set: (hidden, args, kwargs)
     out = torch.empty((n_layers, len(sets), caches[0][0].shape[-1]))
     for layer in range(n_layers):
         reduced = [_reduce(h, average) for h, _, _ in caches]
