@@ -182,6 +182,37 @@ def test_cli_output_loads_and_generates(example, tmp_path):
     assert report["method"] == "moe" and report["output"]["experts"] == 3
 
 
+MERGEKIT_MOE = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mergekit-venv" / "bin" / "mergekit-moe"
+
+
+@pytest.mark.skipif(not MERGEKIT_MOE.exists(), reason="mergekit's venv is made by bench/vs_mergekit.py")
+def test_same_model_as_mergekit_moe(example, tmp_path):
+    """mergekit-moe itself on the same config (cheap_embed: deterministic and computed in fp32 by both): its
+    per-expert w1/w3/w2 are our stacked slots bit for bit, its routers ours up to fp32 rounding."""
+    base, experts = example
+    cfg = write_config(tmp_path / "moe.yml", base, experts, "cheap_embed")
+    out_mk, out_lm = tmp_path / "mk", tmp_path / "lm"
+    proc = subprocess.run([str(MERGEKIT_MOE), str(cfg), str(out_mk), "--device", "cpu"], capture_output=True,
+                          text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    build_moe(cfg, out_lm)
+    mk = {k: v for f in sorted(out_mk.glob("*.safetensors")) for k, v in load_file(f).items()}
+    lm = load_file(out_lm / "model.safetensors")
+    inter = SHAPE.intermediate
+    for i in range(SHAPE.layers):
+        p = f"model.layers.{i}."
+        assert (mk[p + "block_sparse_moe.gate.weight"].double() - lm[p + "mlp.gate.weight"].double()).abs().max() < TOL
+        for e in range(len(experts)):
+            x = f"{p}block_sparse_moe.experts.{e}."
+            assert torch.equal(mk[x + "w1.weight"], lm[p + "mlp.experts.gate_up_proj"][e, :inter])
+            assert torch.equal(mk[x + "w3.weight"], lm[p + "mlp.experts.gate_up_proj"][e, inter:])
+            assert torch.equal(mk[x + "w2.weight"], lm[p + "mlp.experts.down_proj"][e])
+    for name, t in mk.items():
+        if "block_sparse_moe" not in name:
+            assert torch.equal(t, lm[name]), name
+
+
 # -- bad input: one line (and its hint), nothing written ---------------------------------------------------------
 
 def test_expert_of_another_width_is_refused(example, tmp_path):
