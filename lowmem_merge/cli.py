@@ -237,7 +237,8 @@ Examples:
 gate_mode hidden (also hidden_avg, hidden_last): each router row is the base's hidden states on the expert's
 positive prompts (minus its negative prompts), per layer, normalized; cheap_embed: the prompts' token embeddings;
 random: a seeded normal draw. Attention, norms, embeddings and head come from base_model, each expert's MLP goes
-into its own expert slot; the output is a MixtralForCausalLM directory with the base's tokenizer."""
+into its own expert slot; the output is a MixtralForCausalLM directory with the base's tokenizer
+(with one shared_experts entry, a Qwen2MoeForCausalLM)."""
 
 
 @main.command(epilog=_EPILOG_MOE)

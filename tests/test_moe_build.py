@@ -61,7 +61,7 @@ def unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def ref_hidden(base: Path, average: bool) -> torch.Tensor:
+def ref_hidden(base: Path, average: bool, prompts: list = list(PROMPTS.values())) -> torch.Tensor:
     """(layers, experts, hidden) fp64: mergekit's get_hidden_states on the whole model, then pos − neg, unit."""
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float64).eval()
 
@@ -70,7 +70,7 @@ def ref_hidden(base: Path, average: bool) -> torch.Tensor:
             hs = torch.stack(model(**tokenized(base, prompts), output_hidden_states=True).hidden_states[:-1])
         x = hs.sum(dim=2) / hs.shape[2] if average else hs[:, :, -1, :]
         return x.sum(dim=1) / x.shape[1]
-    vecs = [unit(states(pos) - (states(neg) if neg else 0)) for pos, neg in PROMPTS.values()]
+    vecs = [unit(states(pos) - (states(neg) if neg else 0)) for pos, neg in prompts]
     return torch.stack(vecs, dim=1)
 
 
@@ -83,6 +83,13 @@ def ref_cheap_embed(base: Path) -> torch.Tensor:
         return unit((h * t["attention_mask"].unsqueeze(-1)).sum(dim=1).sum(dim=0))
     vecs = [unit(emb(pos) - (emb(neg) if neg else 0)) for pos, neg in PROMPTS.values()]
     return torch.stack(vecs).unsqueeze(0).repeat(SHAPE.layers, 1, 1)
+
+
+def loaded(out: Path):
+    """The output in transformers, every weight from the checkpoint (none left at its random init, none unused)."""
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
 
 
 def routers(out: Path) -> torch.Tensor:
@@ -158,7 +165,7 @@ def test_experts_that_are_the_base_make_the_moe_compute_the_base(example, tmp_pa
     build_moe(write_config(tmp_path / "moe.yml", base, [base, base, base], "hidden"), out)
     ids = tokenized(base, ["the poem begins with a line", "solve it"])
     dense = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
-    moe = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    moe = loaded(out)
     assert type(moe).__name__ == "MixtralForCausalLM" and moe.dtype == torch.float32
     with torch.no_grad():
         want, got = dense(**ids).logits, moe(**ids).logits
@@ -173,13 +180,41 @@ def test_cli_output_loads_and_generates(example, tmp_path):
     assert "merged 3 experts" in proc.stdout
     assert not list(out.glob("*.partial")) and (out / "tokenizer.json").is_file()
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    model = loaded(out)
     assert type(model).__name__ == "MixtralForCausalLM" and model.dtype == torch.bfloat16
     ids = tok("once upon a time", return_tensors="pt")
     gen = model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 6
     report = json.loads((out / "lowmerge_report.json").read_text())
     assert report["method"] == "moe" and report["output"]["experts"] == 3
+
+
+SHARED = (["a general question", "tell me about it"], ["solve 3x + 4 = 10"])
+
+
+def test_shared_expert_makes_a_qwen2_moe(example, tmp_path):
+    """mergekit-moe's Qwen2-MoE form: one shared expert, its MLP and its sigmoid gate (its prompts' router row);
+    a Llama base gets zero q/k/v biases, as mergekit writes."""
+    base, experts = example
+    out = tmp_path / "out"
+    shared = {"source_model": str(experts[2]), "positive_prompts": SHARED[0], "negative_prompts": SHARED[1]}
+    build_moe(write_config(tmp_path / "moe.yml", base, experts[:2], "hidden", shared_experts=[shared]), out)
+    got = load_file(out / "model.safetensors")
+    want = ref_hidden(base, average=False, prompts=[PROMPTS[0], PROMPTS[1], SHARED])
+    src = load_file(experts[2] / "model.safetensors")
+    for i in range(SHAPE.layers):
+        p = f"model.layers.{i}."
+        assert (got[p + "mlp.gate.weight"].double() - want[i, :2]).abs().max() < TOL
+        assert (got[p + "mlp.shared_expert_gate.weight"].double() - want[i, 2:]).abs().max() < TOL
+        for q in ("gate", "up", "down"):
+            assert torch.equal(got[f"{p}mlp.shared_expert.{q}_proj.weight"], src[f"{p}mlp.{q}_proj.weight"])
+        assert not got[p + "self_attn.k_proj.bias"].any()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2MoeForCausalLM"] and cfg["num_experts"] == 2
+    model = loaded(out)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    ids = tokenized(base, ["once upon a time"])
+    assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 4
 
 
 MERGEKIT_MOE = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mergekit-venv" / "bin" / "mergekit-moe"
@@ -250,11 +285,11 @@ def test_unknown_key_and_shared_experts_are_refused(example, tmp_path):
     base, experts = example
     out = tmp_path / "out"
     cfgs = [write_config(tmp_path / "a.yml", base, experts, "random", extra={0: {"weight": 1}}),
-            write_config(tmp_path / "b.yml", base, experts, "random", shared_experts=[{"source_model": str(base)}]),
+            write_config(tmp_path / "b.yml", base, experts, "random", shared_experts=[{"source_model": str(base)}] * 2),
             write_config(tmp_path / "c.yml", base, experts, "random", experts_per_token=4)]
     procs = run_cli_many(*[["moe", c, "-o", out] for c in cfgs])
     user_error(procs[0], "experts[0] has unknown key(s) weight")
-    user_error(procs[1], "shared_experts")
+    user_error(procs[1], "shared_experts must list exactly one expert")
     user_error(procs[2], "experts_per_token 4 is outside 1..3")
     assert not out.exists()
 

@@ -1,10 +1,12 @@
-"""``lowmerge moe``: a Mixtral-style mixture of experts from a base and dense fine-tunes (mergekit-moe's job).
+"""``lowmerge moe``: a Mixtral (or Qwen2-MoE) mixture of experts from a base and dense fine-tunes (mergekit-moe).
 
 Attention, norms, embeddings and head come from the base; expert e's MLP (gate, up, down) fills slot e of each
 layer's stacked experts, in the layout transformers 5 loads natively (``mlp.experts.gate_up_proj`` (E, 2I, H) with
 gate rows before up rows, ``mlp.experts.down_proj`` (E, H, I)); ``mlp.gate.weight`` (E, H) is the router
-(router.py). A stacked tensor is written expert by expert as rows of its shard, so memory holds one expert's
-matrix at a time whatever the number of experts; routers are computed before the output directory is touched.
+(router.py). Qwen2-MoE adds the shared expert's MLP (``mlp.shared_expert.*``) and its sigmoid gate
+(``mlp.shared_expert_gate.weight`` (1, H), its router row), and zero q/k/v biases for a base without them.
+A stacked tensor is written expert by expert as rows of its shard, so memory holds one expert's matrix at a time
+whatever the number of experts; routers are computed before the output directory is touched.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from ..io.writer import ShardWriter, copy_new, output_error, plan_shards, write_
 from ..report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from ..sizes import parse_size
 from .config import MoeConfig, load_moe_config
-from .layout import MLP, Layout, check_inputs, check_mixtral, mlp_name
+from .layout import MLP, QKV, Layout, check_inputs, check_model, mlp_name
 from .router import gate_vectors
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -58,12 +60,13 @@ def build_moe(config_path: str | Path, out: str | Path, *, device: str = "auto",
     with contextlib.ExitStack() as stack:
         base = _open(stack, config.base_model, "base_model")
         experts = [_open(stack, e.source_model, f"experts[{i}]") for i, e in enumerate(config.experts)]
+        experts += [_open(stack, config.shared.source_model, "shared_experts[0]")] if config.shared else []
         check_apart(out, [config.path] + [p for ck in [base, *experts] for p in input_paths(ck)])
         layout = check_inputs(config, base, experts)
-        gates = gate_vectors(config, base, layout.n_layers, layout.hidden, dev, seed)   # (L, E, H) fp32
+        gates = gate_vectors(config, base, layout.n_layers, layout.hidden, dev, seed)   # (L, E (+1), H) fp32
         outs = _outputs(config, base, experts, layout, gates)
         specs = [(o.name, o.dtype, o.shape) for o in outs]
-        check_mixtral(layout.mixtral, specs, base)
+        check_model(layout.out_config, specs, base)
         t_gates = time.perf_counter() - t_start
         shards = plan_shards(specs, shard_bytes)
         extra = [n for n in COPIED_FILES if base.model_dir and (base.model_dir / n).is_file()]
@@ -74,7 +77,7 @@ def build_moe(config_path: str | Path, out: str | Path, *, device: str = "auto",
         outdir.claim(files)
         done = _write(outdir, shards, outs, progress)
         try:
-            write_new(outdir.path / "config.json", layout.mixtral.to_json_string().encode())
+            write_new(outdir.path / "config.json", layout.out_config.to_json_string().encode())
             copy_new(config.path, outdir.path / CONFIG_COPY)
             for name in extra:
                 copy_new(base.model_dir / name, outdir.path / name)
@@ -105,7 +108,8 @@ def _open(stack: contextlib.ExitStack, path: str, where: str) -> Checkpoint:
 
 def _outputs(config: MoeConfig, base: Checkpoint, experts: list[Checkpoint], layout: Layout,
              gates: torch.Tensor) -> list[_Out]:
-    """Every output tensor in the base's file order, a layer's MLP replaced by its router and stacked experts."""
+    """Every output tensor in the base's file order, a layer's MLP replaced by its router and stacked experts.
+    ``experts``: a checkpoint per ``config.gated``."""
     def dtype_of(ck: Checkpoint, name: str) -> torch.dtype:
         stored = ck.entries[name].dtype
         return layout.out_dtype if layout.out_dtype and ck.entries[name].is_float else stored
@@ -117,6 +121,10 @@ def _outputs(config: MoeConfig, base: Checkpoint, experts: list[Checkpoint], lay
         if m is None:
             outs.append(_Out(entry.name, dtype_of(base, entry.name), entry.shape, _reader(base, entry.name),
                              entry.nbytes))
+            if layout.zero_qkv_bias and QKV.match(entry.name):
+                zeros = torch.zeros(entry.shape[0], dtype=dtype_of(base, entry.name))
+                outs.append(_Out(entry.name.removesuffix("weight") + "bias", zeros.dtype, (entry.shape[0],),
+                                 lambda z=zeros: iter([z]), 0))
         elif m.group(2) == "gate":
             outs += _moe_layer(int(m.group(1)), config, experts, layout, gates, dtype_of(base, entry.name))
     return outs
@@ -131,24 +139,33 @@ def _reader(ck: Checkpoint, name: str, scale: float | None = None) -> Callable[[
 
 def _moe_layer(i: int, config: MoeConfig, experts: list[Checkpoint], layout: Layout, gates: torch.Tensor,
                dtype: torch.dtype) -> list[_Out]:
-    n, h, inter = len(experts), layout.hidden, layout.intermediate
+    n, h, inter = len(config.experts), layout.hidden, layout.intermediate
     p = f"model.layers.{i}.mlp."
+    routed = experts[:n]
 
     def stacked(projs: tuple[str, ...], residual: bool) -> Callable[[], Iterator[torch.Tensor]]:
         def parts() -> Iterator[torch.Tensor]:
-            for spec, ck in zip(config.experts, experts):
+            for spec, ck in zip(config.experts, routed):
                 for proj in projs:
                     yield from _reader(ck, mlp_name(i, proj), spec.residual_scale if residual else None)()
         return parts
 
     def nbytes(projs: tuple[str, ...]) -> int:
-        return sum(ck.entries[mlp_name(i, q)].nbytes for ck in experts for q in projs)
-    return [
-        _Out(p + "gate.weight", dtype, (n, h), lambda: iter([gates[i].clone()]), 0),
+        return sum(ck.entries[mlp_name(i, q)].nbytes for ck in routed for q in projs)
+    outs = [
+        _Out(p + "gate.weight", dtype, (n, h), lambda: iter([gates[i, :n].clone()]), 0),
         _Out(p + "experts.gate_up_proj", dtype, (n, 2 * inter, h), stacked(("gate", "up"), False),
              nbytes(("gate", "up"))),
         _Out(p + "experts.down_proj", dtype, (n, h, inter), stacked(("down",), True), nbytes(("down",))),
     ]
+    if config.shared is not None:
+        ck, scale = experts[n], config.shared.residual_scale
+        for q in ("gate", "up", "down"):
+            e = ck.entries[mlp_name(i, q)]
+            outs.append(_Out(f"{p}shared_expert.{q}_proj.weight", dtype, e.shape,
+                             _reader(ck, mlp_name(i, q), scale if q == "down" else None), e.nbytes))
+        outs.append(_Out(p + "shared_expert_gate.weight", dtype, (1, h), lambda: iter([gates[i, n:].clone()]), 0))
+    return outs
 
 
 def _write(outdir: OutputDir, shards: list, outs: list[_Out], progress: Callable[[int, int], None] | None) -> int:
@@ -200,8 +217,10 @@ def _report(config: MoeConfig, base: Checkpoint, experts: list[Checkpoint], layo
         params["seed"] = seed
     return {
         "lowmerge_version": versions()["lowmerge"], "created": now_utc(), "method": "moe", "params": params,
-        "inputs": {"config": str(config.path), "base": _describe(base), "experts": [_describe(e) for e in experts]},
-        "output": {"dir": str(outdir.path), "architecture": "MixtralForCausalLM", "experts": len(experts),
+        "inputs": {"config": str(config.path), "base": _describe(base),
+                   "experts": [_describe(e) for e in experts[:len(config.experts)]],
+                   **({"shared_expert": _describe(experts[-1])} if config.shared else {})},
+        "output": {"dir": str(outdir.path), "architecture": layout.architecture, "experts": len(config.experts),
                    "dtype": str(layout.out_dtype).removeprefix("torch.") if layout.out_dtype else "base",
                    "tensors": len(outs), "shards": [s.name for s in shards], "bytes": sum(s.size for s in shards)},
         "device": str(dev), "bytes_read": done, "timings_s": timings,

@@ -1,8 +1,9 @@
 """mergekit-moe's YAML: a base, dense experts with the prompts that should reach them, and how routers are made.
 
 Keys and defaults as mergekit-moe has them (``base_model``, ``experts`` with ``source_model``, ``positive_prompts``,
-``negative_prompts``, ``residual_scale``; ``gate_mode``, ``dtype``, ``experts_per_token``, ``architecture``). What
-lowmerge does not build yet (``shared_experts``, ``noise_scale``, other output architectures) is refused by name.
+``negative_prompts``, ``residual_scale``; ``gate_mode``, ``dtype``, ``experts_per_token``, ``architecture``,
+``shared_experts``). Without shared experts the output is a Mixtral; with exactly one it is a Qwen2-MoE, as
+mergekit-moe picks. What lowmerge does not build (``noise_scale``, other output architectures) is refused by name.
 """
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ class MoeConfig:
     gate_mode: str = "hidden"
     dtype: torch.dtype | None = None             # None: the base's config dtype (then each tensor's own)
     experts_per_token: int = 2
+    shared: ExpertSpec | None = None             # the Qwen2-MoE form's shared expert
+
+    @property
+    def family(self) -> str:
+        """The output's transformers model_type."""
+        return "mixtral" if self.shared is None else "qwen2_moe"
+
+    @property
+    def gated(self) -> tuple[ExpertSpec, ...]:
+        """The experts that get a router row: the routed ones, then the shared one (its sigmoid gate)."""
+        return self.experts + ((self.shared,) if self.shared else ())
 
     @property
     def needs_prompts(self) -> bool:
@@ -62,13 +74,7 @@ def load_moe_config(path: str | Path) -> MoeConfig:
         raise ConfigError("the MoE config is not a YAML mapping", path=path,
                           hint="it needs base_model: and experts: (mergekit-moe's format)")
     _known(data, _TOP_KEYS, "the config", path)
-    if data.get("shared_experts"):
-        raise ConfigError("shared_experts (the Qwen2-MoE form) is not supported: lowmerge writes Mixtral-style "
-                          "MoEs", path=path, hint="remove shared_experts")
-    arch = data.get("architecture")
-    if arch is not None and not "mixtral".startswith(str(arch).lower()):
-        raise ConfigError(f"architecture {arch!r} is not supported: lowmerge writes Mixtral-style MoEs", path=path,
-                          hint="remove architecture, or set it to mixtral")
+    shared = _shared(data.get("shared_experts"), data.get("architecture"), path)
     if not isinstance(data.get("base_model"), str) or not data["base_model"]:
         raise ConfigError("base_model is missing (a model directory or Hugging Face id)", path=path, hint=_FORMAT)
     raw_experts = data.get("experts")
@@ -77,7 +83,7 @@ def load_moe_config(path: str | Path) -> MoeConfig:
                           hint="experts: a list of {source_model: ..., positive_prompts: [...]}")
     config = MoeConfig(path, data["base_model"], tuple(_expert(e, i, path) for i, e in enumerate(raw_experts)),
                        _gate_mode(data.get("gate_mode", "hidden"), path), _dtype(data.get("dtype"), path),
-                       _int(data.get("experts_per_token", 2), "experts_per_token", path))
+                       _int(data.get("experts_per_token", 2), "experts_per_token", path), shared)
     _check(config)
     return config
 
@@ -89,8 +95,24 @@ def _known(data: dict, keys: tuple[str, ...], where: str, path: Path) -> None:
                           hint=f"valid keys: {', '.join(keys)}")
 
 
-def _expert(raw: object, i: int, path: Path) -> ExpertSpec:
-    where = f"experts[{i}]"
+def _shared(raw: object, arch: object, path: Path) -> ExpertSpec | None:
+    """The shared expert (Qwen2-MoE output), or None (Mixtral), agreeing with ``architecture`` if given."""
+    raw = raw or None                            # an empty list is none, as in mergekit
+    if raw is not None and (not isinstance(raw, list) or len(raw) != 1):
+        raise ConfigError("shared_experts must list exactly one expert (the Qwen2-MoE form)", path=path,
+                          hint="shared_experts: [{source_model: DIR, positive_prompts: [...]}], or remove it for "
+                               "a Mixtral")
+    family = "mixtral" if raw is None else "qwen"
+    if arch is not None and not (isinstance(arch, str) and arch and
+                                 ("mixtral" if raw is None else "qwen moe").startswith(arch.lower())):
+        raise ConfigError(f"architecture {arch!r} does not fit this config: without shared_experts lowmerge writes "
+                          "a Mixtral, with one a Qwen2-MoE", path=path,
+                          hint=f"remove architecture, or set it to {family}")
+    return None if raw is None else _expert(raw[0], 0, path, "shared_experts")
+
+
+def _expert(raw: object, i: int, path: Path, key: str = "experts") -> ExpertSpec:
+    where = f"{key}[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} is not a mapping", path=path, hint="each expert is {source_model: ..., ...}")
     _known(raw, _EXPERT_KEYS, where, path)
@@ -149,9 +171,10 @@ def _check(c: MoeConfig) -> None:
                           hint="experts_per_token is how many experts each token is routed to (mergekit's default 2)")
     if not c.needs_prompts:
         return
-    for i, e in enumerate(c.experts):
+    for i, e in enumerate(c.gated):
         if not e.positive_prompts:
-            raise ConfigError(f"experts[{i}] ({e.source_model}) has no positive_prompts, and gate_mode "
+            where = f"experts[{i}]" if i < len(c.experts) else "shared_experts[0]"
+            raise ConfigError(f"{where} ({e.source_model}) has no positive_prompts, and gate_mode "
                               f"{c.gate_mode} builds its router from them", path=c.path,
                               hint="give each expert one or more prompts that should reach it, or use "
                                    "gate_mode: random")

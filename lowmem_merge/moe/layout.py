@@ -1,8 +1,9 @@
 """What the MoE will hold, from headers and configs alone: the checks that run before anything is written.
 
 Experts must be fine-tunes of the base's architecture and width (same model_type, the base's MLP shapes in every
-layer); the base must map onto transformers' Mixtral (Llama or Mistral without biases): every output tensor is
-compared with a Mixtral model built on the meta device from the output config.
+layer); the base must map onto the output's transformers class (Mixtral: Llama or Mistral without biases;
+Qwen2-MoE: Qwen2 too): every output tensor is compared with that model built on the meta device from the output
+config.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from ..io.checkpoint import Checkpoint
 from .config import DTYPES, MoeConfig
 
 MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
-SOURCE_TYPES = ("llama", "mistral")
+QKV = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkv]_proj\.weight$")
+SOURCE_TYPES = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("llama", "mistral", "qwen2")}
+OUTPUT_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+                  "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM")}
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers")
 
 
@@ -27,7 +31,12 @@ class Layout:
     hidden: int
     intermediate: int
     out_dtype: torch.dtype | None             # None: every tensor keeps its stored dtype
-    mixtral: object                           # transformers.MixtralConfig of the output
+    out_config: object                        # transformers.MixtralConfig or Qwen2MoeConfig of the output
+    zero_qkv_bias: bool                       # Qwen2-MoE from a base without q/k/v biases: zeros, as mergekit writes
+
+    @property
+    def architecture(self) -> str:
+        return self.out_config.architectures[0]
 
 
 def mlp_name(layer: int, proj: str) -> str:
@@ -35,22 +44,23 @@ def mlp_name(layer: int, proj: str) -> str:
 
 
 def check_inputs(config: MoeConfig, base: Checkpoint, experts: list[Checkpoint]) -> Layout:
-    base_type = (base.config or {}).get("model_type")
-    if base_type not in SOURCE_TYPES:
-        raise InputError(f"the base's model_type is {base_type!r}: lowmerge builds Mixtral MoEs from "
-                         f"{' or '.join(SOURCE_TYPES)} models", path=base.path,
-                         hint="use a Llama- or Mistral-architecture base (with its config.json)")
+    """``experts``: one checkpoint per ``config.gated`` (the shared expert last)."""
+    base_type, sources = (base.config or {}).get("model_type"), SOURCE_TYPES[config.family]
+    if base_type not in sources:
+        raise InputError(f"the base's model_type is {base_type!r}: lowmerge builds {config.family} MoEs from "
+                         f"{', '.join(sources)} models", path=base.path,
+                         hint="use a base of one of those architectures (with its config.json)")
     layers = sorted({int(m.group(1)) for n in base.entries if (m := MLP.match(n))})
     if not layers or layers != list(range(len(layers))):
         raise InputError("no MLP weights model.layers.N.mlp.{gate,up,down}_proj.weight", path=base.path,
                          hint="the base must be a Llama- or Mistral-architecture model")
     shapes = {mlp_name(i, p): base.entries[mlp_name(i, p)].shape for i in layers for p in ("gate", "up", "down")}
-    for spec, ck in zip(config.experts, experts):
+    for spec, ck in zip(config.gated, experts):
         _check_expert(spec.source_model, ck, base, base_type, shapes)
     intermediate, hidden = shapes[mlp_name(0, "gate")]
     out_dtype = config.dtype or _config_dtype(base.config)
-    return Layout(len(layers), hidden, intermediate, out_dtype,
-                  mixtral_config(base, len(experts), config.experts_per_token, out_dtype))
+    zero_bias = config.family == "qwen2_moe" and "model.layers.0.self_attn.q_proj.bias" not in base.entries
+    return Layout(len(layers), hidden, intermediate, out_dtype, output_config(base, config, out_dtype), zero_bias)
 
 
 def _check_expert(label: str, ck: Checkpoint, base: Checkpoint, base_type: str, shapes: dict) -> None:
@@ -77,9 +87,9 @@ def _config_dtype(cfg: dict | None) -> torch.dtype | None:
     return DTYPES.get(name) if isinstance(name, str) else None
 
 
-def mixtral_config(base: Checkpoint, n_experts: int, top_k: int, out_dtype: torch.dtype | None):
-    """mergekit-moe's output config: the base's, as a MixtralConfig with the experts' count and top-k and no
-    sliding window."""
+def output_config(base: Checkpoint, config: MoeConfig, out_dtype: torch.dtype | None):
+    """mergekit-moe's output config: the base's, as a MixtralConfig (or Qwen2MoeConfig) with the experts' count
+    and top-k and no sliding window."""
     transformers = require_transformers("lowmerge moe")
     if base.model_dir is None:
         raise InputError("the base must be a model directory with its config.json", path=base.path,
@@ -89,31 +99,39 @@ def mixtral_config(base: Checkpoint, n_experts: int, top_k: int, out_dtype: torc
                                                   trust_remote_code=False).to_dict()
     for key in ("architectures", "model_type", "transformers_version", "auto_map"):
         src.pop(key, None)
-    out = transformers.MixtralConfig(**src)
-    out.architectures = ["MixtralForCausalLM"]
-    out.num_local_experts = n_experts
-    out.num_experts_per_tok = top_k
+    config_class, model_class = OUTPUT_CLASSES[config.family]
+    out = getattr(transformers, config_class)(**src)
+    out.architectures = [model_class]
+    out.num_experts_per_tok = config.experts_per_token
     out.sliding_window = None
+    if config.family == "mixtral":
+        out.num_local_experts = len(config.experts)
+    else:                                      # mergekit's Qwen2-MoE: every layer sparse, experts as wide as the MLP
+        out.num_experts = len(config.experts)
+        out.decoder_sparse_step, out.norm_topk_prob, out.use_sliding_window = 1, True, False
+        out.moe_intermediate_size = out.shared_expert_intermediate_size = out.intermediate_size
     if out_dtype is not None:
         out.dtype = str(out_dtype).removeprefix("torch.")
     return out
 
 
-def check_mixtral(mixtral, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], base: Checkpoint) -> None:
-    """Every output tensor has its place and shape in transformers' Mixtral, and Mixtral needs no other (a tied
-    head excepted)."""
+def check_model(out_config, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], base: Checkpoint) -> None:
+    """Every output tensor has its place and shape in the output's transformers model, and that model needs no
+    other (a tied head excepted)."""
     transformers = require_transformers("lowmerge moe")
+    arch = out_config.architectures[0]
     with torch.device("meta"):
-        model = transformers.MixtralForCausalLM(mixtral)
+        model = getattr(transformers, arch)(out_config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for name, _, shape in specs:
         if expected.get(name) != tuple(shape):
             where = "has no place" if name not in expected else f"has shape {list(shape)}, not {list(expected[name])},"
-            raise InputError(f"{where} in a Mixtral model", path=base.path, tensor=name,
-                             hint="lowmerge builds Mixtral MoEs from Llama/Mistral models without biases")
+            raise InputError(f"{where} in a {arch} model", path=base.path, tensor=name,
+                             hint="Mixtral takes Llama/Mistral bases without biases; with shared_experts, "
+                                  "Qwen2-MoE takes Qwen2 bases too")
     ours = {s[0] for s in specs}
-    tied = {"lm_head.weight"} if getattr(mixtral, "tie_word_embeddings", False) else set()
+    tied = {"lm_head.weight"} if getattr(out_config, "tie_word_embeddings", False) else set()
     missing = sorted(set(expected) - ours - tied)
     if missing:
-        raise InputError("the base has no such tensor, which a Mixtral model needs", path=base.path,
+        raise InputError(f"the base has no such tensor, which a {arch} model needs", path=base.path,
                          tensor=missing[0], hint="the base's checkpoint does not match its config.json")

@@ -38,13 +38,14 @@ class _BaseOnly:
 
 def gate_vectors(config: MoeConfig, base: Checkpoint, n_layers: int, hidden: int, device: torch.device,
                  seed: int = 0) -> torch.Tensor:
-    """(layers, experts, hidden) fp32 on the CPU: row e of layer ℓ is expert e's router weight."""
-    n = len(config.experts)
+    """(layers, experts, hidden) fp32 on the CPU: row e of layer ℓ is expert e's router weight (the shared
+    expert's gate last, where there is one; random draws its row too, as mergekit does for a prompted one)."""
+    n = len(config.gated)
     if config.gate_mode == "random":
         return torch.randn((n_layers, n, hidden), generator=torch.Generator().manual_seed(seed))
     tokenizer = _prompt_tokenizer(base)
-    sets = [_tokenize(tokenizer, e.positive_prompts) for e in config.experts]
-    negatives = [_tokenize(tokenizer, e.negative_prompts) if e.negative_prompts else None for e in config.experts]
+    sets = [_tokenize(tokenizer, e.positive_prompts) for e in config.gated]
+    negatives = [_tokenize(tokenizer, e.negative_prompts) if e.negative_prompts else None for e in config.gated]
     if config.gate_mode == "cheap_embed":
         return _cheap_embed(base, sets, negatives, n_layers)
     return _hidden(base, sets, negatives, n_layers, device, average=config.gate_mode == "hidden_avg")
