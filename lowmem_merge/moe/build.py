@@ -52,6 +52,10 @@ class _Out:
 def build_moe(config_path: str | Path, out: str | Path, *, device: str = "auto", seed: int = 0,
               shard_size: str | int = "4GB", force: bool = False,
               progress: Callable[[int, int], None] | None = None) -> Report:
+    """Build the MoE that ``config_path`` (mergekit-moe's YAML) describes into ``out``.
+
+    Every check and the routers come first, so a refused input writes nothing; ``seed`` is gate_mode random's;
+    ``progress(done, total)`` gets the bytes read so far. Returns the report written to ``out``."""
     t_start = time.perf_counter()
     _prepare_process()
     config = load_moe_config(config_path)
