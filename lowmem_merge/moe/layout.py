@@ -95,8 +95,12 @@ def output_config(base: Checkpoint, config: MoeConfig, out_dtype: torch.dtype | 
         raise InputError("the base must be a model directory with its config.json", path=base.path,
                          hint="the output's config.json is made from the base's")
     refuse_remote_code(base.model_dir)
-    src = transformers.AutoConfig.from_pretrained(str(base.model_dir), local_files_only=True,
-                                                  trust_remote_code=False).to_dict()
+    try:
+        src = transformers.AutoConfig.from_pretrained(str(base.model_dir), local_files_only=True,
+                                                      trust_remote_code=False).to_dict()
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the base's config: {str(e).splitlines()[0]}", path=base.model_dir,
+                         hint="the output's config.json is made from the base's config.json") from None
     for key in ("architectures", "model_type", "transformers_version", "auto_map"):
         src.pop(key, None)
     config_class, model_class = OUTPUT_CLASSES[config.family]
