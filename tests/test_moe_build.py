@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowmem_merge.demo import LlamaShape, build_example
+from lowmem_merge.errors import OutputError
 from lowmem_merge.moe import build_moe
 
 from conftest import run_cli, run_cli_many
@@ -322,7 +323,8 @@ def test_a_failed_build_leaves_nothing_complete_and_force_replaces_it(example, t
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16)))
     user_error(failed, "file size limit reached")
     assert out.is_dir() and looks_complete(out) == []
-    user_error(run_cli("moe", cfg, "-o", out), "output directory exists and is not empty")
-    run_cli("moe", cfg, "-o", out, "--force", "-q", check=True)
+    with pytest.raises(OutputError, match="output directory exists and is not empty"):
+        build_moe(cfg, out)
+    build_moe(cfg, out, force=True)
     assert sorted(looks_complete(out)) == ["lowmerge_report.json", "model.safetensors"]
     assert not list(out.glob("*.partial"))
