@@ -222,12 +222,16 @@ MERGEKIT_MOE = Path(__file__).resolve().parent.parent / "bench" / "_work" / "mer
 
 
 @pytest.mark.skipif(not MERGEKIT_MOE.exists(), reason="mergekit's venv is made by bench/vs_mergekit.py")
-def test_same_model_as_mergekit_moe(example, tmp_path):
-    """mergekit-moe itself on the same config (cheap_embed: deterministic and computed in fp32 by both). mergekit
-    0.1.5 under transformers 5 writes the same stacked layout: every tensor but the routers equal bit for bit, the
-    routers up to fp32 rounding, the same config."""
+@pytest.mark.parametrize("mode, tol", [("cheap_embed", TOL),
+                                       # mergekit runs the base in bf16 (ε = 2^-8 per element, over 3 layers);
+                                       # distinct experts' unit rows differ by O(1)
+                                       ("hidden", 2 ** -6)])
+def test_same_model_as_mergekit_moe(example, tmp_path, mode, tol):
+    """mergekit-moe itself on the same config. mergekit 0.1.5 under transformers 5 writes the same stacked layout:
+    every tensor but the routers equal bit for bit, the routers as close as the two computations' rounding, the same
+    config."""
     base, experts = example
-    cfg = write_config(tmp_path / "moe.yml", base, experts, "cheap_embed")
+    cfg = write_config(tmp_path / "moe.yml", base, experts, mode)
     out_mk, out_lm = tmp_path / "mk", tmp_path / "lm"
     proc = subprocess.run([str(MERGEKIT_MOE), str(cfg), str(out_mk), "--device", "cpu"], capture_output=True,
                           text=True, timeout=300,
@@ -239,7 +243,7 @@ def test_same_model_as_mergekit_moe(example, tmp_path):
     assert set(mk) == set(lm)
     for name, t in mk.items():
         if name.endswith("mlp.gate.weight"):
-            assert (t.double() - lm[name].double()).abs().max() < TOL, name
+            assert (t.double() - lm[name].double()).abs().max() < tol, name
         else:
             assert torch.equal(t, lm[name]), name
     keys = ("architectures", "num_local_experts", "num_experts_per_tok", "sliding_window", "dtype", "hidden_size",

@@ -57,8 +57,9 @@ def _prompt_tokenizer(base: Checkpoint):
                          path=base.path, hint="or use gate_mode: random")
     tok = load_tokenizer(Path(base.model_dir))
     tok.padding_side = "left"
-    if tok.bos_token_id is not None:
-        tok.pad_token_id = tok.bos_token_id
+    fill = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if fill is not None:                       # mergekit pads with BOS, else EOS (hidden_avg averages padding too)
+        tok.pad_token_id = fill
     return tok
 
 
