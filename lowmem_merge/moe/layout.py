@@ -54,7 +54,12 @@ def check_inputs(config: MoeConfig, base: Checkpoint, experts: list[Checkpoint])
     if not layers or layers != list(range(len(layers))):
         raise InputError("no MLP weights model.layers.N.mlp.{gate,up,down}_proj.weight", path=base.path,
                          hint="the base must be a Llama- or Mistral-architecture model")
-    shapes = {mlp_name(i, p): base.entries[mlp_name(i, p)].shape for i in layers for p in ("gate", "up", "down")}
+    names = [mlp_name(i, p) for i in layers for p in ("gate", "up", "down")]
+    missing = [n for n in names if n not in base.entries]
+    if missing:
+        raise InputError("the base has no such MLP weight", path=base.path, tensor=missing[0],
+                         hint="every layer needs its gate_proj, up_proj and down_proj (a Llama or Mistral MLP)")
+    shapes = {n: base.entries[n].shape for n in names}
     for spec, ck in zip(config.gated, experts):
         _check_expert(spec.source_model, ck, base, base_type, shapes)
     intermediate, hidden = shapes[mlp_name(0, "gate")]
