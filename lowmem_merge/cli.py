@@ -244,6 +244,44 @@ def _stack(slices: list, out: Path, dtype: str, shard_size: str, resume: bool, f
                    f"time {d['timings_s']['total']:.1f} s")
 
 
+_EPILOG_MOE = """\b
+Examples:
+  lowmerge moe moe.yaml -o ./moe                  # mergekit-moe's YAML: base_model, experts, gate_mode, ...
+  lowmerge moe moe.yaml -o ./moe --device cuda    # run the base on the GPU for gate_mode hidden
+  lowmerge moe moe.yaml -o ./moe --force --seed 1 # gate_mode random: another seeded draw
+
+gate_mode hidden (also hidden_avg, hidden_last): each router row is the base's hidden states on the expert's
+positive prompts (minus its negative prompts), per layer, normalized; cheap_embed: the prompts' token embeddings;
+random: a seeded normal draw. Attention, norms, embeddings and head come from base_model, each expert's MLP goes
+into its own expert slot; the output is a MixtralForCausalLM directory with the base's tokenizer
+(with one shared_experts entry, a Qwen2MoeForCausalLM)."""
+
+
+@main.command(epilog=_EPILOG_MOE)
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (a Hugging Face model directory).")
+@click.option("--device", default="auto", show_default=True, help="Where the base runs for gate_mode hidden.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of gate_mode random's draw.")
+@click.option("--shard-size", default="4GB", show_default=True, help="Largest output shard (e.g. 4GB, 500MB).")
+@click.option("--force", is_flag=True, help="Replace a previous lowmerge output in OUT.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+def moe(config: Path, out: Path, device: str, seed: int, shard_size: str, force: bool, quiet: bool,
+        debug: bool) -> None:
+    """Build a Mixtral-style mixture of experts from a base and dense fine-tunes (mergekit-moe's CONFIG)."""
+    from .moe import build_moe
+    update, close = _progress_bar(quiet, "building")
+    try:
+        report = build_moe(config, out, device=device, seed=seed, shard_size=shard_size, force=force,
+                           progress=update)
+    finally:
+        close()
+    if not quiet:
+        for line in report.summary_lines():
+            click.echo(line)
+
+
 @main.command()
 def methods() -> None:
     """List every merge method with its parameters and defaults."""

@@ -10,7 +10,7 @@ from conftest import run_cli
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTIONS = {
     "methods": [("lowmerge methods", ["methods"])],
-    "help": [(f"lowmerge {c} --help".strip(), [*c.split(), "--help"]) for c in ("", "merge", "inspect", "methods", "demo", "export")],
+    "help": [(f"lowmerge {c} --help".strip(), [*c.split(), "--help"]) for c in ("", "merge", "moe", "inspect", "methods", "demo", "export")],
 }
 
 
