@@ -18,8 +18,8 @@ import torch
 
 from ..info import TensorInfo
 from .base import check_densities, expert_density, expert_weight
-from .mergekit import GTA, WEIGHT_DENSITY, Mergekit, one_or_each, per_model, task_arithmetic
 from .dare import _BLOCK, DareParams, kept_blocks
+from .mergekit import GTA, WEIGHT_DENSITY, Mergekit, one_or_each, per_model, task_arithmetic
 from .ties import Ties
 
 

@@ -23,8 +23,8 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight, per_expert, sum_factor
-from .mergekit import GTA, WEIGHT_DENSITY, Mergekit, one_or_each, per_model, task_arithmetic
 from .dare import _rows_per_block, mask_seed
+from .mergekit import GTA, WEIGHT_DENSITY, Mergekit, one_or_each, per_model, task_arithmetic
 from .ties import _SLAB, Ties
 
 
