@@ -177,14 +177,14 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
     """
     from .merge import merge as run
     if config is not None:
-        base, experts, method, kv, dtype, schedule, slices, tokenizer_source = _from_recipe(
+        base, experts, method, kv, dtype, schedule, slices, tokenizer_source, notes = _from_recipe(
             config, base, params, dtype, tokenizer_source)
         if slices:
             return _stack(slices, out, dtype, shard_size, resume, force, quiet)
     elif base is None or not experts:
         raise click.UsageError("missing BASE and EXPERTS (or --config RECIPE)")
     else:
-        kv, schedule = _parse_kv(params), None
+        kv, schedule, notes = _parse_kv(params), None, ()
     if adapter_rank is not None and output_format != "peft":
         raise click.UsageError("--adapter-rank is for --output-format peft")
     update, close = _progress_bar(quiet or int(os.environ.get("RANK", "0")) > 0)   # torchrun: rank 0's bar only
@@ -193,7 +193,7 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
                      max_memory=max_memory, max_device_memory=max_device_memory, resume=resume, force=force,
                      quantize=quantize, progress=update, schedule=schedule, calib=list(calib) or None,
                      calib_samples=calib_samples, calib_seq_len=calib_seq_len, tokenizer_source=tokenizer_source,
-                     output_format=output_format, adapter_rank=adapter_rank, **kv)
+                     output_format=output_format, adapter_rank=adapter_rank, notes=notes, **kv)
     finally:
         close()
     if not quiet and report is not None:             # None: a torchrun rank other than 0
@@ -206,7 +206,7 @@ def merge(base: Path | None, experts: tuple[Path, ...], out: Path, config: Path 
 
 def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype: str,
                  tokenizer_source: str | None) -> tuple:
-    """(base, experts, method, params, dtype, schedule, slices, tokenizer_source) from the recipe; the options it
+    """(base, experts, method, params, dtype, schedule, slices, tokenizer_source, notes) from the recipe; the options it
     replaces must not be given too."""
     from .recipe import check_layer_range, load_recipe
     ctx = click.get_current_context()
@@ -226,7 +226,7 @@ def _from_recipe(config: Path, base: Path | None, params: tuple[str, ...], dtype
                           "both given", path=config, hint="keep one")
     return Path(recipe.base), [Path(e) for e in recipe.experts], recipe.method, recipe.params, \
         recipe.dtype if recipe.dtype != "auto" else dtype, recipe.schedule, recipe.slices, \
-        recipe.tokenizer_source or tokenizer_source
+        recipe.tokenizer_source or tokenizer_source, recipe.notes
 
 
 def _stack(slices: list, out: Path, dtype: str, shard_size: str, resume: bool, force: bool, quiet: bool) -> None:

@@ -50,7 +50,8 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
           progress: Callable[[int, int], None] | None = None, schedule: Schedule | None = None,
           calib: Sequence[str | Path] | None = None, calib_samples: int = DEFAULT_SAMPLES,
           calib_seq_len: int = DEFAULT_SEQ_LEN, tokenizer_source: str | None = None,
-          output_format: str = "model", adapter_rank: int | None = None, **params: Any) -> Report | None:
+          output_format: str = "model", adapter_rank: int | None = None, notes: Sequence[str] = (),
+          **params: Any) -> Report | None:
     """Merge ``experts`` (fine-tunes of ``base``, or LoRA adapters of it) into ``out``.
 
     Options are those of ``lowmerge merge --help``; ``params`` are the method's (``lowmerge methods``).
@@ -61,6 +62,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
     ``calib_samples`` examples of ``calib_seq_len`` tokens each (``lowmem_merge.calib``).
     ``tokenizer_source`` (base, union or a model directory) gives the output vocabulary; experts' token rows are
     matched to it by token (``vocab.py``). None: the base's vocabulary, or the union when an expert's differs.
+    ``notes`` go to the report's warnings (a base-less recipe's reference model).
     Started by torchrun (WORLD_SIZE > 1), each rank merges its share of the tensors (``distributed.py``); rank 0
     returns the report, the other ranks None.
     ``output_format`` "peft" (every expert a LoRA adapter) writes one merged PEFT adapter instead, with factors of
@@ -104,6 +106,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
                                   hint="resize the experts to the base's vocabulary, or use a data-free rule")
         plan = make_plan(base_ck, expert_cks, out_dtype)
         plan.vocab = vocab
+        plan.warnings.extend(notes)
         if vocab is not None and tokenizer_source is None:
             plan.warnings.append(f"the experts' vocabularies differ from the base's: merged over their union "
                                  f"({vocab.rows} rows, the base has {vocab.base_rows}); --tokenizer-source base "

@@ -24,6 +24,11 @@ K_t its ``density``, λ the ``lambda`` parameter, 1 by default):
   passthrough      ``slices`` of one source each, stacked: layer ranges of one or more models → stack.stack
   nearswap         base_model and one model: W0 + clamp(Δ, −t, t) (mergekit's lerp at min(1, t/|Δ|)) → nearswap(t)
   arcee_fusion     base_model and one model: Δ kept where |Δ|·KL(row softmaxes) ≥ median + 1.5 IQR → arcee_fusion
+  ram, ramplus_tl  entries one expert alone moves (|Δt| > ε) kept whole, the others averaged over their movers;
+                   RAM+ scales each expert's unique entries by 1 + r·clamp(shared/unique, 0, α) → ram, ramplus_tl
+Each rule declares this itself (``mergekit = Mergekit(...)``, ``from_mergekit``: methods/mergekit.py); this module
+reads the declarations and knows no rule by name. Without base_model, the rules mergekit runs without one (their
+``without_base``) take the first model as the reference, named in the report's warnings.
 Any method may take ``slices`` that cut the base's layers in order, each slice's sources over its own range, with
 per-slice ``parameters`` (SlicedSchedule); ``tokenizer_source`` / ``tokenizer.source`` pick the output vocabulary.
 A model listed under ``models`` that is the base has no task vector and is skipped, as mergekit does, except in
@@ -39,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .methods import REGISTRY
+from .methods import REGISTRY, MergeMethod, mergekit_methods
+from .methods.mergekit import REQUIRED, Mergekit
 from .recipe_yaml import load_yaml
 from .schedule import Schedule, SlicedSchedule, evaluate, varies
 
@@ -47,27 +53,6 @@ TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "slic
 MODEL_KEYS = ("model", "parameters")
 MODEL_PARAMS = ("weight", "density")
 DTYPES = ("float32", "bfloat16", "float16")
-# mergekit method -> (its global parameters, per-model parameters, normalize default)
-MERGEKIT = {
-    "linear": (("normalize",), ("weight",), True),
-    "task_arithmetic": (("normalize", "lambda", "int8_mask"), ("weight",), False),
-    "ties": (("normalize", "lambda", "int8_mask"), ("weight", "density"), True),
-    "dare_linear": (("normalize", "lambda", "int8_mask"), ("weight", "density"), False),
-    "dare_ties": (("normalize", "lambda", "int8_mask"), ("weight", "density"), False),
-    "breadcrumbs": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "gamma"), False),
-    "breadcrumbs_ties": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "gamma"), False),
-    "della": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "epsilon"), True),
-    "della_linear": (("normalize", "lambda", "int8_mask", "rescale"), ("weight", "density", "epsilon"), False),
-    "model_stock": (("filter_wise",), (), False),
-    "slerp": (("t",), (), False),
-    "multislerp": (("normalize_weights", "eps"), ("weight",), False),
-    "nuslerp": (("nuslerp_flatten", "nuslerp_row_wise"), ("weight",), False),
-    "sce": (("select_topk", "int8_mask"), (), False),
-    "karcher": (("max_iter", "tol"), (), False),
-    "nearswap": (("t",), (), False),
-    "arcee_fusion": ((), (), False),
-}
-ELECTING = ("ties", "dare_ties", "breadcrumbs_ties", "della")  # normalize divides by the agreeing weights, inside the rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +66,7 @@ class Recipe:
     slices: list | None = None         # passthrough: stack.Slice per output layer range (base, experts unused)
     tokenizer_source: str | None = None  # base, union or a model path (vocab.py); None: merge()'s default
     layer_range: tuple[int, int] | None = None  # a one-slice recipe's range: the base's whole depth (checked)
+    notes: tuple[str, ...] = ()        # for the report's warnings (the reference a base-less recipe merges against)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -110,54 +96,63 @@ def parse_recipe(data: Any) -> Recipe:
         raise ConfigError("the recipe has no merge_method", hint=_methods_hint())
     if name == "passthrough":
         return _passthrough(top)
-    if name not in MERGEKIT and name not in REGISTRY:
+    cls = mergekit_methods().get(name)
+    if cls is None and name not in REGISTRY:
         raise ConfigError(f"unknown merge_method {name!r}", hint=_methods_hint())
+    schema = cls.mergekit_schema() if cls is not None else None
     models, layer_range, cuts = _slice_models(top) if "slices" in top else (top.get("models"), None, None)
     if not isinstance(models, list) or not models:
         raise ConfigError("the recipe needs a non-empty list 'models' (each '- model: PATH')")
-    base = top.get("base_model")
-    if base is None:
-        hint = ("for linear any of the models works as base_model: the weighted mean does not depend on it"
-                if name == "linear" else "base_model: the model the others were fine-tuned from")
-        raise ConfigError(f"merge_method {name!r}: the recipe has no base_model, and lowmerge merges task vectors "
-                          "against a base", hint=hint)
     entries = [_model_entry(m, i) for i, m in enumerate(models)]
-    keep = [name == "linear" or name not in MERGEKIT or _differs(e[0], str(base)) for e in entries]
-    entries = [e for e, k in zip(entries, keep) if k]       # mergekit: the base has no task vector
+    base, keep, notes = _base(name, schema, top.get("base_model"), entries)
+    entries = [e for e, k in zip(entries, keep) if k]
     if not entries:
         raise ConfigError("the recipe lists no model besides base_model")
     dtype = _dtype(top)
     glob = _mapping(top.get("parameters") or {}, "parameters", None)
-    schedule = None
-    if cuts is not None and name not in MERGEKIT:
+    if cuts is not None and schema is None:
         raise ConfigError(f"merge_method {name!r}: slices with their own parameters are mergekit's form",
                           hint="give lowmerge's methods one list of models, or use one slice")
-    if name in MERGEKIT:
-        paths, settings = [e[0] for e in entries], [e[1] for e in entries]
+    if schema is None:
+        return Recipe(base, [e[0] for e in entries], name, _own(name, glob, entries), dtype,
+                      tokenizer_source=_tokenizer_source(top), layer_range=layer_range)
+    paths, settings = [e[0] for e in entries], [e[1] for e in entries]
+    extra = schema.without_base_params if notes else {}     # base-less: the rule's form for the weights themselves
 
-        def to_params(g: dict, ms: list[dict]) -> dict[str, Any]:
-            return _mergekit(name, g, list(zip(paths, ms)))[1]
+    def to_params(g: dict, ms: list[dict]) -> dict[str, Any]:
+        return {**_mergekit(cls, g, list(zip(paths, ms))), **extra}
+    schedule = None
+    try:
         if cuts is not None:        # several slices (or one with its own parameters): each tensor its slice's
             schedule = SlicedSchedule([(a, b, Schedule({**glob, **sp}, [m for m, k in zip(ms, keep) if k],
                                                        to_params)) for a, b, sp, ms in cuts])
-            try:
-                method, _ = _mergekit(name, *_at_start({**glob, **cuts[0][2]}, entries))
-                params = schedule.params("", 0.0)
-            except ValueError as e:
-                raise ConfigError(f"merge_method {name!r}: {e}") from None
+            _mergekit(cls, *_at_start({**glob, **cuts[0][2]}, entries))
         elif any(varies(v) for p in [glob, *settings] for v in p.values()):
             schedule = Schedule(glob, settings, to_params)
-            try:
-                method, _ = _mergekit(name, *_at_start(glob, entries))
-                params = schedule.params("", 0.0)
-            except ValueError as e:
-                raise ConfigError(f"merge_method {name!r}: {e}") from None
-        else:
-            method, params = _mergekit(name, glob, entries)
-    else:
-        method, params = name, _own(name, glob, entries)
-    return Recipe(str(base), [e[0] for e in entries], method, params, dtype, schedule,
-                  tokenizer_source=_tokenizer_source(top), layer_range=layer_range)
+            _mergekit(cls, *_at_start(glob, entries))
+        params = schedule.params("", 0.0) if schedule is not None else to_params(glob, settings)
+    except ValueError as e:
+        raise ConfigError(f"merge_method {name!r}: {e}") from None
+    return Recipe(base, paths, cls.name, params, dtype, schedule, tokenizer_source=_tokenizer_source(top),
+                  layer_range=layer_range, notes=notes)
+
+
+def _base(name: str, schema: Mergekit | None, base: Any, entries: list[tuple[str, dict]]
+          ) -> tuple[str, list[bool], tuple[str, ...]]:
+    """(the base, which models stay experts, notes for the report). A model listed under ``models`` that is the
+    base has no task vector and is skipped, as mergekit does, unless the rule counts it (linear). Without
+    base_model, a rule that mergekit runs without one takes the first model as the reference: an expert with
+    Δ = 0 ("expert"), or the base the rule counts among its points ("point")."""
+    if base is not None:
+        keep = [schema is None or schema.base_is_expert or _differs(e[0], str(base)) for e in entries]
+        return str(base), keep, ()
+    if schema is None or schema.without_base is None:
+        raise ConfigError(f"merge_method {name!r}: the recipe has no base_model, and {name} merges task vectors "
+                          "against a base", hint="base_model: the model the others were fine-tuned from")
+    first = entries[0][0]
+    keep = [schema.without_base == "expert" or i > 0 for i in range(len(entries))]
+    return first, keep, (f"the recipe has no base_model: {name} merged against its first model, {first}, as the "
+                         "reference (mergekit's base-less form; the result does not depend on the choice)",)
 
 
 def _slice_models(top: dict) -> tuple[list, tuple[int, int], list | None]:
@@ -287,83 +282,35 @@ def _at_start(glob: dict, entries: list[tuple[str, dict]]) -> tuple[dict, list[t
     return first(glob), [(m, first(p)) for m, p in entries]
 
 
-def _mergekit(name: str, glob: dict, entries: list[tuple[str, dict]]) -> tuple[str, dict[str, Any]]:
-    allowed, per_model, normalize_default = MERGEKIT[name]
-    _only(glob, allowed + per_model, f"merge_method {name!r}: parameter")
+def _mergekit(cls: type[MergeMethod], glob: dict, entries: list[tuple[str, dict]]) -> dict[str, Any]:
+    """A mergekit recipe's values as ``cls``'s parameters, through its declared schema: every key declared, every
+    value of its declared type, defaults filled in, then ``cls.from_mergekit``."""
+    schema = cls.mergekit_schema()
+    where = f"merge_method {schema.name!r}"
+    _only(glob, tuple(schema.parameters) + tuple(schema.tensor_parameters), f"{where}: parameter")
     for model, p in entries:
-        _only(p, per_model, f"merge_method {name!r}: model {model}: parameter")
-    if name in ("slerp", "nearswap", "arcee_fusion") and len(entries) != 1:
-        raise ConfigError(f"merge_method {name!r} combines base_model with one other model, not {len(entries)}",
-                          hint="list base_model and one more model under models")
-    if name in ("slerp", "nearswap"):
-        if "t" not in glob:
-            what = "0 gives base_model, 1 the other model" if name == "slerp" else "the largest move kept"
-            raise ConfigError(f"merge_method {name!r} needs parameters: t ({what})")
-        return name, {"t": _number(glob["t"], "t", "parameters")}
-    if name == "arcee_fusion":
-        return name, {}
-    if name == "karcher":
-        return "karcher", {"max_iter": int(_number(glob.get("max_iter", 10), "max_iter", "parameters")),
-                           "tol": _number(glob.get("tol", 1e-5), "tol", "parameters")}
-    if name == "sce":
-        return "sce", {"select_topk": _number(glob.get("select_topk", 1.0), "select_topk", "parameters")}
-    if name == "model_stock":
-        return "model_stock", {"filter_wise": _bool(glob.get("filter_wise", False), "filter_wise")}
-    weights = tuple(_number(p.get("weight", glob.get("weight", 1.0)), "weight", m) for m, p in entries)
-    if name == "multislerp":
-        return "multislerp", {"weights": weights, "eps": _number(glob.get("eps", 1e-8), "eps", "parameters"),
-                              "normalize_weights": _bool(glob.get("normalize_weights", True), "normalize_weights")}
-    if name == "nuslerp":
-        if len(entries) != 2:
-            raise ConfigError(f"merge_method 'nuslerp' interpolates between two models besides base_model, "
-                              f"not {len(entries)}")
-        return "nuslerp", {"weights": weights, "flatten": _bool(glob.get("nuslerp_flatten", True), "nuslerp_flatten"),
-                           "row_wise": _bool(glob.get("nuslerp_row_wise", False), "nuslerp_row_wise")}
-    densities = tuple(_number(p.get("density", glob.get("density", 1.0)), "density", m) for m, p in entries)
-    normalize = _bool(glob.get("normalize", normalize_default), "normalize")
-    lam = _number(glob.get("lambda", 1.0), "lambda", "parameters")
-    total = sum(weights)
-    if name == "linear":
-        if not normalize and abs(total - 1) > 1e-6:
-            raise ConfigError(f"merge_method 'linear' with normalize: false and weights summing to {total:g} "
-                              "scales the base weights themselves (Σ w_t W_t), which a task-vector merge cannot express",
-                              hint="use normalize: true, weights summing to 1, or task_arithmetic")
-        return "average", {"weights": weights}
-    if normalize and total == 0 and name not in ELECTING:
-        raise ConfigError(f"merge_method {name!r}: normalize: true divides by the weights' sum, which is 0")
-    scale = lam / total if normalize and name not in ELECTING else lam
-    if name == "task_arithmetic":
-        return "task_arithmetic", {"scale": scale, "weights": weights}
-    params = {"scale": scale, "weights": weights, **_one_or_each("density", densities)}
-    if name == "ties":
-        return "ties", {**params, "trim": "tensor", "normalize": normalize}
-    if name == "dare_ties":
-        return "dare_ties", {**params, "normalize": normalize}
-    if name in ("breadcrumbs", "breadcrumbs_ties"):
-        return name, {**params, **_breadcrumbs_params(name, glob, entries, normalize)}
-    if name in ("della", "della_linear"):
-        return name, {**params, **_della_params(name, glob, entries, normalize)}
-    return "dare", params
+        _only(p, tuple(schema.tensor_parameters), f"{where}: model {model}: parameter")
+    values = {}
+    for key, default in schema.parameters.items():
+        if key not in glob and default is REQUIRED:
+            hint = schema.hints.get(key)
+            raise ConfigError(f"{where} needs parameters: {key}" + (f" ({hint})" if hint else ""))
+        values[key] = _typed(glob.get(key, default), default, key, "parameters")
+    models = [{key: _typed(p.get(key, glob.get(key, default)), default, key, model)
+               for key, default in schema.tensor_parameters.items()} for model, p in entries]
+    try:
+        params = cls.from_mergekit(values, models)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return params
 
 
-def _della_params(name: str, glob: dict, entries: list[tuple[str, dict]], normalize: bool) -> dict[str, Any]:
-    """ε (mergekit: per model, 0.15 by default), one for all or one per model; rescale defaults to true."""
-    epsilons = tuple(_number(p.get("epsilon", glob.get("epsilon", 0.15)), "epsilon", m) for m, p in entries)
-    return {**_one_or_each("epsilon", epsilons), "rescale": _bool(glob.get("rescale", True), "rescale"),
-            **({"normalize": normalize} if name == "della" else {"normalize": False})}
-
-
-def _one_or_each(key: str, values: tuple[float, ...]) -> dict[str, Any]:
-    """``{key: v}`` when every model has the same value, else ``{key + "s": values}`` (one per expert)."""
-    plural = {"density": "densities"}.get(key, key + "s")
-    return {key: values[0]} if len(set(values)) == 1 else {plural: values}
-
-
-def _breadcrumbs_params(name: str, glob: dict, entries: list[tuple[str, dict]], normalize: bool) -> dict[str, Any]:
-    """γ (mergekit: per model, 0.01 by default), one for all or one per model; rescale false by default."""
-    gammas = tuple(_number(p.get("gamma", glob.get("gamma", 0.01)), "gamma", m) for m, p in entries)
-    return {**_one_or_each("gamma", gammas), "rescale": _bool(glob.get("rescale", False), "rescale"),
-            **({"normalize": normalize} if name == "breadcrumbs_ties" else {})}
+def _typed(value: Any, default: Any, key: str, where: str) -> Any:
+    """``value`` as the type of the declared default (bool, int, float; a REQUIRED parameter is a number)."""
+    if isinstance(default, bool):
+        return _bool(value, key)
+    number = _number(value, key, where)
+    return int(number) if isinstance(default, int) else number
 
 
 def _own(name: str, glob: dict, entries: list[tuple[str, dict]]) -> dict[str, Any]:
@@ -429,5 +376,6 @@ def _differs(a: str, b: str) -> bool:
 
 
 def _methods_hint() -> str:
-    own = [n for n in REGISTRY if n not in MERGEKIT]
-    return "supported: mergekit's " + ", ".join(MERGEKIT) + "; lowmerge's " + ", ".join(own)
+    mergekit = mergekit_methods()
+    own = [n for n, cls in REGISTRY.items() if cls.mergekit_schema() is None]
+    return "supported: mergekit's " + ", ".join([*mergekit, "passthrough"]) + "; lowmerge's " + ", ".join(own)

@@ -220,6 +220,7 @@ def system_condition(name: str, params: object, taus: list[torch.Tensor]) -> flo
 
 ELSEWHERE = {"slerp", "multislerp", "nuslerp", "sce", "karcher", "nearswap",      # mergekit's formulas:
              "arcee_fusion",                                                   # test_mergekit_methods
+             "ram", "ramplus_tl",                                              # test_ram
              "regmean", "chain"}   # Grams from calibration data through a model: tests/test_calibrated.py
 
 

@@ -18,6 +18,7 @@ from .karcher import Karcher
 from .model_stock import ModelStock
 from .multislerp import MultiSlerp, NuSlerp
 from .nearswap import NearSwap
+from .ram import Ram, RamPlusTl
 from .regmean import RegMean
 from .sce import Sce
 from .slerp import Slerp
@@ -45,6 +46,8 @@ _METHODS: tuple[type[MergeMethod], ...] = (
     Karcher,
     NearSwap,
     ArceeFusion,
+    Ram,
+    RamPlusTl,
     ActMat,
     WudiCfs,
     Wudi,
@@ -70,6 +73,18 @@ REGISTRY: dict[str, type[MergeMethod]] = _build_registry(_METHODS)
 DEFAULT_METHOD = "wudi_cfs"
 
 
+def mergekit_methods() -> dict[str, type[MergeMethod]]:
+    """Every rule a mergekit recipe can name, by its mergekit ``merge_method`` (read from REGISTRY as it is now)."""
+    found: dict[str, type[MergeMethod]] = {}
+    for cls in REGISTRY.values():
+        schema = cls.mergekit_schema()
+        if schema is not None:
+            if schema.name in found:
+                raise RuntimeError(f"two merge methods declare the mergekit name {schema.name!r}")
+            found[schema.name] = cls
+    return found
+
+
 def get_method(name: str) -> type[MergeMethod]:
     try:
         return REGISTRY[name]
@@ -77,5 +92,5 @@ def get_method(name: str) -> type[MergeMethod]:
         raise ConfigError(f"unknown method {name!r}", hint="valid methods: " + ", ".join(REGISTRY)) from None
 
 
-__all__ = ["REGISTRY", "DEFAULT_METHOD", "MergeMethod", "NoParams", "Prepass", "get_method", "parse_params",
-           "params_dict"]
+__all__ = ["REGISTRY", "DEFAULT_METHOD", "MergeMethod", "NoParams", "Prepass", "get_method", "mergekit_methods",
+           "parse_params", "params_dict"]

@@ -16,6 +16,7 @@ import torch
 
 from ..info import TensorInfo
 from .base import MergeMethod
+from .mergekit import Mergekit
 
 EPS = 1e-8
 BLOCK_ELEMS = 1 << 20        # rows per block of the fp64 softmax temporaries
@@ -43,6 +44,7 @@ class ArceeFusion(MergeMethod):
     needs_base = True
     fixed_experts = 1
     combines = "fuses the base with one expert"
+    mergekit = Mergekit("arcee_fusion")
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)

@@ -12,6 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod, expert_weight
+from .mergekit import Mergekit, per_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,18 @@ class Average(MergeMethod):
     summary = "weighted mean of the experts' weights (W0 + Σ w_t Δt / Σ w_t), every tensor"
     Params = AverageParams
     param_help = {"weights": "w_t, one per expert (comma-separated); empty: all 1"}
+    mergekit = Mergekit("linear", {"normalize": True}, {"weight": 1.0}, base_is_expert=True, without_base="expert")
+
+    @classmethod
+    def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+        """Σ w_t W_t / Σ w_t is W0 + Σ w_t Δt / Σ w_t; without normalize only weights summing to 1 are that."""
+        weights = per_model(models, "weight")
+        if not glob["normalize"] and abs(sum(weights) - 1) > 1e-6:
+            raise ConfigError(f"merge_method 'linear' with normalize: false and weights summing to "
+                              f"{sum(weights):g} scales the base weights themselves (Σ w_t W_t), which a task-vector "
+                              "merge cannot express",
+                              hint="use normalize: true, weights summing to 1, or task_arithmetic")
+        return {"weights": weights}
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)

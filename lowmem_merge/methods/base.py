@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..info import TensorInfo
+from .mergekit import Mergekit, plural
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,8 @@ class MergeMethod:
     param_help: ClassVar[dict[str, str]] = {}    # parameter -> one line, for `lowmerge methods`
     fixed_experts: ClassVar[int | None] = None   # rules of the base and a fixed number of experts (slerp: 1)
     combines: ClassVar[str] = ""                 # what such a rule does with them, for the error naming the count
+    mergekit: ClassVar[Mergekit | None] = None   # its mergekit recipe schema (read from the class itself only,
+                                                 # never inherited: see ``mergekit_schema``)
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         self.info = info
@@ -136,6 +139,22 @@ class MergeMethod:
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
         """Bytes of statistics this rule holds for one tensor (fp32), for the plan's memory estimate."""
         return 4 * info.numel
+
+    @classmethod
+    def mergekit_schema(cls) -> Mergekit | None:
+        """This class's own mergekit schema: a subclass (task_arithmetic of average) is another mergekit method."""
+        return cls.__dict__.get("mergekit")
+
+    @classmethod
+    def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+        """A recipe's values (``glob``: every global parameter, ``models``: every per-model one for each expert,
+        defaults filled in) as this rule's parameters. By default global parameters keep their names and per-model
+        ones become tuples (weight -> weights, density -> densities)."""
+        schema = cls.mergekit_schema()
+        params = dict(glob)
+        for key in (schema.tensor_parameters if schema else ()):
+            params[plural(key)] = tuple(m[key] for m in models)
+        return params
 
     @classmethod
     def check_experts(cls, params: Any, n_experts: int) -> None:

@@ -21,6 +21,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight, per_expert, sum_factor
+from .mergekit import GTA, WEIGHT_DENSITY, Mergekit, one_or_each, per_model, task_arithmetic
 from .ties import _SLAB, Ties, TiesPrepass
 
 
@@ -113,6 +114,16 @@ class Breadcrumbs(MergeMethod):
         "gammas": "γ_t, one per expert (comma-separated); empty: gamma for every expert",
         "rescale": "multiply each kept band by ‖Δt‖₁ / ‖band‖₁ over the tensor (mergekit's default: false)",
     }
+    mergekit = Mergekit("breadcrumbs", {**GTA, "rescale": False}, {**WEIGHT_DENSITY, "gamma": 0.01})
+
+    @classmethod
+    def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+        """γ (mergekit: per model, 0.01 by default), one for all or one per model."""
+        elects = cls.mergekit_schema().name == "breadcrumbs_ties"
+        return {**task_arithmetic(cls.mergekit_schema().name, glob, models, elects=elects),
+                **one_or_each("density", per_model(models, "density")),
+                **one_or_each("gamma", per_model(models, "gamma")), "rescale": glob["rescale"],
+                **({"normalize": glob["normalize"]} if elects else {})}
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
@@ -150,6 +161,8 @@ class BreadcrumbsTies(Ties):
     prepass = BandPrepass
     param_help = {**Breadcrumbs.param_help,
                   "normalize": "divide the agreeing entries' sum by their weights (mergekit's default: false)"}
+    mergekit = Mergekit("breadcrumbs_ties", {**GTA, "rescale": False}, {**WEIGHT_DENSITY, "gamma": 0.01})
+    from_mergekit = Breadcrumbs.__dict__["from_mergekit"]
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         lo, hi, factor = self.state[t]

@@ -25,6 +25,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod, check_densities, expert_density, expert_weight
+from .mergekit import GTA, WEIGHT_DENSITY, Mergekit, one_or_each, per_model, task_arithmetic
 
 _BLOCK = 1 << 20  # mask elements drawn at a time (at least one row): 4 MiB of host memory
 
@@ -85,6 +86,12 @@ class Dare(MergeMethod):
         "weights": "w_t, one per expert (comma-separated); empty: all 1",
         "densities": "K_t, one per expert (comma-separated); empty: density for every expert",
     }
+    mergekit = Mergekit("dare_linear", GTA, WEIGHT_DENSITY)
+
+    @classmethod
+    def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**task_arithmetic("dare_linear", glob, models, elects=False),
+                **one_or_each("density", per_model(models, "density"))}
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)

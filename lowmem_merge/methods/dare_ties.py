@@ -19,6 +19,7 @@ import torch
 from ..info import TensorInfo
 from .base import check_densities, expert_density, expert_weight
 from .dare import _BLOCK, DareParams, kept_blocks
+from .mergekit import GTA, WEIGHT_DENSITY, Mergekit, one_or_each, per_model, task_arithmetic
 from .ties import Ties
 
 
@@ -49,6 +50,12 @@ class DareTies(Ties):
         "densities": "K_t, one per expert (comma-separated); empty: density for every expert",
         "normalize": "divide the agreeing entries' sum by their (weighted) count (mergekit's default: false)",
     }
+    mergekit = Mergekit("dare_ties", GTA, WEIGHT_DENSITY)
+
+    @classmethod
+    def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**task_arithmetic("dare_ties", glob, models, elects=True),
+                **one_or_each("density", per_model(models, "density")), "normalize": glob["normalize"]}
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         density = expert_density(self.params, t)

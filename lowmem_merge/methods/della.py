@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight, per_expert, sum_factor
 from .dare import _rows_per_block, mask_seed
+from .mergekit import GTA, WEIGHT_DENSITY, Mergekit, one_or_each, per_model, task_arithmetic
 from .ties import _SLAB, Ties
 
 
@@ -136,6 +137,18 @@ class Della(_Magprune, Ties):
         "seed": "random seed; masks depend on (seed, expert, tensor name, row offset) only",
         "epsilons": "ε_t, one per expert (comma-separated); empty: epsilon for every expert",
     }
+    mergekit = Mergekit("della", {**GTA, "normalize": True, "rescale": True}, {**WEIGHT_DENSITY, "epsilon": 0.15})
+
+    @classmethod
+    def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+        """ε (mergekit: per model, 0.15 by default), one for all or one per model; della elects, della_linear
+        does not."""
+        name = cls.mergekit_schema().name
+        elects = name == "della"
+        return {**task_arithmetic(name, glob, models, elects=elects),
+                **one_or_each("density", per_model(models, "density")),
+                **one_or_each("epsilon", per_model(models, "epsilon")), "rescale": glob["rescale"],
+                "normalize": glob["normalize"] if elects else False}
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         w = expert_weight(self.params, t)
@@ -157,6 +170,8 @@ class DellaLinear(_Magprune, MergeMethod):
     summary = "magnitude-ranked random drop (MAGPRUNE), L1 rescale, then a weighted sum (mergekit's della_linear)"
     Params = DellaLinearParams
     param_help = {**Della.param_help, "normalize": "divide the sum by Σ w_t (mergekit's default: false)"}
+    mergekit = Mergekit("della_linear", {**GTA, "rescale": True}, {**WEIGHT_DENSITY, "epsilon": 0.15})
+    from_mergekit = Della.__dict__["from_mergekit"]
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)

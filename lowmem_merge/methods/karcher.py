@@ -21,6 +21,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod
+from .mergekit import Mergekit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Karcher(MergeMethod):
     needs_base = True
     param_help = {"max_iter": "Riemannian steps at most (each reads every expert again)",
                   "tol": "stop when the tangent's norm is below tol; also the smallest norm and angle counted"}
+    mergekit = Mergekit("karcher", {"max_iter": 10, "tol": 1e-5}, without_base="point")
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)

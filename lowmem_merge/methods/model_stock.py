@@ -22,6 +22,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod, Prepass
+from .mergekit import Mergekit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,7 @@ class ModelStock(MergeMethod):
     Params = ModelStockParams
     prepass = StockPrepass
     param_help = {"filter_wise": "one t per row (the last dimension); false: one t per tensor (mergekit's default)"}
+    mergekit = Mergekit("model_stock", {"filter_wise": False})
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)

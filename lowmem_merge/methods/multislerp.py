@@ -11,18 +11,23 @@ as mergekit returns the tensor itself.
 nuslerp (two experts, t = w_1 / (w_0 + w_1), 0.5 when the weights sum to ~0): SLERP of the two task vectors
 themselves (not normalized): (sin((1−t)θ) Δ0 + sin(tθ) Δ1) / sin θ, θ the angle between them, over the whole tensor
 (``flatten``, mergekit's default), each row, or each column (``row_wise``); linear where sin θ < 1e-8.
+
+Both take ``origin``: "base" interpolates the task vectors (mergekit with base_model); "zero" interpolates the
+models' weights W_t = W0 + Δt themselves (mergekit without base_model, where a recipe's first model is the
+reference W0 and one of the experts, with Δ = 0). Either way the result is returned as W* − W0.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ..errors import ConfigError, InputError
 from ..info import TensorInfo
 from .base import MergeMethod
+from .mergekit import Mergekit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +35,7 @@ class MultiSlerpParams:
     weights: tuple[float, ...] = ()
     normalize_weights: bool = True
     eps: float = 1e-8
+    origin: Literal["base", "zero"] = "base"
 
     def __post_init__(self) -> None:
         if self.normalize_weights and self.weights and abs(sum(self.weights)) == 0:
@@ -44,7 +50,11 @@ class MultiSlerp(MergeMethod):
     Params = MultiSlerpParams
     param_help = {"weights": "w_t, one per expert (comma-separated); empty: all 1",
                   "normalize_weights": "divide the weights by their sum (mergekit's default: true)",
-                  "eps": "ε added to each norm (mergekit's 1e-8)"}
+                  "eps": "ε added to each norm (mergekit's 1e-8)",
+                  "origin": "base: interpolate task vectors; zero: the weights themselves (mergekit, no base_model)"}
+    needs_base = True                            # origin zero works on W0 + Δt
+    mergekit = Mergekit("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": 1.0},
+                        without_base="expert", without_base_params={"origin": "zero"})
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
@@ -56,6 +66,8 @@ class MultiSlerp(MergeMethod):
         self.norms = 0.0                          # Σ w_t ‖Δt‖
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        if self.params.origin == "zero":
+            delta = _weights(self, delta)
         if self.units is None:
             self.units = self.zeros(delta.shape, delta.device)
             if self.n_experts <= 2:
@@ -67,6 +79,10 @@ class MultiSlerp(MergeMethod):
             self.linear.add_(delta, alpha=self.w[t] if self.n_experts == 2 else 1.0)
 
     def finalize(self) -> torch.Tensor:
+        out = self._merged()
+        return out.sub_(self.base.to(out.device, torch.float32)) if self.params.origin == "zero" else out
+
+    def _merged(self) -> torch.Tensor:
         if self.n_experts == 1:
             self.release(self.units)
             return self.linear
@@ -94,6 +110,7 @@ class NuSlerpParams:
     weights: tuple[float, ...] = ()
     flatten: bool = True
     row_wise: bool = False
+    origin: Literal["base", "zero"] = "base"
 
 
 class NuSlerp(MergeMethod):
@@ -104,7 +121,16 @@ class NuSlerp(MergeMethod):
     combines = "interpolates between two experts"
     param_help = {"weights": "w_0,w_1: t = w_1 / (w_0 + w_1); empty: 0.5",
                   "flatten": "one angle for the whole tensor (mergekit's default: true)",
-                  "row_wise": "without flatten: one angle per column (true) or per row (false)"}
+                  "row_wise": "without flatten: one angle per column (true) or per row (false)",
+                  "origin": "base: interpolate task vectors; zero: the weights themselves (mergekit, no base_model)"}
+    needs_base = True                            # origin zero works on W0 + Δt
+    mergekit = Mergekit("nuslerp", {"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": 1.0},
+                        without_base="expert", without_base_params={"origin": "zero"})
+
+    @classmethod
+    def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"weights": tuple(m["weight"] for m in models), "flatten": glob["nuslerp_flatten"],
+                "row_wise": glob["nuslerp_row_wise"]}
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
@@ -115,16 +141,27 @@ class NuSlerp(MergeMethod):
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
         if t == 0:
             self.first = self.zeros(delta.shape, delta.device).copy_(delta)
+            if self.params.origin == "zero":
+                self.first.add_(self.base.to(delta.device, torch.float32))
             return
+        if self.params.origin == "zero":
+            delta = _weights(self, delta)
         self.first = nuslerp(self.t, self.first, delta, None if self.params.flatten else
                              (0 if self.params.row_wise else -1))
 
     def finalize(self) -> torch.Tensor:
+        if self.params.origin == "zero":
+            return self.first.sub_(self.base.to(self.first.device, torch.float32))
         return self.first
 
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
         return 12 * info.numel
+
+
+def _weights(method: MergeMethod, delta: torch.Tensor) -> torch.Tensor:
+    """W_t = W0 + Δt in a new fp32 tensor (the caller owns ``delta``)."""
+    return method.base.to(delta.device, torch.float32) + delta
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int | None) -> torch.Tensor:

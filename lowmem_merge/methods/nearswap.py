@@ -14,6 +14,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod
+from .mergekit import REQUIRED, Mergekit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class NearSwap(MergeMethod):
     fixed_experts = 1
     combines = "moves the base toward one expert"
     param_help = {"t": "sameness threshold: moves up to t are kept, larger ones stop at distance t"}
+    mergekit = Mergekit("nearswap", {"t": REQUIRED}, hints={"t": "the largest move kept"})
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)

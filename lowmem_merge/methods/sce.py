@@ -23,6 +23,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod
+from .mergekit import Mergekit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,11 @@ class Sce(MergeMethod):
     Params = SceParams
     passes = 3                                      # 2 when every entry is kept: passes_for
     param_help = {"select_topk": "fraction of entries kept by their variance over the experts (1: all)"}
+    mergekit = Mergekit("sce", {"select_topk": 1.0, "int8_mask": False})
+
+    @classmethod
+    def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"select_topk": glob["select_topk"]}
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)

@@ -17,6 +17,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod
+from .mergekit import REQUIRED, Mergekit
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -56,6 +57,7 @@ class Slerp(MergeMethod):
     fixed_experts = 1
     combines = "interpolates between the base and one expert"
     param_help = {"t": "interpolation factor: 0 gives the base, 1 the expert"}
+    mergekit = Mergekit("slerp", {"t": REQUIRED}, hints={"t": "0 gives base_model, 1 the other model"})
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)

@@ -29,6 +29,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorInfo
 from .base import MergeMethod, Prepass, check_densities, expert_density, expert_weight
+from .mergekit import GTA, WEIGHT_DENSITY, Mergekit, one_or_each, per_model, task_arithmetic
 
 _HIGH = 1 << 15  # buckets of the top 16 bits of a non-negative fp32 (sign bit 0)
 _LOW = 1 << 16   # values of the low 16 bits inside one bucket
@@ -145,6 +146,14 @@ class Ties(MergeMethod):
         "densities": "K_t, one per expert (comma-separated); empty: density for every expert",
         "normalize": "divide the agreeing entries' sum by their (weighted) count; false: keep the sum",
     }
+    mergekit = Mergekit("ties", {**GTA, "normalize": True}, WEIGHT_DENSITY)
+
+    @classmethod
+    def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+        """mergekit trims each tensor on its own (trim: tensor); normalize divides by the agreeing weights."""
+        return {**task_arithmetic("ties", glob, models, elects=True),
+                **one_or_each("density", per_model(models, "density")), "trim": "tensor",
+                "normalize": glob["normalize"]}
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
