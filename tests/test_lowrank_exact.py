@@ -43,6 +43,9 @@ RULES = {  # rule -> (merge parameters, fp64 rule on the (m, n) task vectors of 
 }
 
 
+WELL_POSED = {"actmat", "wudi_cfs", "wudi", "ace"}   # rules whose fp64 answer does not hinge on rounding here
+
+
 def _ace_params() -> tuple[float, float, float]:
     p = REGISTRY["ace"].Params()
     return p.eps, p.tau, p.k_frac
@@ -97,13 +100,35 @@ def rule_errors(base: Path, full: list[Path], out: Path, method: str) -> dict[st
     return errors
 
 
-@pytest.mark.parametrize("method", sorted(RULES))
+@pytest.mark.parametrize("method", sorted(WELL_POSED))
 def test_dense_path_on_materialized_lora_experts_matches_fp64_rule(lora_experts, tmp_path, method):
     base, full = lora_experts
     errors = rule_errors(base, full, tmp_path / "out", method)
-    assert len(errors) == 14
+    assert len(errors) == 15   # 2 layers × 7 adapted projections, and lm_head (Δ = 0: held to exactly W0)
     worst = max(errors, key=lambda k: errors[k][0] / errors[k][1])
     assert all(err <= bound for err, bound in errors.values()), (worst, errors[worst])
+
+
+@pytest.mark.parametrize("method", sorted(set(RULES) - WELL_POSED))
+def test_spectral_rules_on_lora_experts_are_decided_by_rounding(lora_experts, method):
+    """TSV-M, Iso-C and Iso-CTS orthogonalize (polar factor) or flatten every singular direction, including the
+    n − Σr directions that a LoRA task vector holds only as the rounding of W0 + Δ. Their fp64 rule then follows
+    that rounding: fed the same Δt rounded to fp32 (1e-8 relative, what the stream hands any rule), it moves by
+    more than 10 % on every adapted tensor. So no fp32 pipeline can be held to 1e-4 of it here; test_methods.py
+    holds these rules to κ·u on the well-posed cases."""
+    base, full = lora_experts
+    rule = RULES[method][1]
+    w0 = load_file(next(base.glob("*.safetensors")))
+    ws = [load_file(next(f.glob("*.safetensors"))) for f in full]
+    for info in _infos(base, full):
+        if info.cls != TensorClass.LIN or info.name == "lm_head.weight":   # lm_head: no adapter, Δ = 0
+            continue
+        exact = [w[info.name].double() - w0[info.name].double() for w in ws]
+        rounded = [(w[info.name] - w0[info.name]).double() for w in ws]
+        input_change = max(float((a - b).norm() / b.norm()) for a, b in zip(rounded, exact))
+        want = rule(exact)
+        assert input_change < 1e-7
+        assert float((rule(rounded) - want).norm() / want.norm()) > 0.1, info.name
 
 
 # ---- the fp64 reference cases of test_methods, held to the same 1e-4, including the pseudo-inverse settings ------
