@@ -9,6 +9,7 @@ in Frobenius norm plus the fp32 rounding of writing W0 + Δ* (u·‖W0 + Δ*‖)
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import reference as ref
 from lowmem_merge import merge
 from lowmem_merge.info import TensorClass
 from lowmem_merge.methods import REGISTRY
+from lowmem_merge.methods.matrix_rule import polar_and_values
 
 from test_lora import _infos
 from test_merge import load_model
@@ -158,3 +160,43 @@ def test_covariance_rules_match_fp64_pinv_without_eigh(name, kwargs, case):
     want = ref.per_matrix(lambda taus: _covariance_reference(name, params, taus), [d.double() for d in deltas])
     assert rel_err(got, want) <= TARGET
     assert method.stats()["eigh"] == 0
+
+
+# ---- the polar factor without LAPACK's SVD (TSV-M, Iso-C, Iso-CTS) ------------------------------------------------
+
+def _conditioned(m: int, n: int, cond: float, seed: int) -> torch.Tensor:
+    """An fp32 m×n matrix with singular values spread geometrically from 1 to 1/cond."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)
+    return ((u * s) @ v.T).float()
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+@pytest.mark.parametrize("cond", [1.0e1, 1.0e3, 0.9e5])
+def test_polar_gram_route_matches_fp64_lapack(shape, cond):
+    """Route 1 of polar_and_values against fp64 LAPACK on the same fp32 input: the factor's error is bounded by
+    eps64·κ² (the Gram's rounding, module doc) plus the fp32 output rounding; σ to the same bound relative to σ1."""
+    x = _conditioned(*shape, cond, seed=int(cond))
+    xd = x.double()
+    want = ref.polar(xd)
+    got, values = polar_and_values(x)
+    k = min(shape)
+    bound = 4 * math.sqrt(k) * (U32 + torch.finfo(torch.float64).eps * cond ** 2)
+    assert float((got.double() - want).norm()) / math.sqrt(k) <= bound
+    assert float((values.double() - torch.linalg.svdvals(xd)).abs().max()) <= bound
+
+
+def test_polar_leaves_zero_slots_out():
+    """Unfilled slots (zero columns of Ū, zero rows of V̄) get zero in the factor and the rest is the polar factor of
+    the filled part, as LAPACK's factor is there when the filled part has full rank."""
+    x = _conditioned(50, 12, 1e2, seed=5)
+    padded = torch.cat([x, torch.zeros(50, 4)], 1)
+    got, values = polar_and_values(padded)
+    assert torch.equal(got[:, 12:], torch.zeros(50, 4)) and torch.equal(values[12:], torch.zeros(4))
+    full = ref.polar(padded.double())[:, :12]
+    assert float((got[:, :12].double() - full).norm()) <= 4 * math.sqrt(12) * U32 * math.sqrt(12)
+    wide, _ = polar_and_values(padded.T.contiguous())
+    assert torch.equal(wide, got.T)
