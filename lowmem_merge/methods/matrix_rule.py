@@ -100,11 +100,16 @@ def thin_svd(x: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, tor
     found = _gram_svd(x, top)
     if found is not None:
         return found
-    try:
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    except torch.linalg.LinAlgError:
-        u, s, vh = (f.to(x.dtype) for f in torch.linalg.svd(x.double(), full_matrices=False))
+    u, s, vh = _lapack_svd(x)
     return u[:, :top], s[:top], vh[:top]
+
+
+def _lapack_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route 2 of ``thin_svd``: fp32 LAPACK, redone in fp64 where it fails to converge."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        return tuple(f.to(x.dtype) for f in torch.linalg.svd(x.double(), full_matrices=False))
 
 
 def _gram_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -138,7 +143,7 @@ def polar_and_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (tests/test_methods.py holds it to fp64 LAPACK). Costs a Gram and one eigh of the smaller side: the
     FLOP floor of the rule, where LAPACK's SVD of an ill-conditioned matrix (TSV-M's and Iso-CTS's slot matrices)
     took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled slots) are left out and get zero in
-    the factor: they meet a zero weight (s̄ = 0) wherever the factor is used. Route 2 otherwise: ``thin_svd``.
+    the factor: they meet a zero weight (s̄ = 0) wherever the factor is used. Route 2 otherwise: LAPACK's SVD, as ``thin_svd``'s.
     """
     wide = x.shape[0] < x.shape[1]
     lines = (x != 0).any(dim=1 if wide else 0)           # nonzero rows (wide) or columns (tall)
@@ -161,7 +166,7 @@ def polar_and_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             values = x.new_zeros(k)
             values[:evals.shape[0]] = evals.flip(0).sqrt().to(x.dtype)
             return out, values
-    u, s, vh = thin_svd(x)
+    u, s, vh = _lapack_svd(x)   # not thin_svd: its Gram route would repeat the eigh just rejected
     return u @ vh, s
 
 
