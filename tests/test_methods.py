@@ -381,14 +381,16 @@ def test_actmat_stats_report_the_relative_ridge() -> None:
     stats = merge_with_stats("actmat", deltas)[1]
     assert stats["ridge"] == pytest.approx(1e-3 * trace / 8, rel=1e-5)
     assert stats["cond_est"] >= 1 and stats["eigh"] == 0
-    assert merge_with_stats("actmat", deltas, rho=0.0)[1]["eigh"] == 1
+    assert merge_with_stats("actmat", deltas, rho=0.0)[1]["pinv"] == 1   # floored Cholesky, refined: no eigh
 
 
-def test_wudi_takes_cholesky_only_where_pinv_would_cut_nothing() -> None:
-    """ω·Σw = 1/‖Δ‖² ≈ 3e-3 clears the cut-off n·eps·‖A‖; ω = 1e-5 puts the null space under it."""
+def test_wudi_takes_the_pseudo_inverse_only_where_pinv_would_cut() -> None:
+    """With fp64 sums ω = 1e-5 clears pinv's cut-off n·eps64·‖A‖ (a plain solve); ω = 0 leaves the null space under
+    it (pseudo-inverse by floored Cholesky and refinement). Never eigh."""
     delta = _low_rank(12, 10, rank=3, seed=8)
-    assert merge_with_stats("wudi_cfs", [delta], omega=1.0)[1]["eigh"] == 0
-    assert merge_with_stats("wudi_cfs", [delta], omega=1e-5)[1]["eigh"] == 1
+    for omega, pinv in ((1.0, 0), (1e-5, 0), (0.0, 1)):
+        stats = merge_with_stats("wudi_cfs", [delta], omega=omega)[1]
+        assert (stats["pinv"], stats["eigh"]) == (pinv, 0), omega
 
 
 @pytest.mark.parametrize("omega", [0.0, 1e-5, 1.0])

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
-
 from ..errors import ConfigError
 from .covariance import CovarianceMethod
 
@@ -35,7 +33,3 @@ class ActMat(CovarianceMethod):
 
     def _ridges(self, traces: list[float]) -> list[float]:
         return [self.params.rho * trace / self.info.shape[-1] for trace in traces]
-
-    @staticmethod
-    def _exact(params: Any) -> bool:
-        return params.rho == 0

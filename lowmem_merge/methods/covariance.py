@@ -1,13 +1,13 @@
 """The kernel shared by the closed-form covariance rules (ALGORITHMS.md §1), used by actmat and wudi_cfs.
 
-Per (out, in) = (m, n) matrix it keeps two fp32 sums over experts and one scalar,
+Per (out, in) = (m, n) matrix it keeps two fp64 sums over experts and one scalar,
     A = Σ_t w_t Δtᵀ Δt                       (n×n)
     N = Σ_t w_t Δt (Δtᵀ Δt + ε I)            (m×n)
     s = Σ_t w_t ε                            (so that Σ_t w_t (ΔtᵀΔt + ε I) = A + s·I)
-and solves Δ* = N (A + (s + r)·I)⁻¹ by Cholesky, r being an extra ridge of the rule; a zero total ridge, or a failed
-Cholesky, takes an eigh pseudo-inverse instead. A rule defined with ``torch.linalg.pinv`` (``LIKE_PINV``) gets pinv's
-cut-off of tiny eigenvalues, and Cholesky only where that provably cuts nothing.
-Memory is n² + m·n per matrix plus one temporary, whatever the number of experts.
+and solves Δ* = N (A + (s + r)·I)⁻¹ (``spd_solve``: fp32 Cholesky refined by fp64 residuals, fp64 where fp32 cannot
+converge), r being an extra ridge of the rule; a zero total ridge means the pseudo-inverse, reached without eigh.
+fp64 sums because rounding A and N to fp32 alone moves Δ* by ~κ·u32, 5e-3 on LoRA experts (issue 17).
+Memory is 2·(n² + m·n) fp32-sized values per matrix plus temporaries, whatever the number of experts.
 
 A LIN tensor with more than two dims (mixture-of-experts weights stored (E, out, in), ALGORITHMS.md §13) is a batch of
 independent matrices: each gets its own weights, statistics and ridge. A plain matrix is a batch of one.
@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from ..info import TensorClass, TensorInfo
 from .matrix_rule import MatrixRule, as_matrices
+from .spd_solve import row_block, solve_spd_right
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -37,17 +38,18 @@ def rows_first(m: int, n: int) -> bool:
     return 2 * m < n
 
 
-def covariance_state_bytes(shape: tuple[int, ...], eigh: bool) -> int:
-    """Peak fp32 bytes for one tensor: A and N of every matrix, plus the largest temporary of one matrix.
+def covariance_state_bytes(shape: tuple[int, ...]) -> int:
+    """Peak bytes for one tensor: fp64 A and N of every matrix, plus the largest temporaries of one matrix.
 
-    The temporary is the per-expert product in ``add`` (n², or m² < n² when rows go first), or in ``solve`` the
-    Cholesky factor (n²; the solution overwrites N). ``eigh`` (a rule that may take the eigh pseudo-inverse) needs
-    eigenvectors and eigh's workspace (~3n²) and one m×n product instead.
+    In ``add``: the expert's fp64 copy (m·n) and its fp64 Gram product (n², or m² < n² when rows go first). In
+    ``solve``: the fp32 result of every matrix (B·m·n), the fp32 and fp64 Cholesky factors (n² each, the fp64 one
+    only where fp32 cannot converge) and a row block's fp64 temporaries.
     """
     *lead, m, n = shape
     batch = math.prod(lead)
-    temporary = 3 * n * n + m * n if eigh else n * n
-    return 4 * (batch * (n * n + m * n) + temporary)
+    adding = 8 * (m * n + min(n * n, m * m if rows_first(m, n) else n * n))
+    solving = 4 * batch * m * n + (4 + 8) * n * n + 8 * 4 * min(m, row_block(n)) * n
+    return 8 * batch * (n * n + m * n) + max(adding, solving)
 
 
 class CovarianceMethod(MatrixRule):
@@ -56,8 +58,6 @@ class CovarianceMethod(MatrixRule):
     A rule says how expert t enters: ``_weights`` (w_t per matrix, from ‖Δt‖F²) and ``_eps`` (ε of §1); ``_ridges``
     adds a ridge from tr A. The same three serve the dense path and the LoRA core-space path.
     """
-
-    LIKE_PINV: ClassVar[bool] = False  # True: Δ* = N pinv(A + ridge I) with pinv's cut-off, as the reference code
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
@@ -92,19 +92,19 @@ class CovarianceMethod(MatrixRule):
 
     def _finalize_matrices(self) -> torch.Tensor:
         if self._factors is not None:
-            merged, self._stats = self._factors.solve(self.info.shape[-2], self._ridges, self.LIKE_PINV)
+            merged, self._stats = self._factors.solve(self.info.shape[-2], self._ridges)
             self._stats["core_dim"] = float(self._factors.core_dim)
             return merged.unsqueeze(0)
         if self._sums.A is None:  # only zero-rank adapters: every Δt is 0
             return torch.zeros((1, *self.info.shape), dtype=torch.float32, device=self._device)
-        merged, self._stats = self._sums.solve(self._ridges(self._sums.traces()), like_pinv=self.LIKE_PINV)
+        merged, self._stats = self._sums.solve(self._ridges(self._sums.traces()))
         return merged
 
     @classmethod
     def state_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> int:
         if info.cls != TensorClass.LIN:
             return 4 * info.numel
-        return covariance_state_bytes(info.shape, eigh=cls.LIKE_PINV or cls._exact(params))
+        return covariance_state_bytes(info.shape)
 
     def _weights(self, norms_sq: list[float]) -> list[float]:
         """w_t per matrix from ‖Δt‖F² per matrix; 0 leaves the expert out of that matrix."""
@@ -118,32 +118,28 @@ class CovarianceMethod(MatrixRule):
         """Ridge per matrix on top of the accumulated shift, from tr A per matrix; None = none."""
         return None
 
-    @staticmethod
-    def _exact(params: Any) -> bool:
-        """True when the parameters ask for the unregularized pseudo-inverse (eigh: more memory to solve)."""
-        raise NotImplementedError
-
 
 class GramSums:
-    """Running A and N of one LIN tensor; ``add`` reads Δt and keeps no reference to it."""
+    """Running fp64 A and N of one LIN tensor; ``add`` reads Δt (fp32) and keeps no reference to it."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.m, self.n = shape[-2], shape[-1]
-        self.A: torch.Tensor | None = None  # (B, n, n) fp32
-        self.N: torch.Tensor | None = None  # (B, m, n) fp32
+        self.A: torch.Tensor | None = None  # (B, n, n) fp64
+        self.N: torch.Tensor | None = None  # (B, m, n) fp64
         self.shift: list[float] = []         # s = Σ_t w_t ε per matrix
 
     def add(self, delta: torch.Tensor, weights: Sequence[float] | None = None, eps: float = 0.0) -> None:
         """A += w ΔᵀΔ, N += w Δ(ΔᵀΔ + ε I), s += w ε per matrix; weights: one per matrix, default 1; 0 skips it."""
         d = as_matrices(delta)  # (B, m, n) fp32
         if self.A is None:
-            self.A = d.new_zeros(d.shape[0], self.n, self.n)
-            self.N = d.new_zeros(d.shape[0], self.m, self.n)
+            self.A = d.new_zeros(d.shape[0], self.n, self.n, dtype=torch.float64)
+            self.N = d.new_zeros(d.shape[0], self.m, self.n, dtype=torch.float64)
             self.shift = [0.0] * d.shape[0]
-        for e, x in enumerate(d):  # x: (m, n)
+        for e, x32 in enumerate(d):  # x32: (m, n)
             w = 1.0 if weights is None else weights[e]
             if w == 0:
                 continue
+            x = x32.double()  # temporary (m, n): fp32 products would round A and N at ~u32 (module doc)
             if eps:
                 self.N[e].add_(x, alpha=w * eps)
                 self.shift[e] += w * eps
@@ -159,63 +155,38 @@ class GramSums:
         """tr A per matrix (without the shift s)."""
         return self.A.diagonal(dim1=-2, dim2=-1).sum(-1).tolist()
 
-    def solve(self, ridges: Sequence[float] | None = None,
-              like_pinv: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-        """Δ* = N (A + (s_e + ridge_e) I)⁻¹ per matrix, written over N (returned, (B, m, n)); A is overwritten.
+    def solve(self, ridges: Sequence[float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Δ* = N (A + (s_e + ridge_e) I)⁻¹ per matrix as (B, m, n) fp32; A and N are dropped.
 
         A matrix with tr A = 0 had only zero deltas, so its N is 0 and stays the answer. Stats are over the matrices:
-        the worst condition estimate, the largest ridge, and how many needed the eigh pseudo-inverse.
+        the worst condition estimate, the largest ridge, refinement steps, how many needed an fp64 factor or the
+        pseudo-inverse, and eigh (0: no eigendecomposition is taken any more).
         """
-        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0}
+        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0, "steps": 0.0, "fp64_factor": 0.0, "pinv": 0.0}
         traces = self.traces()
+        out = torch.zeros(self.N.shape, dtype=torch.float32, device=self.N.device)
         for e, (trace, extra) in enumerate(zip(traces, ridges or [0.0] * len(traces))):
             if trace == 0:
                 continue
             ridge = self.shift[e] + extra
-            cond, used_eigh = _solve_one(self.A[e], self.N[e], ridge, like_pinv)
-            stats["cond_est"] = max(stats["cond_est"], cond)
-            stats["ridge"] = max(stats["ridge"], ridge)
-            stats["eigh"] += used_eigh
-        self.A = None
-        return self.N, stats
+            _, one = solve_spd_right(self.A[e], self.N[e], ridge, out=out[e])
+            _merge_stats(stats, one, ridge)
+        self.A = self.N = None
+        return out, stats
 
 
-def _solve_one(a: torch.Tensor, nn: torch.Tensor, ridge: float, like_pinv: bool,
-               full_dim: int | None = None) -> tuple[float, bool]:
-    """nn ← nn (a + ridge I)⁻¹ in place, for symmetric PSD a (n, n) and nn (m, n); a is overwritten.
-
-    ridge > 0 makes a positive definite: Cholesky, whose diagonal gives a cheap condition estimate
-    (max L_ii / min L_ii)². If Cholesky still fails, or ridge = 0, use the eigh pseudo-inverse.
-    Returns the condition estimate and whether eigh was used.
-
-    like_pinv: the rule is nn · pinv(a + ridge I), and pinv drops eigenvalues below max_eig·n·eps. In fp32 such
-    eigenvalues are rounding noise of the accumulated a, and inverting them exactly would amplify that noise (a single
-    rank-deficient expert came back 120 % off). Cholesky equals pinv only when nothing is dropped, which is sure when
-    the ridge (a lower bound of every eigenvalue) exceeds n·eps·‖a + ridge I‖F (a bound of the cut-off); else eigh.
-
-    full_dim: a is the core K = QᵀAQ of an n×n matrix A = Q K Qᵀ (n = full_dim), whose other n − k eigenvalues are 0:
-    pinv's cut-off and the norm are those of the n×n matrix.
-    """
-    n = full_dim or a.shape[0]
-    if ridge > 0:
-        a.diagonal().add_(ridge)
-        norm = math.sqrt(float(torch.linalg.matrix_norm(a)) ** 2 + (n - a.shape[0]) * ridge * ridge)
-        if not like_pinv or ridge > n * _EPS32 * norm:
-            chol, info = torch.linalg.cholesky_ex(a)  # (n, n) lower
-            if int(info) == 0:
-                # X A = N  ⇔  L (Lᵀ Xᵀ) = Nᵀ: two triangular solves on the (n, m) view Nᵀ, in place (no m×n copy)
-                rhs = nn.T
-                torch.linalg.solve_triangular(chol, rhs, upper=False, out=rhs)
-                torch.linalg.solve_triangular(chol.T, rhs, upper=True, out=rhs)
-                diag = chol.diagonal()
-                return float(diag.max() / diag.min()) ** 2, False
-            del chol
-    return _pinv_solve(a, nn, n), True
+def _merge_stats(stats: dict[str, float], one: dict[str, float], ridge: float) -> None:
+    stats["cond_est"] = max(stats["cond_est"], one["cond_est"])
+    stats["ridge"] = max(stats["ridge"], ridge)
+    stats["steps"] = max(stats["steps"], one["steps"])
+    stats["fp64_factor"] += one["fp64_factor"]
+    stats["pinv"] += one["pinv"]
 
 
 def eigh_pinv(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """a⁺ = V diag(inverse) Vᵀ through eigh: (V, inverse, condition number on the eigenvalues kept). Eigenvalues at
-    or below max_eig·n·eps(fp32) count as zero (rounding, not signal); n is the full matrix's size."""
+    or below max_eig·n·eps(fp32) count as zero (rounding, not signal); n is the full matrix's size. (RegMean's
+    pseudo-inverse of calibration Grams; the covariance rules above no longer take eigh.)"""
     evals, vecs = torch.linalg.eigh(a)  # ascending; vecs (n, n)
     kept = evals > float(evals[-1]) * n * _EPS32
     inverse = torch.where(kept, evals.reciprocal(), torch.zeros_like(evals))
@@ -225,13 +196,6 @@ def eigh_pinv(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, floa
 def pinv_apply(nn: torch.Tensor, vecs: torch.Tensor, inverse: torch.Tensor) -> None:
     """nn ← nn V diag(inverse) Vᵀ in place (one (m, n) temporary)."""
     torch.matmul((nn @ vecs).mul_(inverse), vecs.T, out=nn)
-
-
-def _pinv_solve(a: torch.Tensor, nn: torch.Tensor, n: int) -> float:
-    """nn ← nn a⁺ in place (``eigh_pinv``). Returns the condition number of a on the eigenvalues kept."""
-    vecs, inverse, cond = eigh_pinv(a, n)
-    pinv_apply(nn, vecs, inverse)
-    return cond
 
 
 class Factors:
@@ -262,30 +226,31 @@ class CoreSums:
     def add(self, f: Factors, weight: float, eps: float) -> None:
         self.items.append((f, weight, eps))
 
-    def solve(self, m: int, ridges: Any, like_pinv: bool) -> tuple[torch.Tensor, dict[str, float]]:
-        """Δ* (m, n) = (N Q)(K + (s + ridge)·I)⁻¹ Qᵀ, with ``_solve_one``'s semantics for the full n×n system."""
-        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0}
+    def solve(self, m: int, ridges: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Δ* (m, n) = (N Q)(K + (s + ridge)·I)⁻¹ Qᵀ, solved as ``solve_spd_right`` does for the full n×n system."""
+        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0, "steps": 0.0, "fp64_factor": 0.0, "pinv": 0.0}
         stacked = torch.cat([f.a for f, _, _ in self.items]) if self.items else None
         if stacked is None or not bool(stacked.any()):
             device = stacked.device if stacked is not None else None
             return torch.zeros(m, self.n, dtype=torch.float32, device=device), stats
-        q, _ = torch.linalg.qr(stacked.T)  # (n, k): orthonormal, spans every a_t's rows
+        q, _ = torch.linalg.qr(stacked.T.double())  # (n, k): orthonormal, spans every a_t's rows
         self.core_dim = k = q.shape[1]
         core = q.new_zeros(k, k)           # K = Qᵀ A Q
         nq = q.new_zeros(m, k)             # N Q
         shift = 0.0
         for f, w, eps in self.items:
-            aq = f.a @ q                   # (r, k)
-            btb = f.b.T @ f.b              # (r, r)
+            a, b = f.a.double(), f.b.double()
+            aq = a @ q                     # (r, k)
+            btb = b.T @ b                  # (r, r)
             gq = btb @ aq                  # bᵀb a Q: (r, k)
             core.addmm_(aq.T, gq, alpha=w)
-            nq.addmm_(f.b, (f.a @ f.a.T) @ gq, alpha=w)  # Δ (ΔᵀΔ) Q = b (a aᵀ)(bᵀb)(a Q)
+            nq.addmm_(b, (a @ a.T) @ gq, alpha=w)  # Δ (ΔᵀΔ) Q = b (a aᵀ)(bᵀb)(a Q)
             if eps:
-                nq.addmm_(f.b, aq, alpha=w * eps)         # ε Δ Q
+                nq.addmm_(b, aq, alpha=w * eps)     # ε Δ Q
                 shift += w * eps
         extra = ridges([float(core.trace())])
         ridge = shift + (extra[0] if extra else 0.0)
-        cond, used_eigh = _solve_one(core, nq, ridge, like_pinv, full_dim=self.n)
-        stats.update(cond_est=cond, ridge=ridge, eigh=float(used_eigh))
+        merged, one = solve_spd_right(core, nq, ridge, full_dim=self.n)
+        _merge_stats(stats, one, ridge)
         self.items = []
-        return nq @ q.T, stats
+        return merged @ q.T.float(), stats

@@ -2,7 +2,7 @@
 
 LIN, per (m, n) matrix: S = Σ_t Δt = U diag(σ) Vᵀ (thin SVD), Δ* = α · mean(σ_1..σ_r) · U Vᵀ, r = min(m, n):
 the task-arithmetic sum with its spectrum flattened, nuclear norm kept. Other tensors: α · mean of Δt.
-Memory: S, then one thin SVD of it.
+Memory: S, then its polar factor and singular values (``polar_and_values``: an fp64 Gram and one eigh).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .matrix_rule import MatrixRule, svd_floats, thin_svd
+from .matrix_rule import MatrixRule, polar_and_values, svd_floats
 from .tsv import ScaleParams
 
 
@@ -33,9 +33,8 @@ class IsoC(MatrixRule):
     def _finalize_matrices(self) -> torch.Tensor:
         total = self._sum
         for x in total:  # x: (m, n), overwritten by its Δ*
-            u, s, vh = thin_svd(x)
-            torch.matmul(u, vh, out=x)
-            x.mul_(float(s.mean()) * self.params.scale)
+            factor, s = polar_and_values(x)
+            x.copy_(factor).mul_(float(s.mean()) * self.params.scale)
         return total
 
     @classmethod

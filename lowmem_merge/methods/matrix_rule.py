@@ -100,11 +100,16 @@ def thin_svd(x: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, tor
     found = _gram_svd(x, top)
     if found is not None:
         return found
-    try:
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    except torch.linalg.LinAlgError:
-        u, s, vh = (f.to(x.dtype) for f in torch.linalg.svd(x.double(), full_matrices=False))
+    u, s, vh = _lapack_svd(x)
     return u[:, :top], s[:top], vh[:top]
+
+
+def _lapack_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route 2 of ``thin_svd``: fp32 LAPACK, redone in fp64 where it fails to converge."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        return tuple(f.to(x.dtype) for f in torch.linalg.svd(x.double(), full_matrices=False))
 
 
 def _gram_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -125,11 +130,50 @@ def _gram_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, to
     return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype).contiguous()
 
 
+POLAR_COND = 1e5  # the Gram route of ``polar_and_values`` is taken when σ_min ≥ σ_max / POLAR_COND
+
+
+def polar_and_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ and the singular values σ (descending), fp32.
+
+    Route 1: eigh of the fp64 Gram G of the smaller side, polar = x·G^{-1/2} (tall) or G^{-1/2}·x (wide). Unlike a
+    single singular vector, the polar factor does not depend on the gaps between singular values (rotations within
+    a cluster cancel); rounding G (‖E‖ ~ eps64·σ_max²) moves its part along σ by ~eps64·(σ_max/σ)², below fp32
+    rounding (u32·σ_max/σ, the factor's own sensitivity to fp32 input) for every σ ≥ σ_max / POLAR_COND
+    (tests/test_methods.py holds it to fp64 LAPACK). Costs a Gram and one eigh of the smaller side: the
+    FLOP floor of the rule, where LAPACK's SVD of an ill-conditioned matrix (TSV-M's and Iso-CTS's slot matrices)
+    took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled slots) are left out and get zero in
+    the factor: they meet a zero weight (s̄ = 0) wherever the factor is used. Route 2 otherwise: LAPACK's SVD, as ``thin_svd``'s.
+    """
+    wide = x.shape[0] < x.shape[1]
+    lines = (x != 0).any(dim=1 if wide else 0)           # nonzero rows (wide) or columns (tall)
+    k = min(x.shape)
+    if bool(lines.any()):
+        xd = (x[lines] if wide else x[:, lines]).double()
+        gram = xd @ xd.T if wide else xd.T @ xd
+        evals, vecs = torch.linalg.eigh(gram)             # ascending
+        del gram                                          # (memory: within svd_floats' Gram route)
+        if float(evals[0]) > float(evals[-1]) / POLAR_COND ** 2:
+            root = (vecs * evals.rsqrt()) @ vecs.T          # G^{-1/2}
+            del vecs
+            part = root @ xd if wide else xd @ root
+            del xd, root
+            out = x.new_zeros(x.shape)
+            if wide:
+                out[lines] = part.to(x.dtype)
+            else:
+                out[:, lines] = part.to(x.dtype)
+            values = x.new_zeros(k)
+            values[:evals.shape[0]] = evals.flip(0).sqrt().to(x.dtype)
+            return out, values
+    u, s, vh = _lapack_svd(x)   # not thin_svd: its Gram route would repeat the eigh just rejected
+    return u @ vh, s
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ (thin fp32 SVD): the nearest matrix with orthonormal columns
-    (rows, if wide). Unique where x has full rank; for zero columns it does not matter, their s̄ is 0 (§5)."""
-    u, _, vh = thin_svd(x)
-    return u @ vh
+    """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ: the nearest matrix with orthonormal columns (rows, if wide).
+    Unique where x has full rank; for zero columns it does not matter, their s̄ is 0 (§5)."""
+    return polar_and_values(x)[0]
 
 
 class SlotBuffers:

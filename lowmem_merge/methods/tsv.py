@@ -5,7 +5,7 @@ LIN, per (m, n) matrix, r = min(m, n), k = ⌊r/T⌋:
     Δ* = α · polar(Ū) · diag(s̄) · polar(V̄).
 Other tensors: α · mean of Δt (the scalar multiplies the whole merged vector).
 T > r gives k = 0 and Δ* = 0 (stats: k = 0, and a warning in the log).
-Streaming: one thin SVD per expert, two at finalize; memory m·r + r + r·n plus one SVD's workspace, whatever T.
+Streaming: one thin SVD per expert, two polar factors at finalize (fp64 Gram + eigh where proven, else SVD); memory m·r + r + r·n plus one SVD's workspace, whatever T.
 """
 from __future__ import annotations
 
