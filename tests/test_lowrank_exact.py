@@ -24,7 +24,7 @@ from lowmem_merge.methods.matrix_rule import polar_and_values
 
 from test_lora import _infos
 from test_merge import load_model
-from test_methods import CASES, make_model, rel_err
+from test_methods import CASES, _with_spectrum, make_model, rel_err
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -164,22 +164,12 @@ def test_covariance_rules_match_fp64_pinv_without_eigh(name, kwargs, case):
 
 # ---- the polar factor without LAPACK's SVD (TSV-M, Iso-C, Iso-CTS) ------------------------------------------------
 
-def _conditioned(m: int, n: int, cond: float, seed: int) -> torch.Tensor:
-    """An fp32 m×n matrix with singular values spread geometrically from 1 to 1/cond."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-    s = torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)
-    return ((u * s) @ v.T).float()
-
-
 @pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
 @pytest.mark.parametrize("cond", [1.0e1, 1.0e3, 0.9e5])
 def test_polar_gram_route_matches_fp64_lapack(shape, cond):
     """Route 1 of polar_and_values against fp64 LAPACK on the same fp32 input: the factor's error is bounded by
     eps64·κ² (the Gram's rounding, module doc) plus the fp32 output rounding; σ to the same bound relative to σ1."""
-    x = _conditioned(*shape, cond, seed=int(cond))
+    x = _with_spectrum(*shape, cond, seed=int(cond))
     xd = x.double()
     want = ref.polar(xd)
     got, values = polar_and_values(x)
@@ -192,7 +182,7 @@ def test_polar_gram_route_matches_fp64_lapack(shape, cond):
 def test_polar_leaves_zero_slots_out():
     """Unfilled slots (zero columns of Ū, zero rows of V̄) get zero in the factor and the rest is the polar factor of
     the filled part, as LAPACK's factor is there when the filled part has full rank."""
-    x = _conditioned(50, 12, 1e2, seed=5)
+    x = _with_spectrum(50, 12, 1e2, seed=5)
     padded = torch.cat([x, torch.zeros(50, 4)], 1)
     got, values = polar_and_values(padded)
     assert torch.equal(got[:, 12:], torch.zeros(50, 4)) and torch.equal(values[12:], torch.zeros(4))
