@@ -668,7 +668,7 @@ def test_only_elementwise_rules_are_row_chunkable() -> None:
     lin = TensorInfo("layer.weight", (23, 9), LIN)
     chunkable = {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), lin)}
     assert chunkable == {"average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-                         "model_stock", "della", "della_linear", "nearswap"}
+                         "model_stock", "della", "della_linear", "nearswap", "ram", "ramplus_tl"}
     assert REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"), lin)  # its κ comes from a prepass
     emb = TensorInfo("embed_tokens.weight", (23, 9), TensorClass.EMB)   # covariance rules average it: elementwise
     assert {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), emb)} == \
