@@ -22,7 +22,8 @@ demo: setup
 # `make test` is CI's suite (under 10 minutes on a 2-core machine); tests marked slow (exhaustive parametrizations,
 # cross-checks that repeat a cheaper test's coverage) run with `make test-slow`. Two pytest workers, one file each at
 # a time (--dist loadfile keeps a file's module fixtures built once): most tests wait on a CLI subprocess importing
-# torch on one core, so two at once take 468 s where one at a time took 661 s on the 2-core machine.
+# torch on one core, so two at once took 468 s where one at a time took 661 s on the 2-core machine (776 tests);
+# with the 885 tests of 2026-12-06 a clean-clone `.ci/run` took 630-757 s: over the 10-minute target again.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
