@@ -48,6 +48,7 @@ class OutputDir:
     # -- start --------------------------------------------------------------------------------------------------
     def _prepare(self, resume: bool, force: bool) -> None:
         p = self.path
+        _refuse_if_locked(p)                       # a run writing here now: say so, whatever its files look like
         self._check_start(resume, force)           # read-only: a refused directory gets no lock file
         p.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(p)
@@ -249,6 +250,26 @@ def _lock(p: Path) -> int:
         os.close(fd)
     raise OutputError("cannot lock the output directory: its lock file keeps changing", path=p,
                       hint="another lowmerge run is starting or finishing there: try again")
+
+
+def _refuse_if_locked(p: Path) -> None:
+    """Read-only probe: if another run holds ``p``'s lock, refuse now (the files it is writing, e.g. a manifest
+    between its ``.partial`` and the rename, must not be judged as someone else's). Creates nothing."""
+    try:
+        fd = os.open(p / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:                                # no lock file (or none we may open): nobody holds it
+        return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return                                 # _lock() reports a planted non-file
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"another lowmerge run is writing {p}{_holder(fd)}", path=p,
+                              hint="wait for it to finish, or choose another -o") from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _holder(fd: int) -> str:
