@@ -54,10 +54,14 @@ def stream(name: str, params: object, model: Model) -> dict[str, torch.Tensor]:
     n_experts = len(next(iter(model.values()))[1])
     prepass = cls.prepass_for(params)
 
+    def base_of(key: str, info: TensorInfo) -> torch.Tensor:   # rules on the weights (slerp): a base per tensor
+        return torch.randn(info.shape, generator=torch.Generator().manual_seed(len(key)))
+
     def gather(items: list) -> object:
         pre = prepass(n_experts, params)
         for round_ in range(pre.rounds):
             for info, deltas in items:
+                pre.base = base_of(info.name, info) if cls.needs_base else None
                 for t, delta in enumerate(deltas):
                     pre.observe(round_, info, t, delta.clone())
             pre.end_round(round_)
@@ -69,8 +73,8 @@ def stream(name: str, params: object, model: Model) -> dict[str, torch.Tensor]:
         if prepass and prepass.scope == "tensor":
             state = gather([(info, deltas)])
         method = cls(info, n_experts, params, state)
-        if cls.needs_base:   # rules on the weights (slerp): a base of the tensor's shape
-            method.base = torch.randn(info.shape, generator=torch.Generator().manual_seed(len(key)))
+        if cls.needs_base:
+            method.base = base_of(key, info)
         buf = torch.empty_like(deltas[0])
         for pass_ in range(cls.passes):
             for t, delta in enumerate(deltas):
