@@ -514,7 +514,7 @@ def test_one_slice_form_is_the_models_form(models) -> None:
 # Bitwise: every sum is per-row fp64 added by math.fsum (order-free), and the merge itself is elementwise.
 FLAT_BITWISE = [("slerp", 1, {"t": 0.3}), ("multislerp", 3, {"weights": (0.5, 0.3, 0.2)}), ("multislerp", 2, {}),
                 ("nuslerp", 2, {"weights": (0.3, 0.7)}), ("nuslerp", 2, {"flatten": False}),
-                ("sce", 3, {"select_topk": 0.3}), ("sce", 3, {}), ("arcee_fusion", 1, {})]
+                ("sce", 3, {"select_topk": 0.3}), ("sce", 3, {}), ("arcee_fusion", 1, {}), ("karcher", 3, {})]
 
 
 @pytest.mark.parametrize("method,n,params", FLAT_BITWISE, ids=lambda x: str(x))
