@@ -195,5 +195,5 @@ class Sce(MergeMethod):
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
         """Four buffers and the pass's temporaries; with select_topk < 1 the prepass holds every expert's piece,
-        their sums and the mask."""
-        return 4 * info.numel * max(5, n_experts + 3 if params.select_topk < 1 else 0)
+        their sums, the variance and a temporary."""
+        return 4 * info.numel * max(5, n_experts + 4 if params.select_topk < 1 else 0)
