@@ -311,12 +311,14 @@ def _observe(ctx: StreamContext, pre: Any, round_: int, piece: Piece, fetch: Pre
     _, x = fetch.next()
     base = _base_on_device(ctx, x, piece.info)
     ctx.progress(x.nbytes)
+    pre.base = base.mT if piece.info.transposed else base   # rules on the weights (slerp) read W0 too
     for t in range(ctx.plan.n_experts):
         ckpt, y = fetch.next()
         ctx.progress(y.nbytes)
         delta = _delta(ctx, ckpt, y, base, piece.info)
         pre.observe(round_, piece.info, t, delta)
         ctx.pool.give(delta)
+    pre.base = None
     ctx.pool.give(base)
 
 

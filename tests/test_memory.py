@@ -116,3 +116,43 @@ def test_peak_rss_of_calibrated_rules_is_flat_in_depth(depth_examples, tmp_path,
         peaks[size] = report["memory"]["peak_rss_bytes"]
     print(f"{method}: 4 layers {peaks['small'] / 2**20:.0f} MiB, 12 layers {peaks['big'] / 2**20:.0f} MiB")
     assert peaks["big"] <= peaks["small"] + 48 * 2**20, peaks
+
+
+# Issue 17 section 3, scaled down: the vocabulary large against the hidden size. Hidden 256, 1 layer; the
+# embedding and LM head grow from 8000 to 96000 rows (24.6M elements, 94 MiB each in fp32). Every run's peak grows
+# with the files (`average`, in row chunks with no statistic, gains ~120 MiB here): a tensor-wide rule may gain what
+# `average` gains, while holding one of those tensors whole in fp32 would add at least 86 MiB more.
+VOCAB = {"small": dict(hidden=256, intermediate=688, vocab=8000, heads=4, kv_heads=2),
+         "big": dict(hidden=256, intermediate=688, vocab=96000, heads=4, kv_heads=2)}
+TENSOR_WIDE = [("slerp", 1, ("t=0.3",)), ("multislerp", 3, ()), ("nuslerp", 2, ()), ("sce", 3, ("select_topk=0.1",)),
+               ("karcher", 3, ()), ("arcee_fusion", 1, ())]
+
+
+@pytest.fixture(scope="module")
+def vocab_examples(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
+    root = tmp_path_factory.mktemp("memory_vocab")
+    return {size: build_example(root / size, LlamaShape(layers=1, **shape), n_experts=3, dtype=torch.bfloat16)
+            for size, shape in VOCAB.items()}
+
+
+@pytest.fixture(scope="module")
+def average_growth(vocab_examples, tmp_path_factory) -> int:
+    """What the larger vocabulary adds to `average`'s peak (one row chunk, no statistic)."""
+    out = tmp_path_factory.mktemp("memory_vocab_average")
+    small, big = (peak_rss(vocab_examples[s], out / s, "average") for s in ("small", "big"))
+    return big - small
+
+
+@pytest.mark.parametrize("method,n,params", TENSOR_WIDE, ids=[m for m, _, p in TENSOR_WIDE])
+def test_peak_rss_of_tensor_wide_rules_is_flat_in_the_vocabulary(vocab_examples, average_growth, tmp_path, method,
+                                                                 n, params):
+    """Their angles, norms, top-k, means and quantiles come from per-tensor prepass rounds over row chunks."""
+    peaks, bounds = {}, {}
+    for size, (base, experts) in vocab_examples.items():
+        peaks[size] = peak_rss((base, experts[:n]), tmp_path / size, method, *params)
+        bounds[size] = estimate((base, experts[:n]), method)
+    print(f"{method}: vocab 8000 {peaks['small'] / 2**20:.0f} MiB (inspect {bounds['small'] / 2**20:.0f}), "
+          f"vocab 96000 {peaks['big'] / 2**20:.0f} MiB (inspect {bounds['big'] / 2**20:.0f}); average gains "
+          f"{average_growth / 2**20:.0f} MiB")
+    assert peaks["big"] - peaks["small"] <= average_growth + 48 * 2**20, (peaks, average_growth)
+    assert all(peaks[s] <= bounds[s] for s in peaks), (peaks, bounds)

@@ -508,3 +508,26 @@ def test_one_slice_form_is_the_models_form(models) -> None:
     assert a and a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert proc.returncode == 1 and "cover layers [0, 1], not the base's whole depth [0, 2]" in proc.stderr, proc.stderr
     assert not (root / "out-bad").exists()
+
+
+# Rules whose statistics are the whole tensor's (norms, angles), gathered by a per-tensor prepass over row chunks.
+# Bitwise: every sum is per-row fp64 added by math.fsum (order-free), and the merge itself is elementwise.
+FLAT_BITWISE = [("slerp", 1, {"t": 0.3}), ("multislerp", 3, {"weights": (0.5, 0.3, 0.2)}), ("multislerp", 2, {}),
+                ("nuslerp", 2, {"weights": (0.3, 0.7)}), ("nuslerp", 2, {"flatten": False}),
+                ("sce", 3, {"select_topk": 0.3}), ("sce", 3, {}), ("arcee_fusion", 1, {}), ("karcher", 3, {})]
+
+
+@pytest.mark.parametrize("method,n,params", FLAT_BITWISE, ids=lambda x: str(x))
+def test_tensor_wide_rules_in_row_chunks_equal_whole_tensors_bitwise(models, tmp_path, monkeypatch, method: str,
+                                                                    n: int, params: dict) -> None:
+    from lowmem_merge import merge, stream
+    from lowmem_merge.methods import REGISTRY
+    root, base, experts = models
+    assert REGISTRY[method].row_chunkable(REGISTRY[method].Params(**params), None)
+    merge(base, experts[:n], tmp_path / "whole", method, **params)
+    monkeypatch.setattr(stream, "CHUNK_ELEMS", 100)     # every 2-D tensor in row ranges of 3 rows or fewer
+    merge(base, experts[:n], tmp_path / "chunks", method, **params)
+    got, want = tensors(tmp_path / "chunks"), tensors(tmp_path / "whole")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

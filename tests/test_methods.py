@@ -54,10 +54,14 @@ def stream(name: str, params: object, model: Model) -> dict[str, torch.Tensor]:
     n_experts = len(next(iter(model.values()))[1])
     prepass = cls.prepass_for(params)
 
+    def base_of(key: str, info: TensorInfo) -> torch.Tensor:   # rules on the weights (slerp): a base per tensor
+        return torch.randn(info.shape, generator=torch.Generator().manual_seed(len(key)))
+
     def gather(items: list) -> object:
         pre = prepass(n_experts, params)
         for round_ in range(pre.rounds):
             for info, deltas in items:
+                pre.base = base_of(info.name, info) if cls.needs_base else None
                 for t, delta in enumerate(deltas):
                     pre.observe(round_, info, t, delta.clone())
             pre.end_round(round_)
@@ -69,8 +73,8 @@ def stream(name: str, params: object, model: Model) -> dict[str, torch.Tensor]:
         if prepass and prepass.scope == "tensor":
             state = gather([(info, deltas)])
         method = cls(info, n_experts, params, state)
-        if cls.needs_base:   # rules on the weights (slerp): a base of the tensor's shape
-            method.base = torch.randn(info.shape, generator=torch.Generator().manual_seed(len(key)))
+        if cls.needs_base:
+            method.base = base_of(key, info)
         buf = torch.empty_like(deltas[0])
         for pass_ in range(cls.passes):
             for t, delta in enumerate(deltas):
@@ -668,12 +672,13 @@ def test_only_elementwise_rules_are_row_chunkable() -> None:
     lin = TensorInfo("layer.weight", (23, 9), LIN)
     chunkable = {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), lin)}
     assert chunkable == {"average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-                         "model_stock", "della", "della_linear", "nearswap", "ram", "ramplus_tl"}
+                         "model_stock", "della", "della_linear", "nearswap", "ram", "ramplus_tl", "slerp",
+                         "multislerp", "nuslerp", "sce", "karcher", "arcee_fusion"}   # the last six: the tensor's
+                                              # angles, norms, top-k or quantiles from a per-tensor prepass
     assert REGISTRY["ties"].row_chunkable(REGISTRY["ties"].Params(trim="tensor"), lin)  # its κ comes from a prepass
     emb = TensorInfo("embed_tokens.weight", (23, 9), TensorClass.EMB)   # covariance rules average it: elementwise
     assert {name for name, cls in REGISTRY.items() if cls.row_chunkable(cls.Params(), emb)} == \
-        set(REGISTRY) - {"slerp", "multislerp", "nuslerp", "sce", "karcher", "arcee_fusion"}  # the tensor's angles, norms,
-                                                                                               # top-k, quantiles
+        set(REGISTRY)
 
 
 def test_unknown_parameter_lists_the_valid_ones() -> None:

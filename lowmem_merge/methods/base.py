@@ -38,6 +38,7 @@ class Prepass:
 
     rounds: ClassVar[int] = 1
     scope: ClassVar[str] = "model"
+    base: Any = None     # the stream sets the base piece being observed (stored dtype, the method's orientation)
 
     def __init__(self, n_experts: int, params: Any) -> None:
         self.n_experts = n_experts

@@ -1,4 +1,6 @@
 """mergekit's ``multislerp`` and ``nuslerp``: spherical interpolation of task vectors, each whole tensor at once.
+The norms and angles are the whole tensor's: a per-tensor prepass gathers them over the tensor's row chunks first
+(tensor_sums: the same numbers whole or chunked), then every chunk is merged on its own.
 
 multislerp (barycentric interpolation on the hypersphere, any number of experts, weights w_t normalized to sum 1 by
 default): mergekit projects the unit task vectors u_t = Δt/(‖Δt‖ + ε) onto the tangent space at their normalized
@@ -10,11 +12,13 @@ as mergekit returns the tensor itself.
 
 nuslerp (two experts, t = w_1 / (w_0 + w_1), 0.5 when the weights sum to ~0): SLERP of the two task vectors
 themselves (not normalized): (sin((1−t)θ) Δ0 + sin(tθ) Δ1) / sin θ, θ the angle between them, over the whole tensor
-(``flatten``, mergekit's default), each row, or each column (``row_wise``); linear where sin θ < 1e-8.
+(``flatten``, mergekit's default), each row, or each column (``row_wise``); linear where sin θ < 1e-8. Per row needs
+no prepass; per column keeps whole tensors.
 
 Both take ``origin``: "base" interpolates the task vectors (mergekit with base_model); "zero" interpolates the
 models' weights W_t = W0 + Δt themselves (mergekit without base_model, where a recipe's first model is the
-reference W0 and one of the experts, with Δ = 0). Either way the result is returned as W* − W0.
+reference W0 and one of the experts, with Δ = 0). Either way the result is returned as W* − W0. The prepasses see
+the same points as the merge (W0 + Δt under "zero"), one row chunk at a time.
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..info import TensorInfo
-from .base import MergeMethod
+from .base import MergeMethod, Prepass
 from .mergekit import Mergekit
+from .tensor_sums import RowSums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,50 @@ class MultiSlerpParams:
             raise ConfigError(f"multislerp: eps={self.eps} must be a finite number >= 0")
 
 
+def _unit_weights(params: Any, n_experts: int) -> list[float]:
+    weights = list(params.weights) or [1.0] * n_experts
+    total = sum(weights) if params.normalize_weights else 1.0
+    return [x / total for x in weights]
+
+
+class MultiSlerpPrepass(Prepass):
+    """Round 0: ‖Δt‖ of each expert; round 1: ‖Σ w_t Δt/(‖Δt‖ + ε)‖, the sum built one row chunk at a time."""
+
+    scope = "tensor"
+    rounds = 2
+
+    def __init__(self, n_experts: int, params: Any) -> None:
+        super().__init__(n_experts, params)
+        self.w = _unit_weights(params, n_experts)
+        self.sums = RowSums(*(f"d{t}" for t in range(n_experts)), "units")
+        self.norms: list[float] = []
+        self._units: torch.Tensor | None = None     # one chunk's Σ w_t Δt/(‖Δt‖ + ε)
+
+    def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
+        delta = _point(self.params, self.base, delta)
+        if round_ == 0:
+            self.sums.add(f"d{t}", delta)
+            return
+        if t == 0:
+            self._units = torch.zeros_like(delta)
+        self._units.add_(delta, alpha=self.w[t] / (self.norms[t] + self.params.eps))
+        if t == self.n_experts - 1:
+            self.sums.add("units", self._units)
+            self._units = None
+
+    def counts(self, round_: int) -> list[torch.Tensor]:
+        return []
+
+    def end_round(self, round_: int) -> None:
+        if round_ == 0:
+            self.norms = [float(torch.tensor(math.sqrt(self.sums.total(f"d{t}")), dtype=torch.float32))
+                          for t in range(self.n_experts)]
+
+    def state(self) -> tuple[list[float], float]:
+        """(‖Δt‖ per expert, ‖Σ w_t u_t‖), fp32 values."""
+        return self.norms, float(torch.tensor(math.sqrt(self.sums.total("units")), dtype=torch.float32))
+
+
 class MultiSlerp(MergeMethod):
     name = "multislerp"
     summary = "barycentric spherical interpolation of the task vectors of each whole tensor (mergekit's multislerp)"
@@ -55,26 +104,23 @@ class MultiSlerp(MergeMethod):
     needs_base = True                            # origin zero works on W0 + Δt
     mergekit = Mergekit("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": 1.0},
                         without_base="expert", without_base_params={"origin": "zero"})
+    prepass = MultiSlerpPrepass
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
         super().__init__(info, n_experts, params, state)
-        weights = list(params.weights) or [1.0] * n_experts
-        total = sum(weights) if params.normalize_weights else 1.0
-        self.w = [x / total for x in weights]
+        self.w = _unit_weights(params, n_experts)
         self.units: torch.Tensor | None = None    # Σ w_t Δt / (‖Δt‖ + ε)
         self.linear: torch.Tensor | None = None   # Σ w_t Δt: two experts' fallback, and one expert's Δ
-        self.norms = 0.0                          # Σ w_t ‖Δt‖
+        self.expert_norms, self.size = state      # the whole tensor's ‖Δt‖ and ‖Σ w_t u_t‖ (the prepass)
+        self.norms = sum(w * n for w, n in zip(self.w, self.expert_norms))   # Σ w_t ‖Δt‖
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
-        if self.params.origin == "zero":
-            delta = _weights(self, delta)
+        delta = _point(self.params, self.base, delta)
         if self.units is None:
             self.units = self.zeros(delta.shape, delta.device)
             if self.n_experts <= 2:
                 self.linear = self.zeros(delta.shape, delta.device)
-        norm = float(torch.linalg.vector_norm(delta))
-        self.units.add_(delta, alpha=self.w[t] / (norm + self.params.eps))
-        self.norms += self.w[t] * norm
+        self.units.add_(delta, alpha=self.w[t] / (self.expert_norms[t] + self.params.eps))
         if self.linear is not None:
             self.linear.add_(delta, alpha=self.w[t] if self.n_experts == 2 else 1.0)
 
@@ -86,7 +132,7 @@ class MultiSlerp(MergeMethod):
         if self.n_experts == 1:
             self.release(self.units)
             return self.linear
-        size = float(torch.linalg.vector_norm(self.units))
+        size = self.size
         if self.norms == 0:                   # every Δt is 0 (a tensor no adapter touches): the base. mergekit
             self.release(*(b for b in (self.linear,) if b is not None))   # raises there with three or more
             return self.units
@@ -100,6 +146,10 @@ class MultiSlerp(MergeMethod):
             self.release(self.linear)
         return self.units.mul_(self.norms / size)
 
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        return True
+
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
         return 4 * info.numel * (2 if n_experts <= 2 else 1)
@@ -111,6 +161,32 @@ class NuSlerpParams:
     flatten: bool = True
     row_wise: bool = False
     origin: Literal["base", "zero"] = "base"
+
+
+class NuSlerpPrepass(Prepass):
+    """Σ Δ0², Σ Δ1² and Σ Δ0·Δ1 of one tensor (flatten), one row chunk at a time (Δ0's chunk kept for the dot)."""
+
+    scope = "tensor"
+
+    def __init__(self, n_experts: int, params: Any) -> None:
+        super().__init__(n_experts, params)
+        self.sums = RowSums("00", "11", "01")
+        self._first: torch.Tensor | None = None
+
+    def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
+        delta = _point(self.params, self.base, delta)
+        self.sums.add(f"{t}{t}", delta)
+        if t == 0:
+            self._first = delta.clone()
+        else:
+            self.sums.add("01", self._first, delta)
+            self._first = None
+
+    def counts(self, round_: int) -> list[torch.Tensor]:
+        return []
+
+    def state(self) -> tuple[float, float, float]:
+        return self.sums.total("00"), self.sums.total("11"), self.sums.total("01")
 
 
 class NuSlerp(MergeMethod):
@@ -144,24 +220,47 @@ class NuSlerp(MergeMethod):
             if self.params.origin == "zero":
                 self.first.add_(self.base.to(delta.device, torch.float32))
             return
-        if self.params.origin == "zero":
-            delta = _weights(self, delta)
-        self.first = nuslerp(self.t, self.first, delta, None if self.params.flatten else
-                             (0 if self.params.row_wise else -1))
+        delta = _point(self.params, self.base, delta)
+        if self.params.flatten:
+            self.first = nuslerp_flat(self.t, self.first, delta, *self.state)
+            return
+        self.first = nuslerp(self.t, self.first, delta, 0 if self.params.row_wise else -1)
 
     def finalize(self) -> torch.Tensor:
         if self.params.origin == "zero":
             return self.first.sub_(self.base.to(self.first.device, torch.float32))
         return self.first
 
+    @classmethod
+    def prepass_for(cls, params: Any) -> type[Prepass] | None:
+        return NuSlerpPrepass if params.flatten else None
+
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        """One angle for the tensor (its prepass) or per row: yes; per column: the columns span every row."""
+        return params.flatten or not params.row_wise
+
     @staticmethod
     def state_bytes(info: TensorInfo, n_experts: int, params: Any) -> int:
         return 12 * info.numel
 
 
-def _weights(method: MergeMethod, delta: torch.Tensor) -> torch.Tensor:
-    """W_t = W0 + Δt in a new fp32 tensor (the caller owns ``delta``)."""
-    return method.base.to(delta.device, torch.float32) + delta
+def _point(params: Any, base: Any, delta: torch.Tensor) -> torch.Tensor:
+    """The point interpolated: Δt itself, or under origin "zero" W_t = W0 + Δt in a new fp32 tensor."""
+    return delta if params.origin == "base" else base.to(delta.device, torch.float32) + delta
+
+
+def nuslerp_flat(t: float, v0: torch.Tensor, v1: torch.Tensor, s00: float, s11: float, s01: float) -> torch.Tensor:
+    """The kernel with one angle for the whole tensor, from its Σ v0², Σ v1², Σ v0·v1 (fp64, the prepass)."""
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))   # noqa: E731  rounding as the fp32 kernel does
+    n0, n1 = max(f32(math.sqrt(s00)), 1e-7), max(f32(math.sqrt(s11)), 1e-7)
+    theta = math.acos(max(-1.0, min(1.0, f32(s01 / (n0 * n1)))))
+    sin = math.sin(theta)
+    if abs(sin) < 1e-8:
+        c0, c1 = 1 - t, t
+    else:
+        c0, c1 = math.sin((1 - t) * theta) / sin, math.sin(t * theta) / sin
+    return v0.mul_(f32(c0)).add_(v1 * f32(c1))
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int | None) -> torch.Tensor:

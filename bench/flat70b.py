@@ -1,0 +1,145 @@
+"""Is every elementwise and geometric rule flat at 70B x 8? Two measurements (issue 17, section 3):
+
+1. `inspect`'s plan on a header-only 70B-shaped model (hidden 8192, intermediate 28672, 80 layers, 8 KV heads,
+   vocab 128256, bf16, base + 8 experts): sparse files, the safetensors header written and the file truncated to
+   its full size, so the plan reads nothing else.
+2. A 70B-shaped slice with real random bf16 data (one full layer at 8192/28672, the 128256x8192 embedding and LM
+   head, base + 3 experts: ~6 GB a model), merged by every rule in its own `lowmerge merge` subprocess; each
+   measured peak RSS (the report's VmHWM) must sit under `inspect`'s estimate and under 1 GB.
+
+Not in CI: the slice is ~24 GB on disk (check `df -h`; the files are deleted afterwards) and every rule reads it
+once per pass. Appends its tables to bench/RESULTS.md.
+
+Run:  python bench/flat70b.py [--plan-only] [--rules slerp,sce] [--layers 1 --vocab 128256 --hidden 8192 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from lowmem_merge.demo import LlamaShape, build_example  # noqa: E402
+from lowmem_merge.inspect import describe_plan  # noqa: E402
+
+# rule -> (experts it takes, -p parameters): the rules of issue 17 section 3
+RULES = {
+    "slerp": (1, ["t=0.3"]),
+    "multislerp": (None, []),
+    "nuslerp": (2, []),
+    "sce": (None, ["select_topk=0.1"]),
+    "karcher": (None, ["max_iter=3"]),
+    "arcee_fusion": (1, []),
+    "nearswap": (1, []),
+    "model_stock": (None, []),
+    "della": (None, []),
+    "breadcrumbs": (None, []),
+}
+TARGET = 1 << 30
+WORK = REPO / "bench" / "_work" / "flat70b"
+
+
+def header_only(root: Path, shape: LlamaShape, n_experts: int) -> tuple[Path, list[Path]]:
+    """Sparse bf16 checkpoints: a real safetensors header, the data left as a hole of the full size."""
+    dirs = [root / "base"] + [root / f"expert{t}" for t in range(n_experts)]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        header, offset = {}, 0
+        for name, _, s in shape.specs(torch.bfloat16):
+            size = 2 * torch.Size(s).numel()
+            header[name] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        with open(d / "model.safetensors", "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            f.truncate(8 + len(text) + offset)
+        (d / "config.json").write_text(json.dumps(shape.config(torch.bfloat16), indent=2) + "\n")
+    return dirs[0], dirs[1:]
+
+
+def experts_for(rule: str, experts: list[Path]) -> list[Path]:
+    n = RULES[rule][0]
+    return experts if n is None else experts[:n]
+
+
+def planned(base: Path, experts: list[Path], rule: str) -> int:
+    return describe_plan(base, experts_for(rule, experts))["methods"][rule]["peak_bytes"]
+
+
+def measured(base: Path, experts: list[Path], rule: str, out: Path) -> tuple[int, float]:
+    """Peak RSS (bytes) of a real `lowmerge merge` subprocess and its wall time."""
+    args = [a for p in RULES[rule][1] for a in ("-p", p)]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lowmem_merge", "merge", str(base), *map(str, experts_for(rule, experts)),
+                    "-o", str(out), "--method", rule, "--device", "cpu", "-q", "--force", *args], check=True)
+    wall = time.perf_counter() - start
+    peak = json.loads((out / "lowmerge_report.json").read_text())["memory"]["peak_rss_bytes"]
+    shutil.rmtree(out)
+    return peak, wall
+
+
+def gib(x: int) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plan-only", action="store_true", help="only the header-only 70B x 8 plan")
+    ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--hidden", type=int, default=8192)
+    ap.add_argument("--intermediate", type=int, default=28672)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--experts", type=int, default=3)
+    a = ap.parse_args()
+    rules = a.rules.split(",")
+    lines = [f"\n## Every elementwise and geometric rule flat at 70B x 8 ({datetime.date.today()}, bench/flat70b.py)\n",
+             f"`python bench/flat70b.py {' '.join(sys.argv[1:])}` on {platform.machine()} "
+             f"({platform.system()}), CPU, a machine shared with other work.\n"]
+    shape70 = LlamaShape(hidden=8192, intermediate=28672, layers=80, vocab=128256, heads=64, kv_heads=8)
+    root = WORK / "header"
+    shutil.rmtree(root, ignore_errors=True)
+    base, experts = header_only(root, shape70, 8)
+    lines += ["`inspect` on the header-only 70B model, base + 8 experts (1.3 TB per read, sparse files):\n",
+              "| rule | planned peak |", "|---|---|"]
+    for rule in rules:
+        lines.append(f"| `{rule}` | {gib(planned(base, experts, rule))} |")
+        print(lines[-1], flush=True)
+    shutil.rmtree(root)
+    if not a.plan_only:
+        shape = LlamaShape(hidden=a.hidden, intermediate=a.intermediate, layers=a.layers, vocab=a.vocab,
+                           heads=max(1, a.hidden // 128), kv_heads=max(1, a.hidden // 1024))
+        root = WORK / "slice"
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"writing the slice ({shape}) to {root} ...", flush=True)
+        base, experts = build_example(root, shape, n_experts=a.experts, dtype=torch.bfloat16)
+        lines += [f"\nMeasured on a slice with random bf16 data: {a.layers} layer(s) at {a.hidden}/{a.intermediate}, "
+                  f"the {a.vocab}x{a.hidden} embedding and LM head, base + {a.experts} experts:\n",
+                  "| rule | parameters | inspect | measured peak RSS | under both | wall |", "|---|---|---|---|---|---|"]
+        try:
+            for rule in rules:
+                bound = planned(base, experts, rule)
+                peak, wall = measured(base, experts, rule, WORK / "out")
+                ok = peak <= bound and peak <= TARGET
+                lines.append(f"| `{rule}` | {' '.join(RULES[rule][1]) or '-'} | {gib(bound)} | {gib(peak)} | "
+                             f"{'yes' if ok else 'NO'} | {wall:.0f} s |")
+                print(lines[-1], flush=True)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    with open(REPO / "bench" / "RESULTS.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
