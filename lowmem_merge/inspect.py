@@ -11,7 +11,7 @@ from pathlib import Path
 from .budget import RUNTIME_BYTES, TOKENIZER_RUNTIME_BYTES, largest_piece
 from .diagnostics import COND_MAX_DIM, collect_stats
 from .io.checkpoint import open_checkpoint
-from .merge import _parse_dtype
+from .output import parse_dtype
 from .methods import REGISTRY
 from .plan import make_plan
 from .stream import make_pieces, read_volume
@@ -31,7 +31,7 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
         vocab = align(base_ck, expert_cks, None)     # another vocabulary: merge's default, the union
         if vocab is not None:
             stack.callback(shutil.rmtree, vocab.files_dir, True)
-        plan = make_plan(base_ck, expert_cks, _parse_dtype(dtype))
+        plan = make_plan(base_ck, expert_cks, parse_dtype(dtype))
         runtime = RUNTIME_BYTES + (TOKENIZER_RUNTIME_BYTES if vocab is not None else 0)
         counts: Counter = Counter()
         sizes: Counter = Counter()

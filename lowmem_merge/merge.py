@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import os
 import shutil
 import signal
 import threading
@@ -16,31 +15,65 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from . import distributed
+from . import distributed, torchrun
+from .budget import Strategy, choose_strategy, device_budget
 from .calib.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
-from .budget import choose_strategy, device_budget
 from .device import BufferPool, peak_device_bytes, peak_rss_bytes, resolve_device, tune_malloc
-from .errors import ConfigError, LowmergeError
-from .info import TensorClass, TensorInfo
+from .errors import ConfigError
+from .info import TensorInfo
 from .io.checkpoint import input_paths, open_checkpoint
 from .io.hub import resolve
 from .io.outdir import OutputDir, check_apart
-from .io.reader import INDEX_NAME, SINGLE_NAME
-from .io.writer import Shard, ShardWriter, copy_new, output_error, plan_shards, write_new
+from .io.reader import INDEX_NAME
+from .io.writer import Shard, ShardWriter, copy_new, write_new
 from .methods import DEFAULT_METHOD, MergeMethod, get_method, params_dict, parse_params
+from .output import COPIED_FILES, claim_output, describe_checkpoint, parse_dtype, publish, write_shards
 from .plan import Expert, Plan, make_plan
 from .quantize import Quantizer
-from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
+from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions
 from .schedule import Schedule, layer_of
 from .sizes import parse_size
+from .stream import Piece, StreamContext, run_merge, run_prepass, stream_volume
 from .vocab import SOURCES, TOKENIZER_FILES, align, set_vocab_size
-from .stream import (Piece, StreamContext, prepass_rounds, read_volume, run_merge, run_prepass, stream_volume,
-                     tensor_groups)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
-                "added_tokens.json", "chat_template.jinja", "preprocessor_config.json")
+
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge will do, decided before the first weight is read; nothing changes it afterwards."""
+    out: Path
+    plan: Plan                          # inputs, vocabulary map, tensor order (calibration walk's), dtypes, warnings
+    method: type[MergeMethod]
+    params: Any
+    params_for: Callable[[TensorInfo], Any] | None    # per-tensor parameters from a recipe's schedule
+    calibration: Any                    # calib.walker.Calibration for a calibrated rule, else None
+    device: torch.device
+    dtype: str
+    quantize: str | None
+    quantizer: Quantizer | None
+    strategy: Strategy
+    fingerprint: dict                   # what --resume must find unchanged
+    dist: distributed.Dist | None
+    pieces: list[Piece]                 # this rank's
+    by_rank: list[list[Shard]]          # every rank's shards, named in one sequence
+    files: list[str]                    # the finished output's files (report and card included)
+    resume: bool
+    force: bool
+    t_start: float
+    t_plan: float
+
+    @property
+    def shards(self) -> list[Shard]:
+        return [s for r in self.by_rank for s in r]
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    outdir: OutputDir
+    stats: dict
+    bytes_read: int
+    resumed: list[str]
+    timings: dict
+    ranks: list[dict] | None            # each rank's outcome under torchrun
 
 
 def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, method: str | None = None, *,
@@ -63,7 +96,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
     ``tokenizer_source`` (base, union or a model directory) gives the output vocabulary; experts' token rows are
     matched to it by token (``vocab.py``). None: the base's vocabulary, or the union when an expert's differs.
     ``notes`` go to the report's warnings (a base-less recipe's reference model).
-    Started by torchrun (WORLD_SIZE > 1), each rank merges its share of the tensors (``distributed.py``); rank 0
+    Started by torchrun (WORLD_SIZE > 1), each rank merges its share of the tensors (``torchrun.py``); rank 0
     returns the report, the other ranks None.
     ``output_format`` "peft" (every expert a LoRA adapter) writes one merged PEFT adapter instead, with factors of
     rank ``adapter_rank`` where the rule's Δ* must be truncated (``adapter_out.py``).
@@ -76,6 +109,124 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
                              device=device, dtype=dtype, force=force, progress=progress, quantize=quantize,
                              calib=calib, schedule=schedule, tokenizer_source=tokenizer_source, resume=resume,
                              max_memory=max_memory, max_device_memory=max_device_memory)
+    with contextlib.ExitStack() as stack:
+        mp = prepare(stack, base, experts, out, method, device=device, dtype=dtype, shard_size=shard_size,
+                     max_memory=max_memory, max_device_memory=max_device_memory, resume=resume, force=force,
+                     quantize=quantize, schedule=schedule, calib=calib, calib_samples=calib_samples,
+                     calib_seq_len=calib_seq_len, tokenizer_source=tokenizer_source, params=params,
+                     notes=notes, t_start=t_start)
+        result = run(mp, stack, progress)
+        return None if result is None else finish(mp, result)
+
+
+def prepare(stack: contextlib.ExitStack, base: str | Path, experts: Sequence[str | Path], out: str | Path,
+            method: str | None, *, device: str, dtype: str, shard_size: str | int, max_memory: str | int | None,
+            max_device_memory: str | int | None, resume: bool, force: bool, quantize: str | None,
+            schedule: Schedule | None, calib: Sequence[str | Path] | None, calib_samples: int,
+            calib_seq_len: int, tokenizer_source: str | None, params: dict, t_start: float,
+            notes: Sequence[str] = ()) -> MergePlan:
+    """Validate, open the inputs (held by ``stack``), and decide everything: the frozen :class:`MergePlan`."""
+    method_cls, parsed, dist, dev = _settings(method, params, experts, calib, device)
+    out_dtype = parse_dtype(dtype)
+    shard_bytes = parse_size(shard_size, "--shard-size")
+    if dist is not None:
+        distributed.init(dist, dev)
+        stack.callback(dist.close)
+    base_ck = stack.enter_context(open_checkpoint(base))
+    expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
+    check_apart(out, _inputs([base_ck, *expert_cks], calib, tokenizer_source))
+    plan = _vocabulary_plan(stack, base_ck, expert_cks, out_dtype, method_cls, tokenizer_source, notes)
+    walker = None
+    if method_cls.calibration:
+        walker = _calibration(plan, method_cls, parsed, calib, calib_samples, calib_seq_len, dev)
+        plan = dataclasses.replace(plan, tensors=walker.order(plan.tensors))
+    quantizer = _quantizer(plan, quantize, dev)
+    strategy = choose_strategy(
+        plan, method_cls, parsed, None if max_memory is None else
+        parse_size(max_memory, "--max-memory") - (quantizer.extra_bytes() if quantizer else 0),
+        device_budget(dev, None if max_device_memory is None else parse_size(max_device_memory,
+                                                                              "--max-device-memory")))
+    t_plan = time.perf_counter() - t_start
+    fingerprint = {**_fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
+                   "chunk_elems": strategy.chunk_elems, "quantize": quantize,
+                   **({"world_size": dist.world} if dist else {}),
+                   **({"schedule": schedule.describe()} if schedule else {}),
+                   **({"calib": _calib_fingerprint(calib, calib_samples, calib_seq_len)} if walker else {}),
+                   **({"vocabulary": plan.vocab.describe()} if plan.vocab else {})}
+    world, rank = (dist.world, dist.rank) if dist else (1, 0)
+    owner = torchrun.owners(plan, method_cls, parsed, strategy.pieces, world)
+    by_rank = torchrun.rank_shards(plan, quantizer, owner, world, shard_bytes)
+    shards = [s for r in by_rank for s in r]
+    files = ([s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + _extra_files(plan)
+             + [REPORT_NAME, CARD_NAME])
+    return MergePlan(Path(out), plan, method_cls, parsed, _params_for(plan, method_cls, schedule) if schedule
+                     else None, walker, dev, dtype, quantize, quantizer, strategy, fingerprint, dist,
+                     [p for p in strategy.pieces if owner[p.target] == rank], by_rank, files, resume, force,
+                     t_start, t_plan)
+
+
+def run(mp: MergePlan, stack: contextlib.ExitStack,
+        progress: Callable[[int, int], None] | None = None) -> MergeResult | None:
+    """Stream the plan into OUT (under torchrun: this rank's share; None on ranks other than 0)."""
+    if mp.dist is None:
+        outdir = claim_output(stack, mp.out, mp.fingerprint, mp.files, resume=mp.resume, force=mp.force)
+        resumed = sorted(outdir.done_shards)        # kept from the interrupted run; the writer adds to it
+        stats, bytes_read, timings = _stream(mp, outdir, mp.by_rank[0], progress)
+        return MergeResult(outdir, stats, bytes_read, resumed, timings, None)
+    done = torchrun.run_ranks(mp.dist, stack, mp.out, mp.fingerprint, mp.files, mp.by_rank, mp.resume, mp.force,
+                              lambda work: _stream(mp, work, mp.by_rank[mp.dist.rank], progress),
+                              len({p.target for p in mp.pieces}), mp.device)
+    if done is None:
+        return None
+    return MergeResult(done.outdir, {k: v for r in done.ranks for k, v in r["tensor_stats"].items()},
+                       sum(r["bytes_read"] for r in done.ranks),
+                       sorted(n for r in done.ranks for n in r["resumed_shards"]), done.ranks[0]["timings_s"],
+                       done.ranks)
+
+
+def finish(mp: MergePlan, result: MergeResult) -> Report:
+    """Heads, config and tokenizer files, the report and card, then the shards' final names and the index."""
+    plan, out_dtype = mp.plan, parse_dtype(mp.dtype)
+
+    def side_files(path: Path) -> None:
+        _write_heads(plan, path)
+        _copy_base_files(plan, path, out_dtype, mp.quantizer.config() if mp.quantizer else None)
+    report = publish(result.outdir, mp.shards, side_files, lambda: _report(mp, result))
+    if mp.dist is not None:
+        torchrun.remove_rank_dirs(mp.out, mp.dist.world)
+    return report
+
+
+def _report(mp: MergePlan, result: MergeResult) -> dict:
+    plan, quantizer = mp.plan, mp.quantizer
+    timings = {k: v for k, v in result.timings.items() if k != "rank_total"}
+    data = {
+        "lowmerge_version": versions()["lowmerge"], "created": now_utc(),
+        "method": mp.method.name, "params": params_dict(mp.params),
+        "inputs": {"base": describe_checkpoint(plan.base), "experts": [describe_checkpoint(e) for e in plan.experts]},
+        "output": {"dir": str(result.outdir.path), "dtype": mp.dtype if parse_dtype(mp.dtype) else "base",
+                   "tensors": len(plan.tensors), "shards": [s.name for s in mp.shards],
+                   "bytes": sum(s.size for s in mp.shards), "resumed_shards": result.resumed,
+                   "quantize": mp.quantize, "quantized_tensors": len(quantizer.targets) if quantizer else 0},
+        "device": str(mp.device), "threads": torch.get_num_threads(), "bytes_read": result.bytes_read,
+        "strategy": mp.strategy.describe(),
+        "timings_s": {**timings, "total": time.perf_counter() - mp.t_start},
+        "memory": {"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(mp.device)},
+        "heads": {str(e.path): names for e, names in zip(plan.experts, plan.heads) if names},
+        "warnings": plan.warnings, "tensor_stats": result.stats,
+        **({"vocabulary": plan.vocab.describe()} if plan.vocab else {}), "versions": versions(),
+        "files": mp.files,
+    }
+    if result.ranks is not None:
+        data["distributed"] = {"world_size": mp.dist.world, "ranks": [{k: v for k, v in r.items()
+                                                                       if k != "tensor_stats"} for r in result.ranks]}
+    return data
+
+
+def _settings(method: str | None, params: dict, experts: Sequence, calib: Sequence | None,
+              device: str) -> tuple[type[MergeMethod], Any, distributed.Dist | None,
+                                                            torch.device]:
+    """The method and its parameters, checked; torchrun's ranks (from the environment); the device."""
     method_cls = get_method(method or DEFAULT_METHOD)
     parsed = parse_params(method_cls, params)
     method_cls.check_experts(parsed, len(experts))
@@ -88,113 +239,25 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
     if dist is not None and dev.type == "cuda":
         dev = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(dev)
-    out_dtype = _parse_dtype(dtype)
-    shard_bytes = parse_size(shard_size, "--shard-size")
-    if dist is not None:
-        distributed.init(dist, dev)
-    with contextlib.ExitStack() as stack:
-        if dist is not None:
-            stack.callback(dist.close)
-        base_ck = stack.enter_context(open_checkpoint(base))
-        expert_cks = [stack.enter_context(open_checkpoint(e)) for e in experts]
-        check_apart(out, _inputs([base_ck, *expert_cks], calib, tokenizer_source))
-        vocab = align(base_ck, expert_cks, tokenizer_source)
-        if vocab is not None:
-            stack.callback(shutil.rmtree, vocab.files_dir, True)
-            if method_cls.calibration:
-                raise ConfigError(f"{method_cls.name} cannot merge experts of other vocabularies",
-                                  hint="resize the experts to the base's vocabulary, or use a data-free rule")
-        plan = make_plan(base_ck, expert_cks, out_dtype)
-        plan.vocab = vocab
-        plan.warnings.extend(notes)
-        if vocab is not None and tokenizer_source is None:
-            plan.warnings.append(f"the experts' vocabularies differ from the base's: merged over their union "
-                                 f"({vocab.rows} rows, the base has {vocab.base_rows}); --tokenizer-source base "
-                                 f"keeps the base's")
-        walker = None
+    return method_cls, parsed, dist, dev
+
+
+def _vocabulary_plan(stack: contextlib.ExitStack, base_ck: Any, expert_cks: list, out_dtype: torch.dtype | None,
+                     method_cls: type[MergeMethod], tokenizer_source: str | None, notes: Sequence[str]) -> Plan:
+    """The plan over the output vocabulary (the base's, or the experts' aligned one), with the caller's notes."""
+    vocab = align(base_ck, expert_cks, tokenizer_source)
+    if vocab is not None:
+        stack.callback(shutil.rmtree, vocab.files_dir, True)
         if method_cls.calibration:
-            walker = _calibration(plan, method_cls, parsed, calib, calib_samples, calib_seq_len, dev)
-            plan.tensors = walker.order(plan.tensors)
-        quantizer = _quantizer(plan, quantize, dev)
-        strategy = choose_strategy(
-            plan, method_cls, parsed, None if max_memory is None else
-            parse_size(max_memory, "--max-memory") - (quantizer.extra_bytes() if quantizer else 0),
-            device_budget(dev, None if max_device_memory is None else parse_size(max_device_memory,
-                                                                                  "--max-device-memory")))
-        timings = {"plan": time.perf_counter() - t_start}
-        fingerprint = {**_fingerprint(plan, method_cls.name, parsed, dtype, dev, shard_bytes),
-                       "chunk_elems": strategy.chunk_elems, "quantize": quantize,
-                       **({"world_size": dist.world} if dist else {}),
-                       **({"schedule": schedule.describe()} if schedule else {}),
-                       **({"calib": _calib_fingerprint(calib, calib_samples, calib_seq_len)} if walker else {}),
-                       **({"vocabulary": vocab.describe()} if vocab else {})}
-        world, rank = (dist.world, dist.rank) if dist else (1, 0)
-        owner = _owners(plan, method_cls, parsed, strategy.pieces, world)
-        pieces = [p for p in strategy.pieces if owner[p.target] == rank]
-        by_rank = _rank_shards(plan, quantizer, owner, world, shard_bytes)
-        shards = [s for r in by_rank for s in r]
-        final = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + _extra_files(plan)
-        outdir = work = None
-        if dist is None:
-            outdir = work = stack.enter_context(OutputDir(out, fingerprint, resume=resume, force=force))
-            outdir.claim(final + [REPORT_NAME, CARD_NAME])
-        else:
-            error = None
-            if dist.is_main:
-                try:
-                    outdir = stack.enter_context(OutputDir(out, fingerprint, resume=resume, force=force))
-                    outdir.claim(final + [REPORT_NAME, CARD_NAME])
-                except LowmergeError as e:
-                    error = e
-            dist.sync(error)                           # nobody writes unless rank 0 may use the directory
-            work = stack.enter_context(_rank_dir(Path(out), rank, fingerprint, resume))
-        resumed = sorted(work.done_shards)            # kept from the interrupted run; the writer adds to it
-        pool = BufferPool(limit=strategy.prefetch_bytes, pin=dev.type == "cuda")
-        ctx = StreamContext(plan, method_cls, parsed, dev, lambda n: None, pool,
-                            strategy.prefetch_bytes, strategy.cpu_tensors, dist.all_reduce if dist else None,
-                            _params_for(plan, method_cls, schedule) if schedule else None, walker)
-        if dist is None:
-            stats, bytes_read = _stream(ctx, pieces, work, by_rank[0], timings, progress, quantizer)
-            ranks = None
-        else:
-            ranks = _stream_rank(dist, ctx, pieces, work, by_rank[rank], timings, progress, quantizer, resumed)
-            if not dist.is_main:
-                return None
-            _collect_rank_shards(Path(out), by_rank)
-            stats = {k: v for r in ranks for k, v in r["tensor_stats"].items()}
-            bytes_read = sum(r["bytes_read"] for r in ranks)
-            resumed = sorted(n for r in ranks for n in r["resumed_shards"])
-        try:
-            _write_heads(plan, outdir.path)
-            _copy_base_files(plan, outdir.path, out_dtype, quantizer.config() if quantizer else None)
-            data = {
-                "lowmerge_version": versions()["lowmerge"], "created": now_utc(),
-                "method": method_cls.name, "params": params_dict(parsed),
-                "inputs": {"base": _describe(base_ck), "experts": [_describe(e) for e in expert_cks]},
-                "output": {"dir": str(outdir.path), "dtype": dtype if out_dtype else "base",
-                           "tensors": len(plan.tensors), "shards": [s.name for s in shards],
-                           "bytes": sum(s.size for s in shards), "resumed_shards": resumed,
-                           "quantize": quantize, "quantized_tensors": len(quantizer.targets) if quantizer else 0},
-                "device": str(dev), "threads": torch.get_num_threads(), "bytes_read": bytes_read,
-                "strategy": strategy.describe(),
-                "timings_s": {**timings, "total": time.perf_counter() - t_start},
-                "memory": {"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(dev)},
-                "heads": {str(e.path): names for e, names in zip(expert_cks, plan.heads) if names},
-                "warnings": plan.warnings, "tensor_stats": stats,
-                **({"vocabulary": vocab.describe()} if vocab else {}), "versions": versions(),
-                "files": final + [REPORT_NAME, CARD_NAME],
-            }
-            if ranks is not None:
-                data["distributed"] = {"world_size": world, "ranks": [{k: v for k, v in r.items()
-                                                                       if k != "tensor_stats"} for r in ranks]}
-            report = write_report(outdir.path, data)
-            outdir.finish(shards)
-            if dist is not None:
-                for r in range(world):
-                    shutil.rmtree(Path(out) / distributed.RANK_DIR.format(r), ignore_errors=True)
-        except OSError as e:
-            raise output_error(e, outdir.path) from None
-        return report
+            raise ConfigError(f"{method_cls.name} cannot merge experts of other vocabularies",
+                              hint="resize the experts to the base's vocabulary, or use a data-free rule")
+    plan = make_plan(base_ck, expert_cks, out_dtype)
+    warnings = [*plan.warnings, *notes]
+    if vocab is not None and tokenizer_source is None:
+        warnings.append(f"the experts' vocabularies differ from the base's: merged over their union "
+                        f"({vocab.rows} rows, the base has {vocab.base_rows}); --tokenizer-source base "
+                        f"keeps the base's")
+    return dataclasses.replace(plan, vocab=vocab, warnings=warnings)
 
 
 def _inputs(cks: list, calib: Sequence[str | Path] | None, tokenizer_source: str | None) -> list[Path]:
@@ -245,82 +308,6 @@ def _params_for(plan: Plan, method: type[MergeMethod], schedule: Schedule) -> Ca
     return params_for
 
 
-def _owners(plan: Plan, method: type[MergeMethod], params: Any, pieces: list[Piece], world: int) -> dict[str, int]:
-    """Which rank writes each output tensor (every one is rank 0's in a single process).
-
-    Whole tensors, never row chunks of one (a per-tensor prepass sees all of a tensor), balanced by an estimate of
-    each tensor's time: its bytes read over every pass and prepass round at 1 GB/s, plus for a rule that solves a
-    matrix problem per LIN tensor (one that is not row-chunkable there) n_experts · 2·m·n·min(m, n) FLOPs at
-    100 GFLOP/s: a Gram or an SVD per expert dominates those rules.
-    """
-    groups = tensor_groups(pieces)
-    if world == 1:
-        return {g[0].target: 0 for g in groups}
-    reads = (method.passes_for(params) + prepass_rounds(method, params, "model")
-             + prepass_rounds(method, params, "tensor"))
-    costs = []
-    for group in groups:
-        info = group[0].info
-        cost = read_volume(plan, group, reads) / 1e9
-        if info.cls == TensorClass.LIN and not method.row_chunkable(params, info) and len(info.shape) >= 2:
-            m, n = info.shape[-2:]
-            cost += plan.n_experts * 2 * m * n * min(m, n) * (info.numel // (m * n)) / 1e11
-        costs.append(cost)
-    owner = distributed.partition(costs, world)
-    return {g[0].target: r for g, r in zip(groups, owner)}
-
-
-def _rank_shards(plan: Plan, quantizer: Quantizer | None, owner: dict[str, int], world: int,
-                 shard_bytes: int) -> list[list[Shard]]:
-    """Each rank's shards (its tensors in plan order), named in one sequence over all ranks."""
-    per_rank: list[list] = [[] for _ in range(world)]
-    for i in plan.tensors:
-        spec = (i.name, plan.out_dtype[i.name], plan.entry(i.name).shape)
-        per_rank[owner[i.name]].extend(quantizer.specs(*spec) if quantizer else [spec])
-    attached = quantizer.attached() if quantizer else frozenset()
-    by_rank = [plan_shards(specs, shard_bytes, attached) if specs else [] for specs in per_rank]
-    total = sum(len(r) for r in by_rank)
-    names = iter([SINGLE_NAME] if total == 1 else
-                 [f"model-{k + 1:05d}-of-{total:05d}.safetensors" for k in range(total)])
-    return [[dataclasses.replace(s, name=next(names)) for s in shards] for shards in by_rank]
-
-
-def _rank_dir(out: Path, rank: int, fingerprint: dict, resume: bool) -> OutputDir:
-    """This rank's working directory inside OUT, with its own resume manifest (a new run starts it empty)."""
-    path = out / distributed.RANK_DIR.format(rank)
-    if not resume:
-        shutil.rmtree(path, ignore_errors=True)
-    return OutputDir(path, {**fingerprint, "rank": rank}, resume=resume)
-
-
-def _stream_rank(dist: distributed.Dist, ctx: StreamContext, pieces: list[Piece], work: OutputDir,
-                 shards: list[Shard], timings: dict, progress: Callable[[int, int], None] | None,
-                 quantizer: Quantizer | None, resumed: list[str]) -> list[dict]:
-    """This rank's share, then every rank's outcome: raises on every rank if any failed (naming it)."""
-    t0 = time.perf_counter()
-    error: BaseException | None = None
-    stats, bytes_read = {}, 0
-    try:
-        stats, bytes_read = _stream(ctx, pieces, work, shards, timings, progress, quantizer)
-    except distributed.RankFailed:
-        raise                                       # another rank failed during a prepass round: all stop there
-    except Exception as e:
-        error = e
-    payload = {"rank": dist.rank, "tensors": len({p.target for p in pieces}), "shards": [s.name for s in shards],
-               "resumed_shards": resumed, "bytes_read": bytes_read, "tensor_stats": stats,
-               "timings_s": {**timings, "rank_total": time.perf_counter() - t0},
-               "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(ctx.device)}
-    return dist.sync(error, payload)
-
-
-def _collect_rank_shards(out: Path, by_rank: list[list[Shard]]) -> None:
-    """Rank 0, once every rank succeeded: each rank's finished shards into OUT, still under their partial names
-    (``OutputDir.finish`` gives them their final names, then writes the index)."""
-    for r, shards in enumerate(by_rank):
-        for s in shards:
-            os.replace(out / distributed.RANK_DIR.format(r) / s.partial, out / s.partial)
-
-
 def _prepare_process() -> None:
     """Process-wide settings a merge relies on: malloc thresholds, and a file-size limit raising EFBIG.
 
@@ -332,38 +319,40 @@ def _prepare_process() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def _stream(ctx: StreamContext, pieces: list[Piece], outdir: OutputDir, shards: list, timings: dict,
-            progress: Callable[[int, int], None] | None, quantizer: Quantizer | None = None) -> tuple[dict, int]:
-    """Pre-pass (if the method has one) and merge of every piece not already in a finished shard; with a
-    ``quantizer``, its targets are quantized on their way to the writer.
+def _stream(mp: MergePlan, outdir: OutputDir, shards: list[Shard],
+            progress: Callable[[int, int], None] | None) -> tuple[dict, int, dict]:
+    """Pre-pass (if the method has one) and merge of every piece of ``mp.pieces`` not already in a finished shard;
+    with a quantizer, its targets are quantized on their way to the writer.
 
-    Returns the per-tensor statistics and the bytes read; fills ``timings`` (prepass, merge).
+    Returns the per-tensor statistics, the bytes read and the timings (plan, prepass, merge).
     """
-    writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard, release=ctx.pool.give)
-    # a calibrated rule walks the whole model again on --resume (each layer's Grams need the layers before it);
-    # tensors of finished shards are merged but not written again
-    todo = pieces if ctx.calib is not None else [p for p in pieces if writer.needed(p.target)]
-    total = stream_volume(ctx, pieces, todo)
-    done = [0]
+    pool = BufferPool(limit=mp.strategy.prefetch_bytes, pin=mp.device.type == "cuda")
+    ctx = StreamContext(mp.plan, mp.method, mp.params, mp.device, lambda n: None, pool,
+                        mp.strategy.prefetch_bytes, mp.strategy.cpu_tensors,
+                        mp.dist.all_reduce if mp.dist else None, mp.params_for, mp.calibration)
+    timings = {"plan": mp.t_plan}
 
-    def tick(n: int) -> None:
-        done[0] += n
-        if progress:
-            progress(done[0], total)
+    def write(writer: ShardWriter) -> tuple[dict, int]:
+        # a calibrated rule walks the whole model again on --resume (each layer's Grams need the layers before
+        # it); tensors of finished shards are merged but not written again
+        todo = mp.pieces if ctx.calib is not None else [p for p in mp.pieces if writer.needed(p.target)]
+        total = stream_volume(ctx, mp.pieces, todo)
+        done = [0]
 
-    ctx.progress = tick
-    t0 = time.perf_counter()
-    try:
-        state = run_prepass(ctx, pieces)
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+        ctx.progress = tick
+        t0 = time.perf_counter()
+        state = run_prepass(ctx, mp.pieces)
         t1 = time.perf_counter()
-        stats = run_merge(ctx, todo, state, quantizer.writer(writer.write, ctx.pool.give) if quantizer
-                          else writer.write)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    timings.update(prepass=t1 - t0, merge=time.perf_counter() - t1)
-    return stats, done[0]
+        quantizer = mp.quantizer
+        stats = run_merge(ctx, todo, state, quantizer.writer(writer.write, pool.give) if quantizer else writer.write)
+        timings.update(prepass=t1 - t0, merge=time.perf_counter() - t1)
+        return stats, done[0]
+    stats, bytes_read = write_shards(outdir, shards, write, release=pool.give)
+    return stats, bytes_read, timings
 
 
 def _quantizer(plan: Plan, quantize: str | None, dev: torch.device) -> Quantizer | None:
@@ -377,14 +366,6 @@ def _quantizer(plan: Plan, quantize: str | None, dev: torch.device) -> Quantizer
     return Quantizer(quantize, plan.tensors, plan.out_dtype, dev)
 
 
-def _parse_dtype(dtype: str) -> torch.dtype | None:
-    if dtype == "auto":
-        return None
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
-    return DTYPES[dtype]
-
-
 def _fingerprint(plan: Plan, method: str, params: Any, dtype: str, dev: torch.device, shard_bytes: int) -> dict:
     """What must not change between an interrupted run and its --resume (any change alters the output bytes)."""
     def files(ck: Expert) -> dict:
@@ -393,11 +374,6 @@ def _fingerprint(plan: Plan, method: str, params: Any, dtype: str, dev: torch.de
     return {"base": files(plan.base), "experts": [files(e) for e in plan.experts], "method": method,
             "params": params_dict(params), "dtype": dtype, "device": dev.type, "threads": torch.get_num_threads(),
             "shard_size": shard_bytes, "lowmerge": versions()["lowmerge"]}
-
-
-def _describe(ck: Expert) -> dict:
-    return {"path": str(ck.path), "files": [{"path": f.path, "size": f.size, "header_sha256": f.header_sha256}
-                                           for f in ck.files]}
 
 
 def _extra_files(plan: Plan) -> list[str]:

@@ -21,9 +21,10 @@ import torch
 from .device import peak_rss_bytes
 from .errors import ConfigError, InputError
 from .io.checkpoint import Checkpoint, input_paths, open_checkpoint
-from .io.outdir import OutputDir, check_apart
-from .io.writer import ShardWriter, copy_new, output_error, plan_shards, write_new
-from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
+from .io.outdir import check_apart
+from .io.writer import ShardWriter, copy_new, plan_shards, write_new
+from .output import COPIED_FILES, claim_output, describe_checkpoint, parse_dtype, produce
+from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions
 from .sizes import parse_size
 
 LAYER = re.compile(r"^(.*?(?:layers|layer|h|blocks))\.(\d+)\.(.+)$")
@@ -42,21 +43,13 @@ class Slice:
 def stack(slices: Sequence[Slice], out: str | Path, *, dtype: str = "auto", shard_size: str | int = "4GB",
           resume: bool = False, force: bool = False,
           progress: Callable[[int, int], None] | None = None) -> Report:
-    from .merge import COPIED_FILES, _describe, _parse_dtype
     t_start = time.perf_counter()
     if not slices:
         raise ConfigError("passthrough needs at least one slice")
-    out_dtype = _parse_dtype(dtype)
+    out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(shard_size, "--shard-size")
     with contextlib.ExitStack() as stack_:
-        models: dict[str, Checkpoint] = {}
-        for s in slices:
-            if s.model not in models:
-                ck = stack_.enter_context(open_checkpoint(s.model))
-                if not isinstance(ck, Checkpoint):
-                    raise InputError("a LoRA adapter cannot be a slice's model", path=s.model,
-                                     hint="merge it into its base first")
-                models[s.model] = ck
+        models = _open_models(stack_, slices)
         layers = {m: _layers(ck) for m, ck in models.items()}
         sources, slices = _sources(slices, models, layers)
         specs = [(name, out_dtype if (out_dtype and ck.entries[src].is_float) else ck.entries[src].dtype,
@@ -69,46 +62,59 @@ def stack(slices: Sequence[Slice], out: str | Path, *, dtype: str = "auto", shar
                                   for m, ck in models.items()},
                        "dtype": dtype, "shard_size": shard_bytes, "lowmerge": versions()["lowmerge"]}
         check_apart(out, [p for ck in models.values() for p in input_paths(ck)])
-        outdir = stack_.enter_context(OutputDir(out, fingerprint, resume=resume, force=force))
-        outdir.claim([s.name for s in shards] + (["model.safetensors.index.json"] if len(shards) > 1 else [])
-                     + extra + [REPORT_NAME, CARD_NAME])
-        writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard)
-        todo = [x for x in sources if writer.needed(x[0])]
-        total, done = sum(x[1].entries[x[2]].nbytes for x in todo), 0
-        try:
-            for name, ck, src in todo:
-                t = ck.read(src)
-                done += t.nbytes
-                writer.write(name, t.to(out_dtype) if out_dtype and t.is_floating_point() else t)
-                if progress:
-                    progress(done, total)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        try:
-            n_layers = sum(s.end - s.start for s in slices)
-            _write_config(first, [models[s.model] for s in slices], slices, n_layers, out_dtype, outdir.path)
+        files = [s.name for s in shards] + extra + [REPORT_NAME, CARD_NAME]
+        outdir = claim_output(stack_, out, fingerprint, [s.name for s in shards] + (
+            ["model.safetensors.index.json"] if len(shards) > 1 else []) + extra + [REPORT_NAME, CARD_NAME],
+            resume=resume, force=force)
+        n_layers = sum(s.end - s.start for s in slices)
+
+        def side_files(path: Path) -> None:
+            _write_config(first, [models[s.model] for s in slices], slices, n_layers, out_dtype, path)
             for name in extra:
                 if name != "config.json":
-                    copy_new(first.model_dir / name, outdir.path / name)
-            data = {
+                    copy_new(first.model_dir / name, path / name)
+
+        def report(done: int) -> dict:
+            return {
                 "lowmerge_version": versions()["lowmerge"], "created": now_utc(), "method": "passthrough",
                 "params": {"slices": [f"{s.model}[{s.start}:{s.end}]" for s in slices]},
-                "inputs": {"base": _describe(first), "experts": [_describe(models[s.model]) for s in slices]},
+                "inputs": {"base": describe_checkpoint(first),
+                           "experts": [describe_checkpoint(models[s.model]) for s in slices]},
                 "output": {"dir": str(outdir.path), "dtype": dtype if out_dtype else "base", "tensors": len(sources),
                            "layers": n_layers, "shards": [s.name for s in shards],
                            "bytes": sum(s.size for s in shards), "resumed_shards": sorted(outdir.done_shards)},
                 "bytes_read": done, "timings_s": {"total": time.perf_counter() - t_start},
                 "memory": {"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": 0},
-                "warnings": [], "tensor_stats": {}, "versions": versions(),
-                "files": [s.name for s in shards] + extra + [REPORT_NAME, CARD_NAME],
+                "warnings": [], "tensor_stats": {}, "versions": versions(), "files": files,
             }
-            report = write_report(outdir.path, data)
-            outdir.finish(shards)
-        except OSError as e:
-            raise output_error(e, outdir.path) from None
-        return report
+        return produce(outdir, shards, lambda writer: _copy_tensors(writer, sources, out_dtype, progress),
+                       side_files, report)
+
+
+def _open_models(stack_: contextlib.ExitStack, slices: Sequence[Slice]) -> dict[str, Checkpoint]:
+    models: dict[str, Checkpoint] = {}
+    for s in slices:
+        if s.model not in models:
+            ck = stack_.enter_context(open_checkpoint(s.model))
+            if not isinstance(ck, Checkpoint):
+                raise InputError("a LoRA adapter cannot be a slice's model", path=s.model,
+                                 hint="merge it into its base first")
+            models[s.model] = ck
+    return models
+
+
+def _copy_tensors(writer: ShardWriter, sources: list, out_dtype: torch.dtype | None,
+                  progress: Callable[[int, int], None] | None) -> int:
+    """Every source tensor not in a finished shard, cast and written in order; returns the bytes read."""
+    todo = [x for x in sources if writer.needed(x[0])]
+    total, done = sum(x[1].entries[x[2]].nbytes for x in todo), 0
+    for name, ck, src in todo:
+        t = ck.read(src)
+        done += t.nbytes
+        writer.write(name, t.to(out_dtype) if out_dtype and t.is_floating_point() else t)
+        if progress:
+            progress(done, total)
+    return done
 
 
 def _layers(ck: Checkpoint) -> tuple[str | None, dict[int, list[str]]]:

@@ -21,6 +21,7 @@ from .info import TensorClass, TensorInfo
 from .io.lora import LoraAdapter, LowRank
 from .methods.base import MergeMethod
 from .methods.covariance import Factors
+from .methods.drive import drive
 from .plan import Expert, Plan
 
 MERGED = (TensorClass.LIN, TensorClass.EMB, TensorClass.VEC, TensorClass.CONV)
@@ -420,22 +421,20 @@ def _merge_group(ctx: StreamContext, pctx: StreamContext, group: list[Piece], st
 
 def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: Any,
                  fetch: Prefetcher) -> tuple[torch.Tensor, dict[str, float]]:
-    m = ctx.method(piece.info, ctx.plan.n_experts, ctx.params, state)
-    m.buffers = ctx.pool
     base_m = base.mT if piece.info.transposed else base
-    if ctx.method.needs_base:
-        m.base = base_m
-    for pass_ in range(ctx.method.passes_for(ctx.params)):
-        for t in range(ctx.plan.n_experts):
-            ckpt, y = fetch.next()
-            ctx.progress(y.nbytes)
-            delta = _delta(ctx, ckpt, y, base, piece.info)
-            del y                                 # back in the pool before the method works
-            m.add(t, delta, pass_)
-            if not isinstance(delta, Factors):        # factors stay with the method until it finalizes
-                ctx.pool.give(delta)
-    out = m.finalize() if ctx.deltas else _inplace(torch.Tensor.add_, m.finalize(), base_m)  # W* = W0 + Δ*, fp32
-    return (out.mT if piece.info.transposed else out), m.stats()
+
+    def delta(pass_: int, t: int) -> torch.Tensor | Factors:
+        ckpt, y = fetch.next()
+        ctx.progress(y.nbytes)
+        return _delta(ctx, ckpt, y, base, piece.info)     # y goes back to the pool before the method works
+
+    def added(d: torch.Tensor | Factors) -> None:
+        if not isinstance(d, Factors):                    # factors stay with the method until it finalizes
+            ctx.pool.give(d)
+    merged, stats = drive(ctx.method, ctx.params, piece.info, ctx.plan.n_experts, delta, state,
+                          base=base_m if ctx.method.needs_base else None, buffers=ctx.pool, added=added)
+    out = merged if ctx.deltas else _inplace(torch.Tensor.add_, merged, base_m)   # W* = W0 + Δ*, fp32
+    return (out.mT if piece.info.transposed else out), stats
 
 
 def _to_output(ctx: StreamContext, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,6 +33,7 @@ from lowmem_merge.info import TensorClass, TensorInfo
 from lowmem_merge.methods import DEFAULT_METHOD, REGISTRY, parse_params
 from lowmem_merge.methods import _build_registry
 from lowmem_merge.methods.average import Average
+from lowmem_merge.methods.drive import drive, gather
 from lowmem_merge.methods.task_arithmetic import TaskArithmetic
 
 U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff of fp32
@@ -45,7 +46,7 @@ Model = dict[str, tuple[TensorInfo, list[torch.Tensor]]]
 
 def stream(name: str, params: object, model: Model) -> dict[str, torch.Tensor]:
     """Pre-pass rounds over every tensor (if the rule wants one; a per-tensor one just before each tensor), then per
-    tensor: passes × experts, finalize.
+    tensor ``drive``: passes_for(params) × experts, finalize.
 
     Each Δt goes through one reused buffer that is poisoned with NaN after ``add``, as the stream reuses its
     buffers: a method that keeps a reference to ``delta`` gives NaN.
@@ -54,34 +55,25 @@ def stream(name: str, params: object, model: Model) -> dict[str, torch.Tensor]:
     n_experts = len(next(iter(model.values()))[1])
     prepass = cls.prepass_for(params)
 
-    def base_of(key: str, info: TensorInfo) -> torch.Tensor:   # rules on the weights (slerp): a base per tensor
-        return torch.randn(info.shape, generator=torch.Generator().manual_seed(len(key)))
+    def base_of(info: TensorInfo) -> torch.Tensor:     # rules on the weights (slerp): a base per tensor
+        return torch.randn(info.shape, generator=torch.Generator().manual_seed(len(info.name)))
 
-    def gather(items: list) -> object:
-        pre = prepass(n_experts, params)
-        for round_ in range(pre.rounds):
-            for info, deltas in items:
-                pre.base = base_of(info.name, info) if cls.needs_base else None
-                for t, delta in enumerate(deltas):
-                    pre.observe(round_, info, t, delta.clone())
-            pre.end_round(round_)
-        return pre.state()
+    def gather_over(items: list) -> object:
+        return gather(cls, params, n_experts, lambda: [(info, [d.clone() for d in ds]) for info, ds in items],
+                      base_of=base_of)
 
-    state = gather(list(model.values())) if prepass and prepass.scope == "model" else None
+    state = gather_over(list(model.values())) if prepass and prepass.scope == "model" else None
     merged = {}
     for key, (info, deltas) in model.items():
         if prepass and prepass.scope == "tensor":
-            state = gather([(info, deltas)])
-        method = cls(info, n_experts, params, state)
-        if cls.needs_base:
-            method.base = base_of(key, info)
+            state = gather_over([(info, deltas)])
+        base = base_of(info) if cls.needs_base else None
         buf = torch.empty_like(deltas[0])
-        for pass_ in range(cls.passes):
-            for t, delta in enumerate(deltas):
-                buf.copy_(delta)
-                method.add(t, buf, pass_)
-                buf.fill_(float("nan"))
-        merged[key] = method.finalize()
+
+        def delta(pass_: int, t: int) -> torch.Tensor:
+            return buf.copy_(deltas[t])
+        merged[key], _ = drive(cls, params, info, n_experts, delta, state, base=base,
+                               added=lambda d: d.fill_(float("nan")))
         assert merged[key].shape == info.shape and merged[key].dtype == torch.float32
     return merged
 

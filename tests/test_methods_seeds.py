@@ -15,6 +15,7 @@ import reference as ref
 from lowmem_merge.errors import ConfigError
 from lowmem_merge.info import TensorClass, TensorInfo
 from lowmem_merge.methods import REGISTRY, parse_params
+from lowmem_merge.methods.drive import drive
 from lowmem_merge.methods.iso_cts import subspace_sizes
 from test_methods import LIN, SOLVE_C, U32, rel_err, stream_one, system_condition
 
@@ -25,11 +26,8 @@ SPECTRAL = ["ace", "wudi", "tsv", "iso_c", "iso_cts"]
 def run(name: str, deltas: list[torch.Tensor], **params: object) -> tuple[torch.Tensor, dict[str, float]]:
     """One LIN tensor through every pass, as the stream drives it; the deltas' dtype is kept (fp64 where asked)."""
     cls = REGISTRY[name]
-    method = cls(TensorInfo("w", tuple(deltas[0].shape), LIN), len(deltas), cls.Params(**params))
-    for pass_ in range(cls.passes):
-        for t, d in enumerate(deltas):
-            method.add(t, d.clone(), pass_)
-    return method.finalize(), method.stats()
+    return drive(cls, cls.Params(**params), TensorInfo("w", tuple(deltas[0].shape), LIN), len(deltas),
+                 lambda pass_, t: deltas[t].clone())
 
 
 def tolerance(name: str, deltas: list[torch.Tensor], **params: object) -> float:

@@ -22,17 +22,9 @@ import torch
 
 from ..errors import LowmergeError
 from ..info import TensorClass, TensorInfo
+from ..methods.calibrated import CalibratedRule, GramState
 from ..plan import Plan
 from .model import BlockModel, _assign, expert_source, input_of, linear_groups, mean_source, run_block
-
-
-@dataclass
-class GramState:
-    """What a calibrated rule gets for one linear layer: per expert an input Gram C_t (n×n, fp32) and a weight.
-    The layers that read one input (q, k, v) share it, and the rule's factorization of Σ w_t C_t (``solver``)."""
-    grams: list[torch.Tensor]
-    weights: list[float]
-    solver: Any = None
 
 
 class _Stop(Exception):
@@ -40,7 +32,8 @@ class _Stop(Exception):
 
 
 class Calibration:
-    def __init__(self, plan: Plan, method: Any, params: Any, batches: list[list], device: torch.device) -> None:
+    def __init__(self, plan: Plan, method: type[CalibratedRule], params: Any, batches: list[list],
+                 device: torch.device) -> None:
         self.plan, self.method, self.params, self.device = plan, method, params, device
         self.net = BlockModel(plan, device)
         self.merged_prefix = method.calibration == "merged"

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from .regmean import GramRule, check_ridge
+from .calibrated import GramState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,7 @@ class Chain(GramRule):
         return x / torch.where(norms > 0, norms, torch.ones_like(norms))
 
     @classmethod
-    def calib_state(cls, params: Any, raw: list[tuple[torch.Tensor, int]]) -> Any:
-        from ..calib.walker import GramState
+    def calib_state(cls, params: Any, raw: list[tuple[torch.Tensor, int]]) -> GramState:
         grams = []
         for total, rows in raw:
             if params.normalize == "feature":

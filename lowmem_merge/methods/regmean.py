@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..info import TensorClass, TensorInfo
 from .average import Average
 from .base import NoParams
+from .calibrated import GramState
 from .covariance import eigh_pinv, pinv_apply
 from .matrix_rule import MatrixRule
 
@@ -70,7 +71,7 @@ class GramRule(MatrixRule):
         return x
 
     @classmethod
-    def calib_state(cls, params: Any, raw: list[tuple[torch.Tensor, int]]) -> Any:
+    def calib_state(cls, params: Any, raw: list[tuple[torch.Tensor, int]]) -> GramState:
         """(Σ x xᵀ, token count) per expert -> the ``GramState`` this rule solves with."""
         raise NotImplementedError
 
@@ -119,8 +120,7 @@ class RegMean(GramRule):
     param_help = {"alpha": "α: the Grams' off-diagonal is multiplied by α (1 = exact Grams, 0 = diagonal only)"}
 
     @classmethod
-    def calib_state(cls, params: Any, raw: list[tuple[torch.Tensor, int]]) -> Any:
-        from ..calib.walker import GramState
+    def calib_state(cls, params: Any, raw: list[tuple[torch.Tensor, int]]) -> GramState:
         grams = []
         for total, rows in raw:
             g = total / rows
