@@ -28,10 +28,10 @@ from .io.outdir import OutputDir, check_apart
 from .io.reader import INDEX_NAME, SINGLE_NAME
 from .io.writer import Shard, ShardWriter, copy_new, output_error, plan_shards, write_new
 from .methods import DEFAULT_METHOD, MergeMethod, get_method, params_dict, parse_params
-from .plan import Expert, Plan, make_plan
+from .plan import VOCAB_UNION, Expert, Plan, PlanWarning, make_plan
 from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
-from .schedule import Schedule, layer_of
+from .schedule import Schedule
 from .sizes import parse_size
 from .vocab import SOURCES, TOKENIZER_FILES, align, set_vocab_size
 from .stream import (Piece, StreamContext, prepass_rounds, read_volume, run_merge, run_prepass, stream_volume,
@@ -108,9 +108,10 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
         plan.vocab = vocab
         plan.warnings.extend(notes)
         if vocab is not None and tokenizer_source is None:
-            plan.warnings.append(f"the experts' vocabularies differ from the base's: merged over their union "
-                                 f"({vocab.rows} rows, the base has {vocab.base_rows}); --tokenizer-source base "
-                                 f"keeps the base's")
+            plan.warnings.append(PlanWarning(VOCAB_UNION, f"the experts' vocabularies differ from the base's: merged "
+                                             f"over their union ({vocab.rows} rows, the base has {vocab.base_rows}); "
+                                             "--tokenizer-source base keeps the base's", rows=vocab.rows,
+                                             base_rows=vocab.base_rows))
         walker = None
         if method_cls.calibration:
             walker = _calibration(plan, method_cls, parsed, calib, calib_samples, calib_seq_len, dev)
@@ -233,11 +234,11 @@ def _calib_fingerprint(calib: Sequence, samples: int, seq_len: int) -> dict:
 
 def _params_for(plan: Plan, method: type[MergeMethod], schedule: Schedule) -> Callable[[TensorInfo], Any]:
     """Each tensor's parameters from the schedule, at mergekit's t for its layer (parsed once per distinct set)."""
-    n_layers = 1 + max((i for i in (layer_of(t.name) for t in plan.tensors) if i is not None), default=0)
+    n_layers = 1 + max((t.layer for t in plan.tensors if t.layer is not None), default=0)
     parsed: dict[str, Any] = {}
 
     def params_for(info: TensorInfo) -> Any:
-        raw = schedule.for_tensor(info.name, n_layers)
+        raw = schedule.for_tensor(info.name, info.layer, n_layers)
         key = repr(sorted(raw.items()))
         if key not in parsed:
             parsed[key] = parse_params(method, raw)
