@@ -38,6 +38,9 @@ class PlanWarning(str):
     def message(self) -> str:
         return str.__str__(self)
 
+    def __getnewargs__(self) -> tuple[str, str]:     # copy and pickle rebuild it through __new__
+        return self.kind, self.message
+
 
 EXPERT_IS_BASE = "expert_is_base"    # fields: expert (index), path
 VOCAB_UNION = "vocab_union"          # fields: rows, base_rows

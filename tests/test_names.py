@@ -3,6 +3,10 @@ a config, their state_dict names checked against the model's own structure (its 
 embeddings, the order it stores tensors in)."""
 from __future__ import annotations
 
+import copy
+import json
+import pickle
+
 import pytest
 import torch
 
@@ -124,3 +128,6 @@ def test_plan_sets_each_tensors_layer_once(tmp_path):
         (w,) = plan.warnings
         assert w.kind == EXPERT_IS_BASE and w.fields["expert"] == 0
         assert w == f"expert 0 ({same.path}) reads the same files as the base: its task vector is zero"
+        assert json.dumps(plan.warnings) == json.dumps([w.message])
+        for copied in (pickle.loads(pickle.dumps(w)), copy.deepcopy(w)):
+            assert (copied, copied.kind, copied.fields) == (w, w.kind, w.fields)
