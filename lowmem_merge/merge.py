@@ -28,7 +28,7 @@ from .io.outdir import OutputDir, check_apart
 from .io.reader import INDEX_NAME, SINGLE_NAME
 from .io.writer import Shard, ShardWriter, copy_new, output_error, plan_shards, write_new
 from .methods import DEFAULT_METHOD, MergeMethod, get_method, params_dict, parse_params
-from .plan import VOCAB_UNION, Expert, Plan, PlanWarning, make_plan
+from .plan import RECIPE_NOTE, VOCAB_UNION, Expert, Plan, PlanWarning, make_plan
 from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
 from .schedule import Schedule
@@ -106,7 +106,7 @@ def merge(base: str | Path, experts: Sequence[str | Path], out: str | Path, meth
                                   hint="resize the experts to the base's vocabulary, or use a data-free rule")
         plan = make_plan(base_ck, expert_cks, out_dtype)
         plan.vocab = vocab
-        plan.warnings.extend(notes)
+        plan.warnings.extend(PlanWarning(RECIPE_NOTE, note) for note in notes)
         if vocab is not None and tokenizer_source is None:
             plan.warnings.append(PlanWarning(VOCAB_UNION, f"the experts' vocabularies differ from the base's: merged "
                                              f"over their union ({vocab.rows} rows, the base has {vocab.base_rows}); "

@@ -44,6 +44,7 @@ class PlanWarning(str):
 
 EXPERT_IS_BASE = "expert_is_base"    # fields: expert (index), path
 VOCAB_UNION = "vocab_union"          # fields: rows, base_rows
+RECIPE_NOTE = "recipe_note"          # no fields: what the recipe chose (a base-less recipe's reference model)
 
 
 @dataclass
