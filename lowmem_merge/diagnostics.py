@@ -17,7 +17,6 @@ Tensors the stream does not split (stored transposed, GPT-2 Conv1D) are held who
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
 import torch
@@ -26,7 +25,8 @@ from .device import BufferPool, resolve_device, tune_malloc
 from .info import TensorClass, TensorInfo
 from .methods.ace import AceParams, heterogeneity
 from .methods.average import Average, AverageParams
-from .plan import Plan
+from .names import block_of
+from .plan import EXPERT_IS_BASE, Plan
 from .stream import MERGED, Piece, Prefetcher, StreamContext, _base_on_device, _delta, _reads, make_pieces, \
     read_volume
 
@@ -34,7 +34,6 @@ STACK_ELEMS = 1 << 22       # elements of Δ held across all experts at once (fp
 COND_MAX_DIM = 4096         # default largest n whose A = Σ ΔtᵀΔt is formed (8n² bytes, ~2mn² flops per expert)
 SCALE_RATIO = 10.0          # max/min total ‖Δt‖ above which experts are "of very different scales": ACTMat's A
                             # weighs each expert by ‖Δt‖² (100× here) and sums/means of Δ follow the largest one
-_LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
 
 
 class _Acc:
@@ -107,12 +106,6 @@ def _norms_cosines(g: torch.Tensor) -> dict:
     return {"norms": norms, "cosine": cos}
 
 
-def layer_of(name: str) -> str:
-    """``model.layers.3`` for any tensor of that block; otherwise the module (the name without its last part)."""
-    m = _LAYER.match(name)
-    return m.group(1) if m else name.rsplit(".", 1)[0]
-
-
 def collect_stats(plan: Plan, device: str = "auto", cond_max_dim: int = COND_MAX_DIM,
                   progress: Callable[[int, int], None] | None = None) -> dict:
     """Per-tensor, per-layer and whole-model diagnostics and the warnings they raise (module docstring).
@@ -172,7 +165,7 @@ def _summarize(plan: Plan, results: list[tuple[dict, torch.Tensor]], dev: torch.
     t_count = plan.n_experts
     groups: dict[str, list[tuple[dict, torch.Tensor]]] = {}
     for entry, g in results:
-        groups.setdefault(layer_of(entry["name"]), []).append((entry, g))
+        groups.setdefault(block_of(entry["name"]), []).append((entry, g))
     layers = [_layer_row(name, members, t_count) for name, members in groups.items()]
     total = _norms_cosines(sum((g for _, g in results), torch.zeros(t_count, t_count, dtype=torch.float64)))
     return {"device": str(dev), "tau": AceParams().tau, "cond_max_dim": cond_max_dim,
@@ -195,7 +188,7 @@ def _layer_row(name: str, members: list[tuple[dict, torch.Tensor]], t_count: int
 def _warnings(plan: Plan, norms: list[float]) -> list[str]:
     """Experts equal to the base, experts of very different scales, tied embeddings."""
     out = []
-    told = {int(m.group(1)) for w in plan.warnings if (m := re.match(r"expert (\d+) .*task vector is zero", w))}
+    told = {w.fields["expert"] for w in plan.warnings if w.kind == EXPERT_IS_BASE}
     for t, (ex, norm) in enumerate(zip(plan.experts, norms)):
         if norm == 0.0 and t not in told:
             out.append(f"expert {t} ({ex.path}) equals the base on every tensor (‖Δ‖ = 0): it adds nothing and "

@@ -23,6 +23,7 @@ class TensorInfo:
     transposed: bool = False    # stored (in, out) on disk (GPT-2 Conv1D, GPT-OSS experts); the stream transposes
     tied_to: str | None = None  # canonical tensor name for TIED
     row_start: int = 0          # first row of this piece when an elementwise rule works in row chunks
+    layer: int | None = None    # index of the repeated layer holding it (names.layer_of), set once by the plan
 
     @property
     def numel(self) -> int:

@@ -28,10 +28,10 @@ from .io.reader import INDEX_NAME
 from .io.writer import Shard, ShardWriter, copy_new, write_new
 from .methods import DEFAULT_METHOD, MergeMethod, get_method, params_dict, parse_params
 from .output import COPIED_FILES, claim_output, describe_checkpoint, parse_dtype, publish, write_shards
-from .plan import Expert, Plan, make_plan
+from .plan import RECIPE_NOTE, VOCAB_UNION, Expert, Plan, PlanWarning, make_plan
 from .quantize import Quantizer
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions
-from .schedule import Schedule, layer_of
+from .schedule import Schedule
 from .sizes import parse_size
 from .stream import Piece, StreamContext, run_merge, run_prepass, stream_volume
 from .vocab import SOURCES, TOKENIZER_FILES, align, set_vocab_size
@@ -252,11 +252,11 @@ def _vocabulary_plan(stack: contextlib.ExitStack, base_ck: Any, expert_cks: list
             raise ConfigError(f"{method_cls.name} cannot merge experts of other vocabularies",
                               hint="resize the experts to the base's vocabulary, or use a data-free rule")
     plan = make_plan(base_ck, expert_cks, out_dtype)
-    warnings = [*plan.warnings, *notes]
+    warnings = [*plan.warnings, *(PlanWarning(RECIPE_NOTE, note) for note in notes)]
     if vocab is not None and tokenizer_source is None:
-        warnings.append(f"the experts' vocabularies differ from the base's: merged over their union "
-                        f"({vocab.rows} rows, the base has {vocab.base_rows}); --tokenizer-source base "
-                        f"keeps the base's")
+        warnings.append(PlanWarning(VOCAB_UNION, f"the experts' vocabularies differ from the base's: merged over their "
+                                    f"union ({vocab.rows} rows, the base has {vocab.base_rows}); --tokenizer-source "
+                                    "base keeps the base's", rows=vocab.rows, base_rows=vocab.base_rows))
     return dataclasses.replace(plan, vocab=vocab, warnings=warnings)
 
 
@@ -296,11 +296,11 @@ def _calib_fingerprint(calib: Sequence, samples: int, seq_len: int) -> dict:
 
 def _params_for(plan: Plan, method: type[MergeMethod], schedule: Schedule) -> Callable[[TensorInfo], Any]:
     """Each tensor's parameters from the schedule, at mergekit's t for its layer (parsed once per distinct set)."""
-    n_layers = 1 + max((i for i in (layer_of(t.name) for t in plan.tensors) if i is not None), default=0)
+    n_layers = 1 + max((t.layer for t in plan.tensors if t.layer is not None), default=0)
     parsed: dict[str, Any] = {}
 
     def params_for(info: TensorInfo) -> Any:
-        raw = schedule.for_tensor(info.name, n_layers)
+        raw = schedule.for_tensor(info.name, info.layer, n_layers)
         key = repr(sorted(raw.items()))
         if key not in parsed:
             parsed[key] = parse_params(method, raw)

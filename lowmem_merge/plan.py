@@ -4,8 +4,7 @@ Every input error that headers can show is raised here, before any compute or an
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,17 +14,37 @@ from .info import TensorClass, TensorInfo
 from .io.checkpoint import Checkpoint
 from .io.lora import LoraAdapter
 from .io.reader import TensorEntry
+from .names import (is_bias, is_conv1d, is_embedding, is_lm_head, is_stacked_experts, is_task_head,
+                    is_token_embedding, layer_of)
 
 Expert = Checkpoint | LoraAdapter
 
-_EMB = re.compile(r"(embed|wte|wpe|(^|\.)shared\.|position|token_type)")
-_HEAD = re.compile(r"(^|\.)(classifier|score)(\.|$)")
-_CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")   # GPT-2 Conv1D: stored (in, out)
 _CONV1D_MODELS = {"gpt2", "gpt_bigcode", "openai-gpt", "imagegpt", "decision_transformer"}
-_LM_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
-_BIAS = re.compile(r"(^|[._])bias$")
-_MOE = re.compile(r"\.experts\.[^.]+$")                    # stacked experts: (E, out, in), transformers 5 MoE
 _MOE_IN_OUT_MODELS = {"gpt_oss"}                             # stacked (E, in, out): x @ W[e]
+
+
+class PlanWarning(str):
+    """A warning as data: ``kind`` and ``fields`` for code that acts on it, the message as the string itself, so
+    the report, the card and the CLI write it exactly as before and nobody parses it back."""
+    kind: str
+    fields: dict[str, Any]
+
+    def __new__(cls, kind: str, message: str, **fields: Any) -> PlanWarning:
+        self = super().__new__(cls, message)
+        self.kind, self.fields = kind, fields
+        return self
+
+    @property
+    def message(self) -> str:
+        return str.__str__(self)
+
+    def __getnewargs__(self) -> tuple[str, str]:     # copy and pickle rebuild it through __new__
+        return self.kind, self.message
+
+
+EXPERT_IS_BASE = "expert_is_base"    # fields: expert (index), path
+VOCAB_UNION = "vocab_union"          # fields: rows, base_rows
+RECIPE_NOTE = "recipe_note"          # no fields: what the recipe chose (a base-less recipe's reference model)
 
 
 @dataclass
@@ -35,7 +54,7 @@ class Plan:
     tensors: list[TensorInfo]                                   # output order; HEADs of the base included
     out_dtype: dict[str, torch.dtype]
     heads: list[list[str]] = field(default_factory=list)       # per expert: head tensors written to heads/
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[PlanWarning] = field(default_factory=list)
     vocab: Any = None                                          # vocab.Vocabulary when vocabularies are aligned
 
     @property
@@ -63,7 +82,7 @@ def make_plan(base: Checkpoint, experts: list[Expert], dtype: torch.dtype | None
     out_dtype: dict[str, torch.dtype] = {}
     order = sorted(base.entries.values(), key=lambda e: (str(e.path), e.offset))
     for entry in order:
-        info = _classify(entry, conv1d, moe_in_out, canonical_emb)
+        info = replace(_classify(entry, conv1d, moe_in_out, canonical_emb), layer=layer_of(entry.name))
         for ex in experts:
             _check_expert(entry, info, ex)
         infos.append(info)
@@ -83,8 +102,7 @@ def _tied_embedding(base: Checkpoint, config: dict) -> str | None:
     if not config.get("tie_word_embeddings", False):
         return None
     for name, e in base.entries.items():
-        if e.is_float and len(e.shape) == 2 and re.search(r"(embed_tokens|wte|word_embeddings|(^|\.)shared)\.weight$",
-                                                          name):
+        if e.is_float and len(e.shape) == 2 and is_token_embedding(name):
             return name
     return None
 
@@ -94,21 +112,21 @@ def _classify(entry: TensorEntry, conv1d: bool, moe_in_out: bool, canonical_emb:
     name, shape = entry.name, entry.shape
     if not entry.is_float or 0 in shape:      # no elements: nothing to merge, the base's (empty) value is the merge
         return TensorInfo(name, shape, TensorClass.INT)
-    if _HEAD.search(name):
+    if is_task_head(name):
         return TensorInfo(name, shape, TensorClass.HEAD)
-    if canonical_emb and _LM_HEAD.search(name) and name != canonical_emb:
+    if canonical_emb and is_lm_head(name) and name != canonical_emb:
         return TensorInfo(name, shape, TensorClass.TIED, tied_to=canonical_emb)
-    if len(shape) <= 1 or _BIAS.search(name):  # stacked MoE biases (E, out) are vectors too
+    if len(shape) <= 1 or is_bias(name):  # stacked MoE biases (E, out) are vectors too
         return TensorInfo(name, shape, TensorClass.VEC)
-    if len(shape) == 3 and _MOE.search(name):  # a batch of E linear maps, each merged with the LIN rule
+    if len(shape) == 3 and is_stacked_experts(name):  # a batch of E linear maps, each merged with the LIN rule
         if moe_in_out:
             return TensorInfo(name, (shape[0], shape[2], shape[1]), TensorClass.LIN, transposed=True)
         return TensorInfo(name, shape, TensorClass.LIN)
     if len(shape) >= 3:
         return TensorInfo(name, shape, TensorClass.CONV)
-    if _EMB.search(name):
+    if is_embedding(name):
         return TensorInfo(name, shape, TensorClass.EMB)
-    if conv1d and _CONV1D.search(name):
+    if conv1d and is_conv1d(name):
         return TensorInfo(name, (shape[1], shape[0]), TensorClass.LIN, transposed=True)
     return TensorInfo(name, shape, TensorClass.LIN)
 
@@ -125,7 +143,7 @@ def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Expert) -> None:
         raise InputError("tensor of the base is missing from this expert", path=expert.path, tensor=name,
                          hint="every expert must be a fine-tune of the base with the same architecture")
     if theirs.shape != entry.shape:
-        if info.cls in (TensorClass.EMB, TensorClass.TIED) or _LM_HEAD.search(name):
+        if info.cls in (TensorClass.EMB, TensorClass.TIED) or is_lm_head(name):
             raise InputError(f"vocabulary size differs: expert has {theirs.shape[0]} rows, base "
                              f"{entry.path} has {entry.shape[0]}", path=theirs.path, tensor=name,
                              hint="lowmerge matches rows by token on the word embeddings and the LM head only: "
@@ -140,7 +158,7 @@ def _check_expert(entry: TensorEntry, info: TensorInfo, expert: Expert) -> None:
 def _check_adapter(base: Checkpoint, infos: dict[str, TensorInfo], adapter: LoraAdapter) -> None:
     """Every LoRA product lands on a mergeable base weight of its shape; every saved tensor names a base tensor."""
     for name, e in adapter.entries.items():
-        if name not in base.entries and not _HEAD.search(name):
+        if name not in base.entries and not is_task_head(name):
             raise InputError("tensor not in the base", path=e.path, tensor=e.name,
                              hint="the adapter was trained on another model: pass that model as BASE")
     for name, f in adapter.lora.items():
@@ -159,13 +177,13 @@ def _check_adapter(base: Checkpoint, infos: dict[str, TensorInfo], adapter: Lora
 
 def _expert_heads(base: Checkpoint, expert: Expert) -> list[str]:
     extra = sorted(set(expert.entries) - set(base.entries))
-    heads = [n for n in extra if _HEAD.search(n)]
-    others = [n for n in extra if not _HEAD.search(n)]
+    heads = [n for n in extra if is_task_head(n)]
+    others = [n for n in extra if not is_task_head(n)]
     if others:
         raise InputError(f"tensor not in the base ({len(others)} such)", path=expert.path, tensor=others[0],
                          hint="every expert must have the base's architecture; task heads must be named "
                               "'classifier' or 'score'")
-    heads += sorted(n for n in expert.entries if n in base.entries and _HEAD.search(n))
+    heads += sorted(n for n in expert.entries if n in base.entries and is_task_head(n))
     return heads
 
 
@@ -182,7 +200,8 @@ def _tied_after_canonical(infos: list[TensorInfo]) -> list[TensorInfo]:
     return out
 
 
-def _warnings(plan: Plan) -> list[str]:
+def _warnings(plan: Plan) -> list[PlanWarning]:
     base_files = [f.path for f in plan.base.files]
-    return [f"expert {i} ({ex.path}) reads the same files as the base: its task vector is zero"
+    return [PlanWarning(EXPERT_IS_BASE, f"expert {i} ({ex.path}) reads the same files as the base: its task vector "
+                        "is zero", expert=i, path=str(ex.path))
             for i, ex in enumerate(plan.experts) if [f.path for f in ex.files] == base_files]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -33,6 +32,7 @@ import torch
 
 from .errors import ConfigError
 from .info import TensorClass, TensorInfo
+from .names import is_lm_head
 
 QUANTIZE_CHOICES = ("int8", "nf4")
 BLOCK = 64              # nf4 block: transformers' and bitsandbytes' default
@@ -40,7 +40,6 @@ NESTED_BLOCK = 256      # blocks of the double quantization of absmax (bitsandby
 SLAB = 1 << 20          # elements quantized at once: bitsandbytes' CPU kernels make ~14 bytes of temporaries each
 SLAB_TEMP_BYTES = 16 * SLAB
 QS_JSON_BYTES_SLACK = 24  # longest repr of a float ("-1.2345678901234567e-308") in place of the offset
-_LM_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
 Spec = tuple[str, torch.dtype, tuple[int, ...]]
 
 
@@ -65,7 +64,7 @@ def quantizable(info: TensorInfo) -> bool:
     """The tensors transformers turns into bitsandbytes layers: 2-D linear weights (nn.Linear, GPT-2 Conv1D),
     except the output embedding (lm_head), which transformers keeps in full precision."""
     return (info.cls == TensorClass.LIN and len(info.shape) == 2 and info.numel > 0
-            and info.name.endswith(".weight") and not _LM_HEAD.search(info.name))
+            and info.name.endswith(".weight") and not is_lm_head(info.name))
 
 
 @dataclass

@@ -205,7 +205,7 @@ def check_layer_range(recipe: Recipe) -> None:
     if recipe.layer_range is None:
         return
     from .io.checkpoint import open_checkpoint
-    from .schedule import layer_of
+    from .names import layer_of
     with open_checkpoint(recipe.base) as ck:
         depth = 1 + max((i for i in map(layer_of, ck.entries) if i is not None), default=-1)
     if tuple(recipe.layer_range) != (0, depth):

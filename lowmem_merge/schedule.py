@@ -9,27 +9,19 @@ at t·n (booleans and strings take the entry at ⌊t·n⌋); in a list of condit
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
-LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
-BEFORE_LAYERS = re.compile(r"(embed|wte|wpe|(^|\.)shared\.|word_embeddings|position|token_type)")
+from .names import is_input_embedding
 
 Setting = Any   # a number, bool or string; a list of them; a list of {filter, value}
 
 
-def layer_of(name: str) -> int | None:
-    m = LAYER.search(name)
-    return int(m.group(1)) if m else None
-
-
-def layer_t(name: str, n_layers: int) -> float:
-    """mergekit's interpolation point for tensor ``name`` in a model of ``n_layers`` layers."""
-    i = layer_of(name)
-    if i is None:
+def layer_t(layer: int | None, n_layers: int) -> float:
+    """mergekit's interpolation point for a tensor of layer ``layer`` (None: outside the layers) of ``n_layers``."""
+    if layer is None:
         return 0.0
-    return i / (n_layers - 1) if n_layers > 1 else 1.0
+    return layer / (n_layers - 1) if n_layers > 1 else 1.0
 
 
 def evaluate(setting: Setting, name: str, t: float) -> Any:
@@ -71,9 +63,10 @@ class Schedule:
         self.models = models
         self._to_params = to_params
 
-    def for_tensor(self, name: str, n_layers: int) -> dict[str, Any]:
-        """The parameters of tensor ``name`` in a model of ``n_layers`` layers, at mergekit's t for it."""
-        return self.params(name, layer_t(name, n_layers))
+    def for_tensor(self, name: str, layer: int | None, n_layers: int) -> dict[str, Any]:
+        """The parameters of tensor ``name``, of layer ``layer`` (None: outside the layers) in a model of
+        ``n_layers`` layers, at mergekit's t for it."""
+        return self.params(name, layer_t(layer, n_layers))
 
     def params(self, name: str, t: float) -> dict[str, Any]:
         def resolved(settings: dict[str, Setting]) -> dict[str, Any]:
@@ -95,14 +88,13 @@ class SlicedSchedule:
     def __init__(self, slices: list[tuple[int, int, Schedule]]) -> None:
         self.slices = slices
 
-    def for_tensor(self, name: str, n_layers: int) -> dict[str, Any]:
-        i = layer_of(name)
-        if i is None:
-            return (self.slices[0] if BEFORE_LAYERS.search(name) else self.slices[-1])[2].params(name, 0.0)
+    def for_tensor(self, name: str, layer: int | None, n_layers: int) -> dict[str, Any]:
+        if layer is None:
+            return (self.slices[0] if is_input_embedding(name) else self.slices[-1])[2].params(name, 0.0)
         for first, end, schedule in self.slices:
-            if first <= i < end:
-                return schedule.params(name, (i - first) / (end - first - 1) if end - first > 1 else 1.0)
-        raise ValueError(f"layer {i} of {name} is in no slice")
+            if first <= layer < end:
+                return schedule.params(name, (layer - first) / (end - first - 1) if end - first > 1 else 1.0)
+        raise ValueError(f"layer {layer} of {name} is in no slice")
 
     def params(self, name: str, t: float) -> dict[str, Any]:
         return self.slices[0][2].params(name, t)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,12 +22,11 @@ from .errors import ConfigError, InputError
 from .io.checkpoint import Checkpoint, input_paths, open_checkpoint
 from .io.outdir import check_apart
 from .io.writer import ShardWriter, copy_new, plan_shards, write_new
+from .names import is_input_embedding, split_layer
 from .output import COPIED_FILES, claim_output, describe_checkpoint, parse_dtype, produce
 from .report import CARD_NAME, REPORT_NAME, Report, now_utc, versions
 from .sizes import parse_size
 
-LAYER = re.compile(r"^(.*?(?:layers|layer|h|blocks))\.(\d+)\.(.+)$")
-BEFORE_LAYERS = re.compile(r"(embed|wte|wpe|(^|\.)shared\.|position|token_type)")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
@@ -121,14 +119,14 @@ def _layers(ck: Checkpoint) -> tuple[str | None, dict[int, list[str]]]:
     """(the layers' name prefix, layer index -> the names inside it, in file order)."""
     prefix, found = None, {}
     for entry in sorted(ck.entries.values(), key=lambda e: (str(e.path), e.offset)):
-        m = LAYER.match(entry.name)
-        if not m:
+        split = split_layer(entry.name)
+        if split is None:
             continue
-        if prefix not in (None, m.group(1)):
-            raise InputError(f"two layer stacks ({prefix} and {m.group(1)})", path=ck.path, tensor=entry.name,
+        if prefix not in (None, split.prefix):
+            raise InputError(f"two layer stacks ({prefix} and {split.prefix})", path=ck.path, tensor=entry.name,
                              hint="passthrough supports models with one stack of repeated layers")
-        prefix = m.group(1)
-        found.setdefault(int(m.group(2)), []).append(m.group(3))
+        prefix = split.prefix
+        found.setdefault(split.index, []).append(split.rest)
     return prefix, found
 
 
@@ -142,7 +140,7 @@ def _sources(slices: Sequence[Slice], models: dict[str, Checkpoint],
         raise InputError("no repeated layers found (names like model.layers.N....)", path=first)
     reference = None
     out: list[tuple[str, Checkpoint, str]] = []
-    outside = [n for n in _file_order(models[first]) if not LAYER.match(n) and BEFORE_LAYERS.search(n)]
+    outside = [n for n in _file_order(models[first]) if is_input_embedding(n)]
     out += [(n, models[first], n) for n in outside]
     index = 0
     resolved = []
@@ -169,7 +167,7 @@ def _sources(slices: Sequence[Slice], models: dict[str, Checkpoint],
                                  hint="every slice must come from a model of the same architecture and width")
             out += [(f"{prefix}.{index}.{rest}", ck, f"{p}.{j}.{rest}") for rest in found.get(j, [])]
             index += 1
-    after = [n for n in _file_order(models[last]) if not LAYER.match(n) and not BEFORE_LAYERS.search(n)]
+    after = [n for n in _file_order(models[last]) if split_layer(n) is None and not is_input_embedding(n)]
     out += [(n, models[last], n) for n in after]
     return out, resolved
 

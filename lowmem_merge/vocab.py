@@ -15,7 +15,6 @@ order is unchanged) into the caller's buffer; the base's mean row is computed on
 from __future__ import annotations
 
 import hashlib
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -30,9 +29,9 @@ from .io.checkpoint import Checkpoint
 from .io.hub import resolve
 from .io.lora import LoraAdapter
 from .io.reader import TensorEntry
+from .names import is_vocab_tensor
 
 Model = Checkpoint | LoraAdapter
-VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|shared|embed_in|embed_out|lm_head)\.weight$")
 SOURCES = ("base", "union")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -61,7 +60,7 @@ class Vocabulary:
 
 def vocab_tensors(ckpt: Model) -> list[str]:
     """The base's tensors indexed by token: word embeddings and the LM head (2-D, float)."""
-    return sorted(n for n, e in ckpt.entries.items() if VOCAB_TENSOR.search(n) and e.is_float and len(e.shape) == 2)
+    return sorted(n for n, e in ckpt.entries.items() if is_vocab_tensor(n) and e.is_float and len(e.shape) == 2)
 
 
 def _differs(base: Checkpoint, experts: list[Model], names: list[str]) -> bool:
