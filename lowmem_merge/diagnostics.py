@@ -24,10 +24,11 @@ import torch
 from .device import BufferPool, resolve_device, tune_malloc
 from .info import TensorClass, TensorInfo
 from .methods.ace import AceParams, heterogeneity
-from .methods.average import Average, AverageParams
+from .methods.base import MergeMethod
+from .methods.drive import drive
 from .names import block_of
 from .plan import EXPERT_IS_BASE, Plan
-from .stream import MERGED, Piece, Prefetcher, StreamContext, _base_on_device, _delta, _reads, make_pieces, \
+from .stream import MERGED, Piece, Prefetcher, StreamContext, expert_deltas, make_pieces, piece_reads, read_base, \
     read_volume
 
 STACK_ELEMS = 1 << 22       # elements of Δ held across all experts at once (fp64: 32 MiB)
@@ -115,7 +116,7 @@ def collect_stats(plan: Plan, device: str = "auto", cond_max_dim: int = COND_MAX
     dev = resolve_device(device)
     tune_malloc()                    # as a merge does: freed stacks go back to the OS instead of a fragmenting heap
     t_count = plan.n_experts
-    pieces = [p for p in make_pieces(plan, Average, AverageParams(), max(1, STACK_ELEMS // t_count))
+    pieces = [p for p in make_pieces(plan, _Stack, None, max(1, STACK_ELEMS // t_count))
               if p.info.cls in MERGED and p.target == p.info.name]
     total, done = read_volume(plan, pieces, 1), [0]
 
@@ -124,9 +125,9 @@ def collect_stats(plan: Plan, device: str = "auto", cond_max_dim: int = COND_MAX
         if progress:
             progress(done[0], total)
 
-    ctx = StreamContext(plan, Average, AverageParams(), dev, tick, BufferPool(pin=dev.type == "cuda"))
+    ctx = StreamContext(plan, _Stack, None, dev, tick, BufferPool(pin=dev.type == "cuda"))
     by_name = {i.name: i for i in plan.tensors}
-    fetch = Prefetcher((r for p in pieces for r in _reads(plan, p, 1)), ctx.pool, ctx.prefetch_bytes)
+    fetch = Prefetcher((r for p in pieces for r in piece_reads(plan, p, 1)), ctx.pool, ctx.prefetch_bytes)
     results: list[tuple[dict, torch.Tensor]] = []
     acc: _Acc | None = None
     try:
@@ -145,20 +146,30 @@ def collect_stats(plan: Plan, device: str = "auto", cond_max_dim: int = COND_MAX
 
 def _read_stack(ctx: StreamContext, piece: Piece, fetch: Prefetcher) -> torch.Tensor:
     """(T, k) fp64 on the device: row t is expert t's Δ of ``piece``, as the merge forms it (LoRA, transposes)."""
-    _, x = fetch.next()
-    ctx.progress(x.nbytes)
-    base = _base_on_device(ctx, x, piece.info)
-    del x
-    stack = torch.empty(ctx.plan.n_experts, piece.info.numel, dtype=torch.float64, device=ctx.device)
-    for t in range(ctx.plan.n_experts):
-        ckpt, y = fetch.next()
-        ctx.progress(y.nbytes)
-        d = _delta(ctx, ckpt, y, base, piece.info)
-        del y
-        stack[t].copy_(d.reshape(-1))
-        ctx.pool.give(d)
+    base = read_base(ctx, piece, fetch)
+    delta, added = expert_deltas(ctx, piece, base, fetch)
+    stack, _ = drive(_Stack, None, piece.info, ctx.plan.n_experts, delta, added=added)
     ctx.pool.give(base)
     return stack
+
+
+class _Stack(MergeMethod):
+    """Not a merge rule: the stream's one driver (``drive``) runs it to gather the T experts' Δ of a piece as the
+    rows of one fp64 (T, k) stack, the input of every statistic here."""
+    name = "stack"
+    summary = "the experts' task vectors of one piece, stacked (inspect --stats)"
+
+    def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
+        if t == 0:
+            self.stack = torch.empty(self.n_experts, delta.numel(), dtype=torch.float64, device=delta.device)
+        self.stack[t].copy_(delta.reshape(-1))
+
+    def finalize(self) -> torch.Tensor:
+        return self.stack
+
+    @classmethod
+    def row_chunkable(cls, params: object, info: TensorInfo) -> bool:
+        return True
 
 
 def _summarize(plan: Plan, results: list[tuple[dict, torch.Tensor]], dev: torch.device, cond_max_dim: int) -> dict:

@@ -147,7 +147,7 @@ class StreamContext:
     deltas: bool = False                     # write Δ* itself, not W0 + Δ* (--output-format peft, adapter_out.py)
 
 
-def _reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Expert, str, tuple[int, int] | None]]:
+def piece_reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Expert, str, tuple[int, int] | None]]:
     yield plan.base, piece.info.name, piece.rows
     if piece.info.cls in MERGED:
         for _ in range(passes):
@@ -331,7 +331,7 @@ def run_prepass(ctx: StreamContext, pieces: list[Piece]) -> Any:
     sources = [p for p in pieces if p.info.cls in MERGED and p.target == p.info.name]
     pre = ctx.method.prepass_for(ctx.params)(ctx.plan.n_experts, ctx.params)
     for round_ in range(rounds):
-        fetch = Prefetcher((r for p in sources for r in _reads(ctx.plan, p, 1)), ctx.pool, ctx.prefetch_bytes)
+        fetch = Prefetcher((r for p in sources for r in piece_reads(ctx.plan, p, 1)), ctx.pool, ctx.prefetch_bytes)
         try:
             for piece in sources:
                 with compute_threads(ctx, piece.info):
@@ -351,9 +351,9 @@ def _merge_reads(ctx: StreamContext, groups: list[list[Piece]], contexts: list[S
         if group[0].info.cls in MERGED:
             for _ in range(n_rounds):
                 for p in group:
-                    yield from _reads(ctx.plan, p, 1)
+                    yield from piece_reads(ctx.plan, p, 1)
         for p in group:
-            yield from _reads(ctx.plan, p, ctx.method.passes_for(pctx.params))
+            yield from piece_reads(ctx.plan, p, ctx.method.passes_for(pctx.params))
 
 
 def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
@@ -419,10 +419,17 @@ def _merge_group(ctx: StreamContext, pctx: StreamContext, group: list[Piece], st
         write(piece.target, _to_output(ctx, merged, out_dtype))
 
 
-def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: Any,
-                 fetch: Prefetcher) -> tuple[torch.Tensor, dict[str, float]]:
-    base_m = base.mT if piece.info.transposed else base
+def read_base(ctx: StreamContext, piece: Piece, fetch: Prefetcher) -> torch.Tensor:
+    """The base's ``piece``, the next read of ``fetch``, on the device (give it back to ``ctx.pool`` when done)."""
+    _, x = fetch.next()
+    ctx.progress(x.nbytes)
+    return _base_on_device(ctx, x, piece.info)
 
+
+def expert_deltas(ctx: StreamContext, piece: Piece, base: torch.Tensor,
+                  fetch: Prefetcher) -> tuple[Callable[[int, int], Any], Callable[[Any], None]]:
+    """``drive``'s ``delta`` and ``added`` for ``piece``: each expert's Δ as the merge forms it (LoRA products or
+    factors, transposes, vocabulary rows), read in turn from ``fetch``; a dense Δ goes back to the pool once used."""
     def delta(pass_: int, t: int) -> torch.Tensor | Factors:
         ckpt, y = fetch.next()
         ctx.progress(y.nbytes)
@@ -431,6 +438,13 @@ def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: An
     def added(d: torch.Tensor | Factors) -> None:
         if not isinstance(d, Factors):                    # factors stay with the method until it finalizes
             ctx.pool.give(d)
+    return delta, added
+
+
+def _merge_piece(ctx: StreamContext, piece: Piece, base: torch.Tensor, state: Any,
+                 fetch: Prefetcher) -> tuple[torch.Tensor, dict[str, float]]:
+    base_m = base.mT if piece.info.transposed else base
+    delta, added = expert_deltas(ctx, piece, base, fetch)
     merged, stats = drive(ctx.method, ctx.params, piece.info, ctx.plan.n_experts, delta, state,
                           base=base_m if ctx.method.needs_base else None, buffers=ctx.pool, added=added)
     out = merged if ctx.deltas else _inplace(torch.Tensor.add_, merged, base_m)   # W* = W0 + Δ*, fp32

@@ -20,6 +20,7 @@ import reference as ref
 from lowmem_merge import merge
 from lowmem_merge.info import TensorClass
 from lowmem_merge.methods import REGISTRY
+from lowmem_merge.methods.drive import drive
 from lowmem_merge.methods.matrix_rule import polar_and_values
 
 from test_lora import _infos
@@ -153,13 +154,10 @@ def test_covariance_rules_match_fp64_pinv_without_eigh(name, kwargs, case):
     model = make_model(*CASES[case], seed=0)
     info, deltas = model["layer.weight"]
     params = REGISTRY[name].Params(**kwargs)
-    method = REGISTRY[name](info, len(deltas), params)
-    for t, d in enumerate(deltas):
-        method.add(t, d.clone())
-    got = method.finalize()
+    got, stats = drive(REGISTRY[name], params, info, len(deltas), lambda p, t: deltas[t].clone())
     want = ref.per_matrix(lambda taus: _covariance_reference(name, params, taus), [d.double() for d in deltas])
     assert rel_err(got, want) <= TARGET
-    assert method.stats()["eigh"] == 0
+    assert stats["eigh"] == 0
 
 
 # ---- the polar factor without LAPACK's SVD (TSV-M, Iso-C, Iso-CTS) ------------------------------------------------

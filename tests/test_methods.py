@@ -365,10 +365,8 @@ def test_covariance_rules_ignore_expert_order(name: str) -> None:
 
 def merge_with_stats(name: str, deltas: list[torch.Tensor], **params: object) -> tuple[torch.Tensor, dict]:
     cls = REGISTRY[name]
-    method = cls(TensorInfo("w", tuple(deltas[0].shape), LIN), len(deltas), cls.Params(**params))
-    for t, d in enumerate(deltas):
-        method.add(t, d)
-    return method.finalize(), method.stats()
+    return drive(cls, cls.Params(**params), TensorInfo("w", tuple(deltas[0].shape), LIN), len(deltas),
+                 lambda p, t: deltas[t])
 
 
 def test_actmat_stats_report_the_relative_ridge() -> None:
@@ -541,19 +539,11 @@ def test_model_stock_on_correlated_experts_in_row_chunks() -> None:
     mean = sum(d.double() for d in deltas) / 3
     assert 0.8 < float(want.norm() / mean.norm()) < 1.0                       # t
     params = REGISTRY["model_stock"].Params()
-    pre = REGISTRY["model_stock"].prepass_for(params)(3, params)
-    chunks = [(0, 7), (7, 31), (31, 40)]
-    for round_ in range(pre.rounds):
-        for r0, r1 in chunks:
-            for t, d in enumerate(deltas):
-                pre.observe(round_, TensorInfo("w", (r1 - r0, 30), LIN, row_start=r0), t, d[r0:r1].clone())
-        pre.end_round(round_)
-    parts = []
-    for r0, r1 in chunks:
-        m = REGISTRY["model_stock"](TensorInfo("w", (r1 - r0, 30), LIN, row_start=r0), 3, params, pre.state())
-        for t, d in enumerate(deltas):
-            m.add(t, d[r0:r1].clone())
-        parts.append(m.finalize())
+    cls = REGISTRY["model_stock"]
+    pieces = [(TensorInfo("w", (r1 - r0, 30), LIN, row_start=r0), [d[r0:r1].clone() for d in deltas])
+              for r0, r1 in [(0, 7), (7, 31), (31, 40)]]
+    state = gather(cls, params, 3, lambda: pieces)
+    parts = [drive(cls, params, piece, 3, lambda p, t: ds[t].clone(), state)[0] for piece, ds in pieces]
     assert rel_err(torch.cat(parts), want) < 1e-6
 
 
@@ -640,23 +630,14 @@ def test_row_chunks_concatenate_to_the_whole_tensor(name: str, kwargs: dict) -> 
     info, deltas = model["layer.weight"]
     whole = stream(name, params, model)["layer.weight"]
     chunks = [(0, 5), (5, 17), (17, 23)]
-    prepass = REGISTRY[name].prepass_for(params)
+    cls = REGISTRY[name]
+    prepass = cls.prepass_for(params)
     state = _global_kappas(model, params.density) if prepass and prepass.scope == "model" else None
+    parts = [(TensorInfo(info.name, (r1 - r0, 9), LIN, row_start=r0), [d[r0:r1].clone() for d in deltas])
+             for r0, r1 in chunks]
     if prepass and prepass.scope == "tensor":
-        pre = prepass(len(deltas), params)
-        for round_ in range(pre.rounds):
-            for t, d in enumerate(deltas):
-                for r0, r1 in chunks:
-                    pre.observe(round_, TensorInfo(info.name, (r1 - r0, 9), LIN, row_start=r0), t, d[r0:r1].clone())
-            pre.end_round(round_)
-        state = pre.state()
-    pieces = []
-    for r0, r1 in chunks:
-        piece = TensorInfo(info.name, (r1 - r0, 9), LIN, row_start=r0)
-        method = REGISTRY[name](piece, len(deltas), params, state)
-        for t, d in enumerate(deltas):
-            method.add(t, d[r0:r1].clone())
-        pieces.append(method.finalize())
+        state = gather(cls, params, len(deltas), lambda: parts)
+    pieces = [drive(cls, params, piece, len(deltas), lambda p, t: ds[t].clone(), state)[0] for piece, ds in parts]
     assert torch.equal(torch.cat(pieces), whole)
 
 
@@ -794,11 +775,8 @@ def test_core_space_lora_solve_matches_fp64(name: str, params: dict) -> None:
     factors = [(bs[0], as_[0]), (torch.zeros(m, 0), torch.zeros(0, n)), (bs[1], as_[1]), (2 * bs[0], as_[0])]
     cls = REGISTRY[name]
     p = cls.Params(**params)
-    method = cls(TensorInfo("w", (m, n), LIN), len(factors), p)
-    for t, (b, a) in enumerate(factors):
-        method.add(t, Factors(b, a))
-    got = method.finalize()
-    assert method.stats()["core_dim"] == 3 * r            # Q spans the stacked rows of every a_t, zero rank included
+    got, stats = drive(cls, p, TensorInfo("w", (m, n), LIN), len(factors), lambda _, t: Factors(*factors[t]))
+    assert stats["core_dim"] == 3 * r            # Q spans the stacked rows of every a_t, zero rank included
     taus = [(b @ a).double() for b, a in factors]
     want = ref.actmat_matrix(taus, p.rho) if name == "actmat" else ref.wudi_cfs_matrix(taus, p.omega)
     assert rel_err(got, want) < 1e-5
@@ -811,11 +789,9 @@ def test_a_dense_expert_among_factors_takes_the_dense_path(name: str) -> None:
     b, a = torch.randn(12, 2, generator=g), torch.randn(2, 10, generator=g)
     dense = torch.randn(12, 10, generator=g)
     for order in ([Factors(b, a), dense], [dense, Factors(b, a)]):
-        method = REGISTRY[name](TensorInfo("w", (12, 10), LIN), 2, REGISTRY[name].Params())
-        for t, d in enumerate(order):
-            method.add(t, d)
-        got = method.finalize()
-        assert "core_dim" not in method.stats()
+        got, stats = drive(REGISTRY[name], REGISTRY[name].Params(), TensorInfo("w", (12, 10), LIN), 2,
+                           lambda p, t: order[t])
+        assert "core_dim" not in stats
         assert torch.equal(got, stream_one(name, [b @ a, dense] if isinstance(order[0], Factors) else [dense, b @ a]))
 
 

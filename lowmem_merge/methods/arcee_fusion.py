@@ -137,8 +137,8 @@ class ArceeFusion(MergeMethod):
     mergekit = Mergekit("arcee_fusion")
     prepass = FusionPrepass
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.delta: torch.Tensor | None = None
         self.kept = 0.0
 

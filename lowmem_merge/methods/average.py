@@ -43,8 +43,8 @@ class Average(MergeMethod):
                               hint="use normalize: true, weights summing to 1, or task_arithmetic")
         return {"weights": weights}
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.total: torch.Tensor | None = None  # Σ w_t Δt, fp32, shape of the tensor
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

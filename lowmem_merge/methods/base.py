@@ -1,10 +1,11 @@
 """The one interface every merge rule implements. The stream never looks inside a method.
 
 Life of a method instance (one per output tensor, or per row chunk of it):
-    m = Method(info, n_experts, params, state)      # state: the Prepass result, or None
+    m = Method(info, n_experts, params, state, base=W0, buffers=pool)   # state: the Prepass result, or None
     for pass_ in range(Method.passes_for(params)):
         for t in range(n_experts): m.add(t, delta_t, pass_)   # delta_t: (shape of info) fp32 on the device
     merged_delta = m.finalize()                     # Δ*, same shape, fp32; W* = W0 + Δ*
+``methods.drive.drive`` is that loop, the only one: the stream, the tests and ``inspect --stats`` call it.
 The caller owns ``delta``: a method may read it during ``add`` but must not keep a reference to it (LoRA factors,
 given only to a method whose ``takes_factors`` says so, are the exception: they are small and the method keeps them).
 """
@@ -75,18 +76,23 @@ class MergeMethod:
     mergekit: ClassVar[Mergekit | None] = None   # its mergekit recipe schema (read from the class itself only,
                                                  # never inherited: see ``mergekit_schema``)
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
+    needs_base: ClassVar[bool] = False           # rules on the weights themselves (slerp) read W0 too
+
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, *,
+                 base: torch.Tensor | None = None, buffers: Any = None) -> None:
+        """Complete at construction: ``state`` is the prepass's; ``base`` the base piece (stored dtype, this rule's
+        orientation; read-only), required by rules with ``needs_base``; ``buffers`` the stream's host BufferPool
+        (None: plain allocations). ``drive`` is the one caller that runs a rule."""
         self.info = info
         self.n_experts = n_experts
         self.params = params
         self.state = state
+        self.base = base
+        self.buffers = buffers
         if state is None and self.uses_prepass(params):   # the stream passes its prepass's state, always
             raise ValueError(f"{self.name} with these parameters needs its prepass state ({info.name})")
-
-    needs_base: ClassVar[bool] = False           # rules on the weights themselves (slerp) read W0 too:
-    base: Any = None                             # then the stream sets the base piece (stored dtype, this
-                                                 # method's orientation; read-only) before the first ``add``
-    buffers: Any = None                          # the stream's host BufferPool, set before the first ``add``
+        if base is None and self.needs_base:
+            raise ValueError(f"{self.name} reads the base weights: construct it with base= ({info.name})")
 
     def zeros(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """An fp32 statistic buffer of zeros. On the CPU it comes from the stream's pool: reused memory, where a fresh

@@ -125,8 +125,8 @@ class Breadcrumbs(MergeMethod):
                 **one_or_each("gamma", per_model(models, "gamma")), "rescale": glob["rescale"],
                 **({"normalize": glob["normalize"]} if elects else {})}
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.total: torch.Tensor | None = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

@@ -59,8 +59,8 @@ class CovarianceMethod(MatrixRule):
     adds a ridge from tr A. The same three serve the dense path and the LoRA core-space path.
     """
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self._sums = GramSums(info.shape) if self._mean is None else None
         self._factors: CoreSums | None = None  # LoRA experts of a plain matrix, while every expert is one
 

@@ -93,8 +93,8 @@ class Dare(MergeMethod):
         return {**task_arithmetic("dare_linear", glob, models, elects=False),
                 **one_or_each("density", per_model(models, "density"))}
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.total: torch.Tensor | None = None  # Σ_t (w_t / K_t) m_t ⊙ Δt, fp32, shape of the tensor
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

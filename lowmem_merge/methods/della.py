@@ -173,8 +173,8 @@ class DellaLinear(_Magprune, MergeMethod):
     mergekit = Mergekit("della_linear", {**GTA, "rescale": True}, {**WEIGHT_DENSITY, "epsilon": 0.15})
     from_mergekit = Della.__dict__["from_mergekit"]
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.total: torch.Tensor | None = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

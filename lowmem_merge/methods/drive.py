@@ -20,12 +20,7 @@ def drive(method: type[MergeMethod], params: Any, info: TensorInfo, n_experts: i
     the prepass' (see :func:`gather`); ``base`` (W0, oriented as Δ) is required by rules with ``needs_base``;
     ``added(Δ)`` is told when the rule is done with a Δ (the stream reuses its buffer).
     """
-    if method.needs_base and base is None:
-        raise ValueError(f"{method.name} reads the base weights: drive() needs base=")
-    m = method(info, n_experts, params, state)
-    m.buffers = buffers
-    if method.needs_base:
-        m.base = base
+    m = method(info, n_experts, params, state, base=base if method.needs_base else None, buffers=buffers)
     for pass_ in range(method.passes_for(params)):
         for t in range(n_experts):
             d = delta(pass_, t)

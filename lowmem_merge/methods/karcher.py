@@ -122,8 +122,8 @@ class Karcher(MergeMethod):
 
     prepass = KarcherPrepass
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.out: torch.Tensor | None = None   # Σ c_i W_i − W0 = (Σ c_i − 1) W0 + Σ_t c_t Δt
 
     @classmethod

@@ -25,8 +25,8 @@ def as_matrices(x: torch.Tensor) -> torch.Tensor:
 class MatrixRule(MergeMethod):
     """LIN: ``_add_matrices`` per expert and pass, ``_finalize_matrices``; other classes: scale·mean of Δt."""
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self._mean = None if info.cls == TensorClass.LIN else Average(info, n_experts, NoParams())
         self._stats: dict[str, float] = {}
         self._device: torch.device | None = None  # of the deltas, for a result built from nothing

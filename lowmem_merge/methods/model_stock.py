@@ -114,8 +114,8 @@ class ModelStock(MergeMethod):
     param_help = {"filter_wise": "one t per row (the last dimension); false: one t per tensor (mergekit's default)"}
     mergekit = Mergekit("model_stock", {"filter_wise": False})
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.total: torch.Tensor | None = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

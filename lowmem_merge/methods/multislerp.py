@@ -106,8 +106,8 @@ class MultiSlerp(MergeMethod):
                         without_base="expert", without_base_params={"origin": "zero"})
     prepass = MultiSlerpPrepass
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.w = _unit_weights(params, n_experts)
         self.units: torch.Tensor | None = None    # Σ w_t Δt / (‖Δt‖ + ε)
         self.linear: torch.Tensor | None = None   # Σ w_t Δt: two experts' fallback, and one expert's Δ
@@ -208,8 +208,8 @@ class NuSlerp(MergeMethod):
         return {"weights": tuple(m["weight"] for m in models), "flatten": glob["nuslerp_flatten"],
                 "row_wise": glob["nuslerp_row_wise"]}
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         w = params.weights or (1.0, 1.0)
         self.t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
         self.first: torch.Tensor | None = None

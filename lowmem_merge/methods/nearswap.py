@@ -35,8 +35,8 @@ class NearSwap(MergeMethod):
     param_help = {"t": "sameness threshold: moves up to t are kept, larger ones stop at distance t"}
     mergekit = Mergekit("nearswap", {"t": REQUIRED}, hints={"t": "the largest move kept"})
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.delta: torch.Tensor | None = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

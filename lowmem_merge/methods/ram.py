@@ -57,8 +57,8 @@ class Ram(MergeMethod):
     param_help = {"epsilon": "|Δt| above which expert t moves an entry (mergekit's default 1e-5)"}
     mergekit = Mergekit("ram", {"epsilon": 1e-5})
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.total: torch.Tensor | None = None   # Σ z_t
         self.count: torch.Tensor | None = None   # c, the movers per entry
         self.lone: torch.Tensor | None = None    # Σ λ_t z_t (RAM+ only)

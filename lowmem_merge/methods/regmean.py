@@ -38,8 +38,8 @@ class GramRule(MatrixRule):
 
     data_free = False
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         if info.cls == TensorClass.LIN and state is None:   # no Gram for it (outside the blocks): the mean
             self._mean = Average(info, n_experts, NoParams())
         self._n: torch.Tensor | None = None

@@ -149,8 +149,8 @@ class Sce(MergeMethod):
     def from_mergekit(cls, glob: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
         return {"select_topk": glob["select_topk"]}
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.total: torch.Tensor | None = None     # pass 0: Σ δ_t; then the majority sign (±1) where selected, else 0
         self.mask: torch.Tensor | None = None      # pass 0: Σ δ_t²; then the selection mask m (0/1)
         self.num: torch.Tensor | None = None       # Σ ŵ_t e_t m δ_t

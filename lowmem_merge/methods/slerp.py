@@ -83,8 +83,8 @@ class Slerp(MergeMethod):
     mergekit = Mergekit("slerp", {"t": REQUIRED}, hints={"t": "0 gives base_model, 1 the other model"})
     prepass = SlerpPrepass
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.delta: torch.Tensor | None = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:

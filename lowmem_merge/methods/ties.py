@@ -155,8 +155,8 @@ class Ties(MergeMethod):
                 **one_or_each("density", per_model(models, "density")), "trim": "tensor",
                 "normalize": glob["normalize"]}
 
-    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self._sums: list[torch.Tensor] = []    # [P, Q], fp32, shape of the tensor
         self._counts: list[torch.Tensor] = []  # [c⁺, c⁻]: Σ w_t over the kept entries (counts when unweighted), fp32
         self._mask = torch.empty(0)
