@@ -49,6 +49,14 @@ def run_cli_many(*commands: list[str | Path], check: bool = False) -> list[subpr
         return list(pool.map(lambda args: run_cli(*args, check=check), commands))
 
 
+def merge_configs(root: Path, configs: dict[str, Path], prefix: str = "out") -> dict[str, Path]:
+    """Each recipe merged through the CLI on the CPU (``run_cli_many``): key -> its output directory."""
+    outs = {key: root / f"{prefix}-{key}" for key in configs}
+    run_cli_many(*(["merge", "--config", configs[key], "-o", out, "-q", "--device", "cpu"] for key, out in outs.items()),
+                 check=True)
+    return outs
+
+
 def start_merge(root: Path, out: str, *args: str, limit: int | None = None) -> subprocess.Popen:
     """Start `lowmerge merge in/base in/expert* -o OUT ARGS` in ``root`` (relative paths, so a copy of ``root``
     resumes). ``limit``: RLIMIT_FSIZE in bytes, so that writing a larger file fails with EFBIG."""

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import reference as ref
 from lowmem_merge.demo import LlamaShape, build_example
 
-from conftest import run_cli, run_cli_many
+from conftest import merge_configs, run_cli, run_cli_many
 
 SHAPE = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
 # deterministic in mergekit too: compared with it. Not arcee_fusion: mergekit computes its KL in the inputs' dtype,
@@ -297,10 +297,7 @@ def _magprune(name: str, t: int, x: torch.Tensor, density: float, epsilon: float
 def recipe_outputs(models) -> dict[str, Path]:
     """Every RECIPES merge through the CLI, two at a time on two cores: method -> its output directory."""
     root, base, experts = models
-    outs = {method: root / f"out-{method}" for method in RECIPES}
-    run_cli_many(*(["merge", "--config", write_recipe(root, method, base, experts), "-o", out, "-q", "--device", "cpu"]
-                   for method, out in outs.items()), check=True)
-    return outs
+    return merge_configs(root, {method: write_recipe(root, method, base, experts) for method in RECIPES})
 
 
 @pytest.mark.parametrize("method", list(RECIPES))

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from lowmem_merge import merge, stream
 from lowmem_merge.demo import build_example
 
-from conftest import run_cli_many
+from conftest import merge_configs
 from test_mergekit_methods import MERGEKIT, SHAPE, both_tools, tensors
 
 EPSILON = 2e-3          # above some |Δ| of the test's experts, below others: entries moved by 0, 1, 2 or 3 experts
@@ -74,10 +74,7 @@ def close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> No
 @pytest.fixture(scope="module")
 def outputs(models) -> dict[str, Path]:
     root, base, experts = models
-    outs = {key: root / f"out-{key}" for key in RECIPES}
-    run_cli_many(*(["merge", "--config", write_recipe(root, key, base, experts), "-o", out, "-q", "--device", "cpu"]
-                   for key, out in outs.items()), check=True)
-    return outs
+    return merge_configs(root, {key: write_recipe(root, key, base, experts) for key in RECIPES})
 
 
 @pytest.mark.parametrize("key", list(RECIPES))

@@ -21,7 +21,7 @@ from lowmem_merge.methods.mergekit import REQUIRED, Mergekit
 from lowmem_merge.recipe import parse_recipe
 from lowmem_merge.demo import build_example
 
-from conftest import run_cli, run_cli_many
+from conftest import merge_configs, run_cli
 from test_mergekit_methods import (MERGEKIT, SHAPE, _karcher64, _multislerp64, _nuslerp64, both_tools,
                                    tensors)
 
@@ -85,10 +85,7 @@ def baseless_formula(key: str, experts: list[Path]) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def baseless_outputs(models) -> dict[str, Path]:
     root, base, experts = models
-    outs = {key: root / f"out-baseless-{key}" for key in BASELESS}
-    run_cli_many(*(["merge", "--config", baseless_recipe(root, key, experts), "-o", out, "-q", "--device", "cpu"]
-                   for key, out in outs.items()), check=True)
-    return outs
+    return merge_configs(root, {key: baseless_recipe(root, key, experts) for key in BASELESS}, "out-baseless")
 
 
 @pytest.mark.parametrize("key", list(BASELESS))
