@@ -26,15 +26,16 @@ from ..errors import InputError
 from ..io.checkpoint import Checkpoint, input_paths, open_checkpoint
 from ..io.outdir import OutputDir, check_apart
 from ..io.reader import INDEX_NAME
-from ..io.writer import ShardWriter, copy_new, output_error, plan_shards, write_new
-from ..report import CARD_NAME, REPORT_NAME, Report, now_utc, versions, write_report
+from ..io.writer import ShardWriter, copy_new, plan_shards, write_new
+from ..output import COPIED_FILES as MODEL_FILES
+from ..output import claim_output, describe_checkpoint, produce
+from ..report import CARD_NAME, REPORT_NAME, Report, now_utc, versions
 from ..sizes import parse_size
 from .config import MoeConfig, load_moe_config
 from .layout import MLP, QKV, Layout, check_inputs, check_model, mlp_name
 from .router import gate_vectors
 
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja")
+COPIED_FILES = tuple(n for n in MODEL_FILES if n != "config.json")    # the base's; config.json is the MoE's own
 CONFIG_COPY = "mergekit_moe_config.yml"
 DEGENERATE_COND = 5.0                          # mergekit's warning threshold on a router's condition number
 
@@ -76,22 +77,17 @@ def build_moe(config_path: str | Path, out: str | Path, *, device: str = "auto",
         extra = [n for n in COPIED_FILES if base.model_dir and (base.model_dir / n).is_file()]
         files = [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else []) + \
             ["config.json", CONFIG_COPY] + extra + [REPORT_NAME, CARD_NAME]
-        outdir = stack.enter_context(OutputDir(out, _fingerprint(config, base, experts, seed, shard_bytes),
-                                               force=force))
-        outdir.claim(files)
-        done = _write(outdir, shards, outs, progress)
-        try:
-            write_new(outdir.path / "config.json", layout.out_config.to_json_string().encode())
-            copy_new(config.path, outdir.path / CONFIG_COPY)
+        outdir = claim_output(stack, out, _fingerprint(config, base, experts, seed, shard_bytes), files,
+                              resume=False, force=force)
+
+        def side_files(path: Path) -> None:
+            write_new(path / "config.json", layout.out_config.to_json_string().encode())
+            copy_new(config.path, path / CONFIG_COPY)
             for name in extra:
-                copy_new(base.model_dir / name, outdir.path / name)
-            data = _report(config, base, experts, layout, outdir, shards, outs, gates, seed, dev, done,
-                           {"gates": t_gates, "total": time.perf_counter() - t_start}, files)
-            report = write_report(outdir.path, data)
-            outdir.finish(shards)
-        except OSError as e:
-            raise output_error(e, outdir.path) from None
-        return report
+                copy_new(base.model_dir / name, path / name)
+        return produce(outdir, shards, lambda writer: _write(writer, outs, progress), side_files,
+                       lambda done: _report(config, base, experts, layout, outdir, shards, outs, gates, seed, dev,
+                                            done, {"gates": t_gates, "total": time.perf_counter() - t_start}, files))
 
 
 def _prepare_process() -> None:
@@ -172,21 +168,15 @@ def _moe_layer(i: int, config: MoeConfig, experts: list[Checkpoint], layout: Lay
     return outs
 
 
-def _write(outdir: OutputDir, shards: list, outs: list[_Out], progress: Callable[[int, int], None] | None) -> int:
+def _write(writer: ShardWriter, outs: list[_Out], progress: Callable[[int, int], None] | None) -> int:
     """Every tensor, part by part, into its shard; returns the bytes read."""
-    writer = ShardWriter(outdir.path, shards, outdir.done_shards, outdir.record_shard)
     total, done = sum(o.nbytes for o in outs), 0
-    try:
-        for o in outs:
-            for part in o.parts():
-                done += part.nbytes if o.nbytes else 0
-                writer.write(o.name, part.to(o.dtype))
-                if progress:
-                    progress(done, total)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    for o in outs:
+        for part in o.parts():
+            done += part.nbytes if o.nbytes else 0
+            writer.write(o.name, part.to(o.dtype))
+            if progress:
+                progress(done, total)
     return done
 
 
@@ -196,11 +186,6 @@ def _fingerprint(config: MoeConfig, base: Checkpoint, experts: list[Checkpoint],
     return {"method": "moe", "config_sha256": hashlib.sha256(config.path.read_bytes()).hexdigest(),
             "base": files(base), "experts": [files(e) for e in experts], "seed": seed, "shard_size": shard_bytes,
             "lowmerge": versions()["lowmerge"]}
-
-
-def _describe(ck: Checkpoint) -> dict:
-    return {"path": str(ck.path), "files": [{"path": f.path, "size": f.size, "header_sha256": f.header_sha256}
-                                           for f in ck.files]}
 
 
 def degenerate_layers(gates: torch.Tensor) -> list[int]:
@@ -221,9 +206,9 @@ def _report(config: MoeConfig, base: Checkpoint, experts: list[Checkpoint], layo
         params["seed"] = seed
     return {
         "lowmerge_version": versions()["lowmerge"], "created": now_utc(), "method": "moe", "params": params,
-        "inputs": {"config": str(config.path), "base": _describe(base),
-                   "experts": [_describe(e) for e in experts[:len(config.experts)]],
-                   **({"shared_expert": _describe(experts[-1])} if config.shared else {})},
+        "inputs": {"config": str(config.path), "base": describe_checkpoint(base),
+                   "experts": [describe_checkpoint(e) for e in experts[:len(config.experts)]],
+                   **({"shared_expert": describe_checkpoint(experts[-1])} if config.shared else {})},
         "output": {"dir": str(outdir.path), "architecture": layout.architecture, "experts": len(config.experts),
                    "dtype": str(layout.out_dtype).removeprefix("torch.") if layout.out_dtype else "base",
                    "tensors": len(outs), "shards": [s.name for s in shards], "bytes": sum(s.size for s in shards)},
