@@ -156,3 +156,23 @@ def test_peak_rss_of_tensor_wide_rules_is_flat_in_the_vocabulary(vocab_examples,
           f"{average_growth / 2**20:.0f} MiB")
     assert peaks["big"] - peaks["small"] <= average_growth + 48 * 2**20, (peaks, average_growth)
     assert all(peaks[s] <= bounds[s] for s in peaks), (peaks, bounds)
+
+
+# The matrix rules on the same pair: the LM head (m ≥ 3n) in row chunks from its experts' Grams gathered by a
+# per-tensor prepass (methods/tall.py), the embedding by its mean. Whole, the 96000x256 head's fp64 N and the fp64
+# copy of each Δ would add ~380 MiB (actmat, wudi_cfs), wudi's τ, B and Adam's three buffers ~470 MiB.
+MATRIX = [("actmat", ()), ("wudi_cfs", ()), ("wudi", ("steps=20",))]   # wudi's memory does not depend on steps
+
+
+@pytest.mark.parametrize("method,params", MATRIX, ids=[m for m, _ in MATRIX])
+def test_peak_rss_of_matrix_rules_is_flat_in_the_vocabulary(vocab_examples, average_growth, tmp_path, method,
+                                                            params):
+    peaks, bounds = {}, {}
+    for size, example in vocab_examples.items():
+        peaks[size] = peak_rss(example, tmp_path / size, method, *params)
+        bounds[size] = estimate(example, method)
+    print(f"{method}: vocab 8000 {peaks['small'] / 2**20:.0f} MiB (inspect {bounds['small'] / 2**20:.0f}), "
+          f"vocab 96000 {peaks['big'] / 2**20:.0f} MiB (inspect {bounds['big'] / 2**20:.0f}); average gains "
+          f"{average_growth / 2**20:.0f} MiB")
+    assert peaks["big"] - peaks["small"] <= average_growth + 48 * 2**20, (peaks, average_growth)
+    assert all(peaks[s] <= bounds[s] for s in peaks), (peaks, bounds)
