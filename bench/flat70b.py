@@ -135,7 +135,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=3)
     a = ap.parse_args()
     rules = a.rules.split(",")
-    lines = [f"\n## Every elementwise and geometric rule flat at 70B x 8 ({datetime.date.today()}, bench/flat70b.py)\n",
+    lines = [f"\n## Every elementwise, geometric and data-free matrix rule at 70B x 8 ({datetime.date.today()}, "
+             "bench/flat70b.py)\n",
              f"`python bench/flat70b.py {' '.join(sys.argv[1:])}` on {platform.machine()} "
              f"({platform.system()}), CPU, a machine shared with other work.\n"]
     shape70 = LlamaShape(hidden=8192, intermediate=28672, layers=80, vocab=128256, heads=64, kv_heads=8)

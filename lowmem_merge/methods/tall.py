@@ -10,8 +10,9 @@ gate/up, 3.5·n); a wide or square matrix keeps the whole-tensor path, where the
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
