@@ -329,7 +329,8 @@ def _observe(ctx: StreamContext, pre: Any, round_: int, piece: Piece, fetch: Pre
         ctx.progress(y.nbytes)
         delta = _delta(ctx, ckpt, y, base, piece.info)
         pre.observe(round_, piece.info, t, delta)
-        ctx.pool.give(delta)
+        if not isinstance(delta, Factors):       # a LoRA expert's factors are no pooled buffer
+            ctx.pool.give(delta)
     pre.base = None
     ctx.pool.give(base)
 

@@ -152,3 +152,21 @@ def test_stream_reads_the_tall_head_once_more_and_matches_the_reference(example,
     want = REFERENCE[name](deltas64, params)
     rounding = 2 * U32 * float(w0.norm() / want.norm())        # W0 + Δ* rounded to fp32, W0 subtracted in fp64
     assert rel_err(got, want) <= bound(name, params, deltas64) + rounding
+
+
+@pytest.mark.parametrize("method", ["actmat", "wudi_cfs"])
+def test_lora_experts_on_the_row_chunk_path_match_the_fp64_rule(tmp_path_factory, tmp_path, monkeypatch,
+                                                                method: str) -> None:
+    """LoRA adapters (and one adapter's full lm_head) where every LIN matrix of the tiny Llama counts as tall and is
+    merged in row chunks of 16 rows: the Grams' prepass and the chunks get the factors' dense rows; within the fp64
+    rule's bound that test_lora holds the core-space path to."""
+    test_lora = pytest.importorskip("test_lora")
+    base, adapters, full = test_lora._adapters(tmp_path_factory.mktemp("tall_lora"), test_lora._llama, [
+        {"target_modules": ["q_proj", "v_proj", "k_proj"]},
+        {"target_modules": ["q_proj", "gate_proj", "down_proj"], "use_rslora": True},
+        {"target_modules": ["v_proj", "up_proj"], "modules_to_save": ["lm_head"]},
+    ])
+    monkeypatch.setattr(tall, "TALL_RATIO", 1)
+    monkeypatch.setattr(stream, "CHUNK_ELEMS", 16 * 32)
+    merge(base, adapters, tmp_path / "out", method, device="cpu")
+    test_lora.assert_matches_fp64_rule(tmp_path / "out", base, full, method)
