@@ -103,3 +103,13 @@ def test_iso_cts_past_the_gram_route_matches_fp64_reference():
     assert float(s[kc - 1]) < float(s[0]) / GRAM_COND
     want = ref.iso_cts_matrix([d.double() for d in deltas], 0.8, 1.0)
     assert rel_err(run("iso_cts", deltas)[0], want) <= tolerance("iso_cts", deltas)
+
+
+def test_iso_cts_without_common_space_matches_fp64_reference(monkeypatch):
+    """common_fraction = 0 with T dividing r: k_c = 0, Q = I, so R_t = Δt, without an SVD of S."""
+    _no_lapack(monkeypatch)
+    deltas = [gaussian(6, 14, seed=s) for s in range(3)]
+    assert ref.iso_cts_sizes(6, 3, 0.0) == (0, 2)
+    want = ref.iso_cts_matrix([d.double() for d in deltas], 0.0, 1.0)
+    assert rel_err(run("iso_cts", deltas, common_fraction=0.0)[0], want) <= tolerance("iso_cts", deltas,
+                                                                                      common_fraction=0.0)

@@ -52,14 +52,15 @@ def left_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, tor
     thin_svd's Gram route on the left Gram x·xᵀ, under its condition (σ_top ≥ σ_max / GRAM_COND, so the top triplets
     are as accurate as there); the trailing eigenvectors are orthonormal to fp64 rounding whatever their σ, which is
     all the complement needs. Otherwise LAPACK, whose thin U is m×m here."""
+    if top == 0:   # no common space: Q = I, and nothing to decompose
+        return torch.eye(x.shape[0], dtype=x.dtype, device=x.device), x.new_zeros(0), x.new_zeros(0, x.shape[1])
     xd = x.double()
-    if top > 0:
-        evals, vecs = torch.linalg.eigh(xd @ xd.T)   # ascending
-        evals, vecs = evals.flip(0), vecs.flip(1)
-        s = evals[:top].clamp(min=0).sqrt()
-        if float(s[-1]) > float(s[0]) / GRAM_COND:
-            vh = (vecs[:, :top].T @ xd).div_(s[:, None])
-            return vecs.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+    evals, vecs = torch.linalg.eigh(xd @ xd.T)   # ascending
+    evals, vecs = evals.flip(0), vecs.flip(1)
+    s = evals[:top].clamp(min=0).sqrt()
+    if float(s[-1]) > float(s[0]) / GRAM_COND:
+        vh = (vecs[:, :top].T @ xd).div_(s[:, None])
+        return vecs.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
     u, s, vh = _lapack_svd(x)
     return u, s[:top], vh[:top]
 
