@@ -8,6 +8,8 @@ bench/RESULTS.md.
 
 Run (on a quiet machine):
     python bench/speed.py
+Before and after in one run (the same files, floor and matmul rate; each method merged by both trees in turn):
+    git worktree add /tmp/before main && python bench/speed.py --methods tsv,iso_c,iso_cts --baseline /tmp/before
 Tiny check (well under a minute; keep it out of RESULTS.md):
     python bench/speed.py --hidden 256 --intermediate 688 --layers 2 --vocab 4096 --heads 4 --kv-heads 4 \
         --experts 2 --results /tmp/scratch.md
@@ -42,7 +44,9 @@ WORK = REPO / "bench" / "_work"
 BUFFER_BYTES = 8 << 20          # the floor's reused read/write buffer
 FLOOR_CHILD = "_floor"          # argv[1] that makes this file run the floor measurement
 DEFAULT_METHODS = "average,task_arithmetic,dare,ties:trim=global,ties:trim=tensor,actmat,wudi_cfs"
-ELEMENTWISE_TARGET, GLOBAL_TIES_TARGET, COVARIANCE_TARGET = 1.2, 2.2, 1.3
+ELEMENTWISE_TARGET, GLOBAL_TIES_TARGET, COVARIANCE_TARGET, SPECTRAL_TARGET = 1.2, 2.2, 1.3, 3.0
+SPECTRAL = ("tsv", "iso_c", "iso_cts")  # rules with a FLOP model in spectral_flops
+EIGH_FLOPS = 9                          # × r³: one symmetric eigendecomposition with vectors
 IMPORT_REPEAT, MATMUL_REPEAT = 3, 5
 
 
@@ -66,12 +70,12 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class Target:
-    kind: str       # "elementwise", "global TIES" or "covariance"
+    kind: str       # "elementwise", "global TIES", "covariance" or "spectral"
     limit: float
 
     @property
     def text(self) -> str:
-        against = "max(cold floor, FLOP time)" if self.kind == "covariance" else "cold floor"
+        against = "max(cold floor, FLOP time)" if self.kind in ("covariance", "spectral") else "cold floor"
         return f"≤ {self.limit}× {against} ({self.kind})"
 
 
@@ -99,6 +103,8 @@ def target_of(spec: MethodSpec) -> Target | None:
     parsed = parse_params(cls, dict(spec.params))
     if issubclass(cls, CovarianceMethod):
         return Target("covariance", COVARIANCE_TARGET)
+    if spec.name in SPECTRAL:
+        return Target("spectral", SPECTRAL_TARGET)
     if issubclass(cls, MatrixRule):  # SVD or iterative rules: no target, the ratio is what there is to know
         return None
     if spec.name == "ties" and cls.uses_prepass(parsed):
@@ -289,13 +295,16 @@ def merge_command(spec: MethodSpec, base: Path, experts: Sequence[Path], out: Pa
             *spec.cli_args(), "--device", "cpu", "-q"]
 
 
-def run_merge(spec: MethodSpec, base: Path, experts: Sequence[Path], inputs: Sequence[Path], cold: bool) -> MergeRun:
+def run_merge(spec: MethodSpec, base: Path, experts: Sequence[Path], inputs: Sequence[Path], cold: bool,
+              tree: Path = REPO) -> MergeRun:
+    """One merge in a fresh subprocess, with lowmem_merge imported from ``tree`` (this checkout, or --baseline)."""
     out = WORK / f"out-{spec.label.replace(' ', '_').replace('=', '-')}-{'cold' if cold else 'warm'}"
     shutil.rmtree(out, ignore_errors=True)
     prepare_cache(inputs, cold)
     resident = resident_fraction(inputs)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     t0 = time.perf_counter()
-    done = subprocess.run(merge_command(spec, base, experts, out), cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(merge_command(spec, base, experts, out), cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     try:
         if done.returncode != 0:
@@ -375,15 +384,65 @@ def covariance_flops(base: Path, experts: Sequence[Path]) -> tuple[float, int]:
     return total, len(lin)
 
 
+def lin_shapes(base: Path, experts: Sequence[Path]) -> list[tuple[int, int, int]]:
+    """(batch, m, n) of every LIN tensor of the plan."""
+    from lowmem_merge.info import TensorClass
+    from lowmem_merge.io.checkpoint import open_checkpoint
+    from lowmem_merge.plan import make_plan
+    cks = [open_checkpoint(p) for p in [base, *experts]]
+    try:
+        plan = make_plan(cks[0], cks[1:])
+        return [(math.prod(i.shape[:-2]), *i.shape[-2:]) for i in plan.tensors if i.cls == TensorClass.LIN]
+    finally:
+        for ck in cks:
+            ck.close()
+
+
+def spectral_flops(spec: MethodSpec, shapes: Sequence[tuple[int, int, int]], n_experts: int) -> float:
+    """FLOPs of TSV-M, Iso-C or Iso-CTS over every LIN matrix: the Gram products and one factorization per matrix.
+
+    Per (m, n) matrix, r = min(m, n), M = max(m, n), T experts; a Gram or product of an a×b by a b×c matrix counts
+    2abc; the one factorization is a symmetric eigendecomposition of an r×r Gram with its vectors, 9r³ (Golub and
+    Van Loan's count for the symmetric QR algorithm), what an SVD or a polar factor of the Gram route costs. The
+    rules take more (tsv T + 2 eighs per matrix, iso_cts T + 3, T of them (m − k_c)-sized where m ≤ n, iso_c 1);
+    the ratio shows what the others cost.
+    - tsv: per expert, the Gram of Δt and its other factor 2Mr² + 2Mrk (k = ⌊r/T⌋); the polar factors of Ū (m×r) and
+      V̄ (r×n), a Gram and a product each, 4mr² + 4nr²; Δ* = Û·diag(s̄)·V̂, 2mrn.
+    - iso_c: the Gram of S = ΣΔt and the polar factor's product, 4Mr².
+    - iso_cts: S's Gram and the common factor, 2Mr² + 2Mr·k_c; per expert the residual's projection and SVD:
+      where m ≤ n (the projection onto Q, the complement of U_c, q = m − k_c) 2qmn + 2nq² + 2qnp + 2mqp, else
+      4mnk_c + 2mn² + 2mnp; the two polar factors and Δ*, as tsv's.
+    """
+    from lowmem_merge.methods import REGISTRY, parse_params
+    from lowmem_merge.methods.iso_cts import subspace_sizes
+    params = parse_params(REGISTRY[spec.name], dict(spec.params))
+    total = 0.0
+    for batch, m, n in shapes:
+        r, big, t = min(m, n), max(m, n), n_experts
+        polars = 4 * m * r * r + 4 * n * r * r + 2 * m * r * n
+        if spec.name == "tsv":
+            flops = t * (2 * big * r * r + 2 * big * r * (r // t)) + polars
+        elif spec.name == "iso_c":
+            flops = 4 * big * r * r
+        else:
+            kc, p = subspace_sizes(r, t, params.common_fraction)
+            q = m - kc
+            residual = (2 * q * m * n + 2 * n * q * q + 2 * q * n * p + 2 * m * q * p if m <= n
+                        else 4 * m * n * kc + 2 * m * n * n + 2 * m * n * p)
+            flops = 2 * big * r * r + 2 * big * r * kc + t * residual + polars
+        total += batch * (flops + EIGH_FLOPS * r ** 3)
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------- machine
 
 def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def git_commit() -> str:
+def git_commit(repo: Path = REPO) -> str:
     def git(*a: str) -> str:
-        return subprocess.run(["git", "--no-optional-locks", *a], cwd=REPO, capture_output=True, text=True).stdout
+        return subprocess.run(["git", "--no-optional-locks", *a], cwd=repo, capture_output=True, text=True).stdout
     commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
     return commit + ("+dirty" if git("status", "--porcelain").strip() else "")
 
@@ -454,6 +513,7 @@ class MethodResult:
     warm: MergeRun
     target: Target | None
     flop_s: float | None = None
+    tree: str = ""          # "" for this checkout, else the --baseline tree's name and commit
 
 
 @dataclass
@@ -484,7 +544,7 @@ def verdict(r: MethodResult, run: Run) -> str:
     if r.target is None:
         return "—"
     cold, _, cov = ratios(r, run)
-    value = cov if r.target.kind == "covariance" else cold
+    value = cov if r.target.kind in ("covariance", "spectral") else cold
     return "met" if value is not None and value <= r.target.limit else "not met"
 
 
@@ -495,7 +555,8 @@ def table(run: Run) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in run.results:
         cold, warm, cov = ratios(r, run)
-        row = [f"`{r.spec.label}`", f"{r.cold.bytes_read / run.input_bytes:.2f}", fmt_s(r.cold.wall_s),
+        name = f"`{r.spec.label}`" + (f" ({r.tree})" if r.tree else "")
+        row = [name, f"{r.cold.bytes_read / run.input_bytes:.2f}", fmt_s(r.cold.wall_s),
                fmt_s(r.warm.wall_s), f"{fmt_s(r.cold.total_s)} / {fmt_s(r.warm.total_s)}", f"{cold:.2f}×",
                f"{warm:.2f}×", "—" if r.flop_s is None else fmt_s(r.flop_s), "—" if cov is None else f"{cov:.2f}×",
                r.target.text if r.target else "—", verdict(r, run),
@@ -508,7 +569,10 @@ def render(run: Run, when: datetime.datetime, commit: str, machine_line: str) ->
     cold, warm = run.floors["cold"], run.floors["warm"]
     best_rate = max(run.rates.values())
     rates = "; ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in run.rates.items())
-    eigh = [f"`{r.spec.label}` {r.cold.eigh_solves}" for r in run.results if r.flop_s is not None]
+    eigh = [f"`{r.spec.label}` {r.cold.eigh_solves}" for r in run.results
+            if r.target is not None and r.target.kind == "covariance"]
+    spectral = [f"`{r.spec.label}` {r.flop_s * best_rate:.3e}" for r in run.results
+                if r.target is not None and r.target.kind == "spectral" and not r.tree.startswith("baseline")]
     residents = ", ".join(f"`{r.spec.label}` {fmt_pct(r.cold.resident)}" for r in run.results)
     lines = [
         f"## speed — {when:%Y-%m-%d %H:%M} UTC — {commit}",
@@ -538,12 +602,17 @@ def render(run: Run, when: datetime.datetime, commit: str, machine_line: str) ->
         "N min(2mn², 4m²n); per tensor: solve n³/3 + 2mn²; counts Cholesky solves)"
         + (f"; eigh solves taken (cold run): {', '.join(eigh)}" if eigh else ""),
     ]
+    if spectral:
+        lines.append(f"- spectral FLOPs ({', '.join(spectral)}): the Gram products and one factorization per LIN "
+                     f"matrix, an r×r eigh counted {EIGH_FLOPS}r³ (`spectral_flops` in bench/speed.py); the rules take "
+                     "more eighs (tsv T + 2 per matrix, iso_cts T + 3, iso_c 1), the others are not counted")
     if run.skipped:
         lines.append(f"- not in REGISTRY, skipped: {', '.join(run.skipped)}")
     lines += ["", *table(run), "",
               f"Targets: elementwise ≤ {ELEMENTWISE_TARGET}× the cold floor; global TIES ≤ {GLOBAL_TIES_TARGET}× "
               "the cold floor (lowmerge's exact global threshold reads the base and experts 3 times: two histogram "
-              f"rounds, then the merge); actmat and wudi_cfs ≤ {COVARIANCE_TARGET}× max(cold floor, FLOP time). "
+              f"rounds, then the merge); actmat and wudi_cfs ≤ {COVARIANCE_TARGET}× max(cold floor, FLOP time); "
+              f"tsv, iso_c and iso_cts ≤ {SPECTRAL_TARGET}× max(cold floor, FLOP time). "
               "`reads ÷ inputs` is the merge's bytes_read over the input bytes.", ""]
     return "\n".join(lines)
 
@@ -575,6 +644,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma list of NAME[:KEY=VALUE...]; names not in REGISTRY are skipped")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached example under bench/_work")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another checkout of lowmerge (e.g. a git worktree of main): every method is also merged "
+                        "with its code, right after this checkout's, on the same files")
     p.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md", help="markdown file appended to")
     return p.parse_args(argv)
@@ -609,13 +681,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = Run("python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]), shape_line(args),
               sum(p.stat().st_size for p in inputs), len(inputs), out_bytes, floors, import_s, rates, flops, n_lin,
               skipped=skipped)
+    trees = [(REPO, "")]
+    if args.baseline is not None:
+        baseline = args.baseline.resolve()
+        if not (baseline / "lowmem_merge" / "__init__.py").is_file():
+            raise SystemExit(f"error: --baseline {baseline}: no lowmem_merge package there; "
+                             "give a checkout of lowmerge, e.g. `git worktree add /tmp/before main`")
+        trees.append((baseline, f"baseline {baseline.name} {git_commit(baseline)}"))
+        trees[0] = (REPO, f"this tree {commit}")
+    shapes = lin_shapes(base, experts)
     for spec in specs:
-        log(f"merging with {spec.label} (cold, warm) ...")
-        cold = best_of(args.repeat, lambda: run_merge(spec, base, experts, inputs, cold=True))
-        warm = best_of(args.repeat, lambda: run_merge(spec, base, experts, inputs, cold=False))
         target = target_of(spec)
-        flop_s = flops / max(rates.values()) if target and target.kind == "covariance" else None
-        run.results.append(MethodResult(spec, cold, warm, target, flop_s))
+        flop_s = (flops / max(rates.values()) if target and target.kind == "covariance" else
+                  spectral_flops(spec, shapes, len(experts)) / max(rates.values())
+                  if target and target.kind == "spectral" else None)
+        for tree, label in trees:
+            log(f"merging with {spec.label}{f' ({label})' if label else ''} (cold, warm) ...")
+            cold = best_of(args.repeat, lambda: run_merge(spec, base, experts, inputs, cold=True, tree=tree))
+            warm = best_of(args.repeat, lambda: run_merge(spec, base, experts, inputs, cold=False, tree=tree))
+            run.results.append(MethodResult(spec, cold, warm, target, flop_s, label))
     text = render(run, when, commit, machine())
     print(text)
     append_results(args.results, text)

@@ -3,7 +3,7 @@ budget: smaller row chunks (with a shorter read-ahead) for elementwise rules, th
 do not fit the device, or a refusal before anything starts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,8 +44,21 @@ def piece_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any
     if piece.info.cls not in MERGED:
         return request_bytes(plan.base, piece.info.name, piece.rows)
     stored = request_bytes(plan.base, piece.info.name, piece.rows)
-    return method.state_bytes(piece.info, plan.n_experts, params) + 8 * piece.info.numel \
+    return state_bytes(plan, piece, method, params) + 8 * piece.info.numel \
         + 4 * stored + max(prefetch, stored) + prefetch
+
+
+def state_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any) -> int:
+    """The method's statistics for one piece; for a piece of a tensor its per-tensor prepass covers (a matrix rule's
+    tall LIN tensor), what that prepass declares: its state, held while every piece merges, and the piece's own."""
+    pre = method.prepass_for(params)
+    if pre is not None and pre.scope == "tensor":
+        entry = plan.entry(piece.info.name)
+        whole = piece.info if piece.rows is None else replace(piece.info, shape=tuple(entry.shape), row_start=0)
+        held = pre.piece_bytes(whole, piece.info, plan.n_experts, params) if pre.covers(params, whole) else None
+        if held is not None:
+            return held
+    return method.state_bytes(piece.info, plan.n_experts, params)
 
 
 def device_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any) -> int:
@@ -53,7 +66,7 @@ def device_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: An
     if piece.info.cls not in MERGED:
         return 0
     stored = request_bytes(plan.base, piece.info.name, piece.rows)
-    return method.state_bytes(piece.info, plan.n_experts, params) + 8 * piece.info.numel + stored
+    return state_bytes(plan, piece, method, params) + 8 * piece.info.numel + stored
 
 
 def largest_piece(plan: Plan, pieces: list[Piece], method: type[MergeMethod], params: Any,

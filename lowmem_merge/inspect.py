@@ -14,7 +14,7 @@ from .io.checkpoint import open_checkpoint
 from .output import parse_dtype
 from .methods import REGISTRY
 from .plan import make_plan
-from .stream import make_pieces, read_volume
+from .stream import make_pieces, read_volume, tensor_groups, whole_info
 from .vocab import align
 
 
@@ -44,7 +44,8 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
             pieces = make_pieces(plan, cls, params)
             need, largest = largest_piece(plan, pieces, cls, params)
             pre = cls.prepass_for(params)
-            rounds = pre.rounds if pre is not None else 0
+            rounds = pre.rounds if pre is not None and (pre.scope == "model" or any(   # the most any tensor is read
+                pre.covers(params, whole_info(g)) for g in tensor_groups(pieces))) else 0
             methods[name] = {"peak_bytes": need + runtime, "largest_tensor": largest,
                              "reads": rounds + cls.passes_for(cls.Params())}
         first = [p for p in make_pieces(plan, REGISTRY["average"], REGISTRY["average"].Params())

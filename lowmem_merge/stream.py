@@ -289,9 +289,20 @@ def tensor_groups(pieces: list[Piece]) -> list[list[Piece]]:
     return groups
 
 
-def prepass_rounds(method: type[MergeMethod], params: Any, scope: str) -> int:
+def whole_info(group: list[Piece]) -> TensorInfo:
+    """The tensor a group of pieces (``tensor_groups``) writes, as the method sees it whole."""
+    first = group[0]
+    if first.rows is None:
+        return first.info
+    return replace(first.info, shape=(group[-1].rows[1],) + first.info.shape[1:], row_start=0)
+
+
+def prepass_rounds(method: type[MergeMethod], params: Any, scope: str, info: TensorInfo | None = None) -> int:
+    """Rounds of the rule's prepass of this scope; with ``info``, 0 for a tensor the per-tensor prepass skips."""
     pre = method.prepass_for(params)
-    return pre.rounds if pre is not None and pre.scope == scope else 0
+    if pre is None or pre.scope != scope or (info is not None and not pre.covers(params, info)):
+        return 0
+    return pre.rounds
 
 
 def stream_volume(ctx: StreamContext, pieces: list[Piece], todo: list[Piece]) -> int:
@@ -303,7 +314,7 @@ def stream_volume(ctx: StreamContext, pieces: list[Piece], todo: list[Piece]) ->
         params = _tensor_context(ctx, g[0].info).params
         per_tensor += read_volume(ctx.plan, g, ctx.method.passes_for(params))
         if g[0].info.cls in MERGED:
-            per_tensor += prepass_rounds(ctx.method, params, "tensor") * read_volume(ctx.plan, g, 1)
+            per_tensor += prepass_rounds(ctx.method, params, "tensor", whole_info(g)) * read_volume(ctx.plan, g, 1)
     return prepass_rounds(ctx.method, ctx.params, "model") * read_volume(ctx.plan, sources, 1) + per_tensor
 
 
@@ -318,7 +329,8 @@ def _observe(ctx: StreamContext, pre: Any, round_: int, piece: Piece, fetch: Pre
         ctx.progress(y.nbytes)
         delta = _delta(ctx, ckpt, y, base, piece.info)
         pre.observe(round_, piece.info, t, delta)
-        ctx.pool.give(delta)
+        if not isinstance(delta, Factors):       # a LoRA expert's factors are no pooled buffer
+            ctx.pool.give(delta)
     pre.base = None
     ctx.pool.give(base)
 
@@ -364,7 +376,7 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
     """
     groups = tensor_groups(pieces)
     contexts = [_tensor_context(ctx, g[0].info) for g in groups]
-    rounds = [prepass_rounds(ctx.method, c.params, "tensor") for c in contexts]
+    rounds = [prepass_rounds(ctx.method, c.params, "tensor", whole_info(g)) for g, c in zip(groups, contexts)]
     fetch = Prefetcher(_merge_reads(ctx, groups, contexts, rounds), ctx.pool, ctx.prefetch_bytes)
     stats: dict[str, dict[str, float]] = {}
     try:

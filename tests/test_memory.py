@@ -156,3 +156,40 @@ def test_peak_rss_of_tensor_wide_rules_is_flat_in_the_vocabulary(vocab_examples,
           f"{average_growth / 2**20:.0f} MiB")
     assert peaks["big"] - peaks["small"] <= average_growth + 48 * 2**20, (peaks, average_growth)
     assert all(peaks[s] <= bounds[s] for s in peaks), (peaks, bounds)
+
+
+# The matrix rules: the LM head (m ≥ 3n, over 4M elements) in row chunks from its experts' Grams, gathered by a
+# per-tensor prepass (methods/tall.py); the embedding by its mean. Both vocabularies take that path (32000 and 128000
+# rows at hidden 256: 8.2M and 32.8M elements; a head under 4M elements is merged whole, with smaller temporaries
+# than a 4M-element chunk's solve, which would make a smaller vocabulary look cheaper for another reason). Whole, the
+# 128000x256 head's fp64 N and Δ copy alone would add ~380 MiB (actmat); wudi's τ, B, Adam's three buffers ~470 MiB.
+# Measured (shared 2-core machine): actmat 549 -> 589 MiB, wudi_cfs 549 -> 587, wudi 430 -> 468, ace 495 -> 503 MiB,
+# average +18 MiB; inspect 633, 633, 519, 618 MiB.
+MATRIX_VOCAB = {"small": dict(hidden=256, intermediate=688, vocab=32000, heads=4, kv_heads=2),
+                "big": dict(hidden=256, intermediate=688, vocab=128000, heads=4, kv_heads=2)}
+MATRIX = [("actmat", ()), ("wudi", ("steps=20",)), ("ace", ())]   # wudi_cfs: actmat's kernel with other weights;
+                                                                   # wudi's memory does not depend on the steps
+
+
+@pytest.fixture(scope="module")
+def matrix_vocab(tmp_path_factory) -> tuple[dict[str, tuple[Path, list[Path]]], int]:
+    """The two examples, and what the larger vocabulary adds to `average`'s peak."""
+    root = tmp_path_factory.mktemp("memory_matrix_vocab")
+    examples = {size: build_example(root / size, LlamaShape(layers=1, **shape), n_experts=3, dtype=torch.bfloat16)
+                for size, shape in MATRIX_VOCAB.items()}
+    small, big = (peak_rss(examples[s], root / f"average_{s}", "average") for s in ("small", "big"))
+    return examples, big - small
+
+
+@pytest.mark.parametrize("method,params", MATRIX, ids=[m for m, _ in MATRIX])
+def test_peak_rss_of_matrix_rules_is_flat_in_the_vocabulary(matrix_vocab, tmp_path, method, params):
+    examples, average_growth = matrix_vocab
+    peaks, bounds = {}, {}
+    for size, example in examples.items():
+        peaks[size] = peak_rss(example, tmp_path / size, method, *params)
+        bounds[size] = estimate(example, method)
+    print(f"{method}: vocab 32000 {peaks['small'] / 2**20:.0f} MiB (inspect {bounds['small'] / 2**20:.0f}), "
+          f"vocab 128000 {peaks['big'] / 2**20:.0f} MiB (inspect {bounds['big'] / 2**20:.0f}); average gains "
+          f"{average_growth / 2**20:.0f} MiB")
+    assert peaks["big"] - peaks["small"] <= average_growth + 48 * 2**20, (peaks, average_growth)
+    assert all(peaks[s] <= bounds[s] for s in peaks), (peaks, bounds)

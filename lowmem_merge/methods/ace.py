@@ -12,6 +12,7 @@ LIN, per (m, n) matrix:
             k = 0 skips the refinement (the reference gives NaN there: a documented deviation).
 Other tensors: mean of Δt. T = 1 does not return the expert (centring and the prior 1cᵀ).
 Memory: n² + 3mn per matrix in the heterogeneous branch (n² + mn otherwise) plus the temporaries of one step.
+Tall matrices (m ≥ 3n: an LM head) run in row chunks from three per-tensor prepass rounds (ace_tall.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..info import TensorClass, TensorInfo
+from .ace_tall import AceGrams, RowSums, heterogeneity
 from .matrix_rule import MatrixRule, svd_floats, thin_svd
+from .tall import TallState, is_tall
 
 _TINY = 1e-12  # the reference's guards
 
@@ -41,14 +45,6 @@ class AceParams:
             raise ConfigError(f"ace: tau={self.tau} must be a finite number", hint="e.g. -p tau=0.3")
         if not 0.0 <= self.k_frac <= 1.0:
             raise ConfigError(f"ace: k_frac={self.k_frac} must be in [0, 1]", hint="e.g. -p k_frac=0.3")
-
-
-def heterogeneity(norms: list[float]) -> float:
-    """γ from the experts' squared norms s_t; NaN for one expert (the unbiased variance of one value)."""
-    logs = [math.log(s + _TINY) for s in norms]
-    if len(logs) < 2:
-        return math.nan
-    return statistics.variance(logs) / (statistics.fmean(logs) ** 2 + _TINY)
 
 
 class _Stats:
@@ -81,8 +77,25 @@ class Ace(MatrixRule):
         self._norms: list[list[float]] = []     # per expert, s_t of each matrix
         self._acc: list[_Stats] | None = None
         self._means: list[float] = []           # s̄ of each matrix
+        self._tall: TallState | None = self.state if self._mean is None else None   # a chunk of a tall tensor
+        self._rows: RowSums | None = None
+
+    prepass = AceGrams
+
+    @classmethod
+    def uses_prepass(cls, params: Any) -> bool:
+        return False   # the prepass runs for tall tensors only: no state = the whole-tensor path
+
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        return info.cls != TensorClass.LIN or is_tall(info)
 
     def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        if self._tall is not None:   # pass 0's norms came from the prepass
+            if pass_ == 1:
+                self._rows = self._rows or RowSums(self._tall.system(None), d[0])
+                self._rows.add(t, d[0])
+            return
         if pass_ == 0:
             self._norms.append([float(v) ** 2 for v in torch.linalg.vector_norm(d, dim=(1, 2)).tolist()])
             return
@@ -113,6 +126,11 @@ class Ace(MatrixRule):
         self._stats = {"gamma": max(finite) if finite else 0.0, "branch": float(any(flags))}
 
     def _finalize_matrices(self) -> torch.Tensor:
+        if self._tall is not None:
+            system = self._tall.system(None)
+            self._stats = {"gamma": 0.0 if math.isnan(system.gamma) else system.gamma, "branch": float(system.flag)}
+            rows, self._rows = self._rows, None
+            return system.merged(*rows.finish()).unsqueeze(0)
         acc_all, self._acc = self._acc, None
         m, n = self.info.shape[-2:]
         merged = acc_all[0].nn.new_empty(len(acc_all), m, n)

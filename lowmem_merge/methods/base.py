@@ -60,6 +60,18 @@ class Prepass:
         """What every per-tensor instance receives as ``state``."""
         raise NotImplementedError
 
+    @classmethod
+    def covers(cls, params: Any, info: TensorInfo) -> bool:
+        """Whether a per-tensor prepass runs for ``info`` (the whole tensor): a rule may gather tensor-wide
+        statistics only where it needs them (the matrix rules: tall LIN tensors, merged in row chunks)."""
+        return True
+
+    @classmethod
+    def piece_bytes(cls, whole: TensorInfo, piece: TensorInfo, n_experts: int, params: Any) -> int | None:
+        """For the plan: bytes held while ``piece`` of a covered tensor ``whole`` merges (this prepass's state and
+        the piece's own statistics); None: the method's ``state_bytes`` of the piece, as for any tensor."""
+        return None
+
 
 class MergeMethod:
     name: ClassVar[str]

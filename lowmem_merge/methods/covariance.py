@@ -17,6 +17,11 @@ A = Σ w_t a_tᵀ(b_tᵀb_t)a_t lives in the row span of the stacked a_t. With Q
 (k ≤ rT columns), A = Q K Qᵀ and N's rows lie in span(Q), so Δ* = (N Q)(K + ridge·I)⁻¹ Qᵀ exactly, for any ridge:
 O(m·n·k) work and a k×k solve instead of O(m·n²) and an n×n one. A dense expert among them turns the kept factors into
 dense deltas (the plain path); the result is the same up to fp32 rounding.
+
+Tall matrices (m ≥ 3n: an LM head) are merged in row chunks (tall.py): a per-tensor prepass gathers each expert's
+fp64 Gram G_t, the first chunk forms A = Σ w_t G_t and M_t = w_t (G_t + εI) and factors A + ridge once, and each
+chunk solves its rows of N = Σ_t Δt[rows] M_t. The same arithmetic in another order: within the tolerances of the
+whole-tensor path (tests/test_tall.py), not bitwise.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .matrix_rule import MatrixRule, as_matrices
-from .spd_solve import row_block, solve_spd_right
+from .spd_solve import SpdSystem, row_block, solve_spd_right
+from .tall import ExpertGrams, TallState, is_tall
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -52,23 +58,52 @@ def covariance_state_bytes(shape: tuple[int, ...]) -> int:
     return 8 * batch * (n * n + m * n) + max(adding, solving)
 
 
+class CovarianceGrams(ExpertGrams):
+    """The fp64 Grams of a tall tensor's experts (tall.py); a LoRA expert's chunk comes as factors."""
+
+    def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor | Factors) -> None:
+        super().observe(round_, info, t, delta.dense() if isinstance(delta, Factors) else delta)
+
+    @classmethod
+    def piece_bytes(cls, whole: TensorInfo, piece: TensorInfo, n_experts: int, params: Any) -> int:
+        """T Grams and A in fp64, the fp32 factor and its fp32 copy of A while it is made (then the fp64 factor, where
+        fp32 cannot converge); per chunk: N and Δ's fp64 copy, the fp32 result and a row block's temporaries."""
+        n = whole.shape[-1]
+        rows = piece.shape[0]
+        return 8 * (n_experts + 1) * n * n + 12 * n * n + 20 * rows * n + 8 * 4 * min(rows, row_block(n)) * n
+
+
 class CovarianceMethod(MatrixRule):
     """A rule with the §1 kernel on LIN tensors and the mean of Δt on every other class (ALGORITHMS.md §13).
 
     A rule says how expert t enters: ``_weights`` (w_t per matrix, from ‖Δt‖F²) and ``_eps`` (ε of §1); ``_ridges``
-    adds a ridge from tr A. The same three serve the dense path and the LoRA core-space path.
+    adds a ridge from tr A. The same three serve the dense path, the LoRA core-space path and tall row chunks.
     """
+
+    prepass = CovarianceGrams
 
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
         super().__init__(info, n_experts, params, state, **setup)
-        self._sums = GramSums(info.shape) if self._mean is None else None
+        self._tall: TallState | None = state if self._mean is None else None  # a chunk of a tall tensor
+        self._sums = GramSums(info.shape) if self._mean is None and self._tall is None else None
+        self._rows: torch.Tensor | None = None  # this chunk's N rows, (rows, n) fp64, on the tall path
         self._factors: CoreSums | None = None  # LoRA experts of a plain matrix, while every expert is one
+
+    @classmethod
+    def uses_prepass(cls, params: Any) -> bool:
+        return False   # the Grams' prepass runs for tall tensors only: no state = the whole-tensor path
+
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        return info.cls != TensorClass.LIN or is_tall(info)
 
     @classmethod
     def takes_factors(cls, info: TensorInfo) -> bool:
         return info.cls == TensorClass.LIN and len(info.shape) == 2
 
     def add(self, t: int, delta: torch.Tensor | Factors, pass_: int = 0) -> None:
+        if self._tall is not None:
+            return self._add_rows(t, delta.dense() if isinstance(delta, Factors) else delta)
         if not isinstance(delta, Factors):
             self._flush_factors()
             return super().add(t, delta, pass_)
@@ -78,6 +113,40 @@ class CovarianceMethod(MatrixRule):
         weight = self._weights(delta.frobenius_sq())[0]
         if weight:
             self._factors.add(delta, weight, self._eps())
+
+    def _add_rows(self, t: int, delta: torch.Tensor) -> None:
+        """N[rows] += Δt[rows] M_t in fp64 (tall path)."""
+        self._device = delta.device
+        system = self._tall.system(self._tall_system)
+        if system is None or system.m[t] is None:
+            return
+        x = delta.double()                       # (rows, n)
+        if self._rows is None:
+            self._rows = x.new_zeros(x.shape)
+        self._rows.addmm_(x, system.m[t])
+
+    def _tall_system(self, grams: list[torch.Tensor | None]) -> TallSystem | None:
+        """A = Σ w_t G_t shifted and factored, M_t = w_t (G_t + εI) in place of G_t; None when every Δt is 0."""
+        traces = [float(g.trace()) if g is not None else 0.0 for g in grams]
+        weights = self._weights(traces)
+        a = None
+        for g, w in zip(grams, weights):
+            if g is not None and w:
+                a = g.mul(w) if a is None else a.add_(g, alpha=w)
+        if a is None or float(a.trace()) == 0:
+            return None
+        eps = self._eps()
+        shift = sum(w * eps for g, w in zip(grams, weights) if g is not None and w)
+        ridge = shift + ((self._ridges([float(a.trace())]) or [0.0])[0])
+        for t, (g, w) in enumerate(zip(grams, weights)):
+            if g is None or not w:
+                grams[t] = None
+            elif eps:
+                g.diagonal().add_(eps)
+                g.mul_(w)
+            else:
+                g.mul_(w)
+        return TallSystem(grams, SpdSystem(a, ridge), ridge)
 
     def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
         norms = torch.linalg.vector_norm(d, dim=(1, 2)).square().tolist()  # ‖Δt‖F² per matrix
@@ -91,6 +160,8 @@ class CovarianceMethod(MatrixRule):
             self._factors = None
 
     def _finalize_matrices(self) -> torch.Tensor:
+        if self._tall is not None:
+            return self._finalize_rows().unsqueeze(0)
         if self._factors is not None:
             merged, self._stats = self._factors.solve(self.info.shape[-2], self._ridges)
             self._stats["core_dim"] = float(self._factors.core_dim)
@@ -100,11 +171,24 @@ class CovarianceMethod(MatrixRule):
         merged, self._stats = self._sums.solve(self._ridges(self._sums.traces()))
         return merged
 
+    def _finalize_rows(self) -> torch.Tensor:
+        """This chunk's Δ* rows (rows, n) fp32 from the tensor's factored system; the stats so far (tall path)."""
+        system = self._tall.system(self._tall_system)
+        if system is None or self._rows is None:
+            return torch.zeros(self.info.shape, dtype=torch.float32, device=self._device)
+        merged = system.spd.solve(self._rows)
+        self._rows = None
+        self._stats = {"cond_est": system.spd.stats["cond_est"], "ridge": system.ridge, "eigh": 0.0,
+                       "steps": system.spd.stats["steps"], "fp64_factor": system.spd.stats["fp64_factor"],
+                       "pinv": system.spd.stats["pinv"]}
+        return merged
+
     @classmethod
     def state_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> int:
         if info.cls != TensorClass.LIN:
             return 4 * info.numel
         return covariance_state_bytes(info.shape)
+
 
     def _weights(self, norms_sq: list[float]) -> list[float]:
         """w_t per matrix from ‖Δt‖F² per matrix; 0 leaves the expert out of that matrix."""
@@ -117,6 +201,13 @@ class CovarianceMethod(MatrixRule):
     def _ridges(self, traces: list[float]) -> list[float] | None:
         """Ridge per matrix on top of the accumulated shift, from tr A per matrix; None = none."""
         return None
+
+
+class TallSystem:
+    """A tall tensor's system, shared by its chunks: M_t (n, n) fp64 per expert (None: no weight) and S factored."""
+
+    def __init__(self, m: list[torch.Tensor | None], spd: SpdSystem, ridge: float) -> None:
+        self.m, self.spd, self.ridge = m, spd, ridge
 
 
 class GramSums:

@@ -8,7 +8,11 @@ LIN, per (m, n) matrix, r = min(m, n), f = common_fraction:
 Other tensors: α · mean of Δt. Because only the left side is projected, the rule depends on orientation (§9.2).
 Deviation: where rounding up makes T·p exceed r (tiny r, small f; the reference would index out of range),
 p drops to ⌊r/T⌋ and k_c = r − T·p.
-Memory: S (pass 0), then the slots m·r + r + r·n, U_c (m·k_c) and one expert's projection and SVD.
+Memory: S (pass 0), then the slots m·r + r + r·n, the projection's basis and one expert's projection and SVD.
+Speed: where m ≤ n, pass 0 takes S's left singular vectors whole (an eigh of the m×m Gram S·Sᵀ), so besides U_c it
+has Q, the other m − k_c, an orthonormal basis of U_c's complement: Q·Qᵀ = I − U_c·U_cᵀ. Then R_t = Q·(QᵀΔt) and the
+SVD of R_t is Q times that of the (m − k_c)×n matrix QᵀΔt: one small Gram and eigh per expert instead of an m×m one.
+Tall matrices (m > n) project out U_c as written, their residual's Gram is n×n either way.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .matrix_rule import MatrixRule, SlotBuffers, svd_floats, thin_svd
+from .matrix_rule import GRAM_COND, MatrixRule, SlotBuffers, _lapack_svd, svd_floats, thin_svd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,25 @@ def subspace_sizes(r: int, n_experts: int, common_fraction: float) -> tuple[int,
     return r - n_experts * p, p
 
 
+def left_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For m ≤ n: every left singular vector of x (U, m×m, orthonormal), with the ``top`` leading σ and rows of Vh.
+
+    thin_svd's Gram route on the left Gram x·xᵀ, under its condition (σ_top ≥ σ_max / GRAM_COND, so the top triplets
+    are as accurate as there); the trailing eigenvectors are orthonormal to fp64 rounding whatever their σ, which is
+    all the complement needs. Otherwise LAPACK, whose thin U is m×m here."""
+    if top == 0:   # no common space: Q = I, and nothing to decompose
+        return torch.eye(x.shape[0], dtype=x.dtype, device=x.device), x.new_zeros(0), x.new_zeros(0, x.shape[1])
+    xd = x.double()
+    evals, vecs = torch.linalg.eigh(xd @ xd.T)   # ascending
+    evals, vecs = evals.flip(0), vecs.flip(1)
+    s = evals[:top].clamp(min=0).sqrt()
+    if float(s[-1]) > float(s[0]) / GRAM_COND:
+        vh = (vecs[:, :top].T @ xd).div_(s[:, None])
+        return vecs.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+    u, s, vh = _lapack_svd(x)
+    return u, s[:top], vh[:top]
+
+
 class IsoCts(MatrixRule):
     name = "iso_cts"
     summary = "LIN: Iso-CTS, common top singular space of the sum plus each expert's residual top space, flattened"
@@ -55,7 +78,8 @@ class IsoCts(MatrixRule):
         r = min(self.info.shape[-2:]) if self._mean is None else 0
         self._kc, self._p = subspace_sizes(r, self.n_experts, self.params.common_fraction)
         self._sum: torch.Tensor | None = None      # S = Σ Δt, (B, m, n) fp32, pass 0 only
-        self._common: torch.Tensor | None = None   # U_c, (B, m, k_c) fp32
+        self._common: torch.Tensor | None = None   # U_c (B, m, k_c), or where m ≤ n its complement Q (B, m, m − k_c)
+        self._left = self.info.shape[-2] <= self.info.shape[-1] if self._mean is None else False  # Q, not U_c
         self._slots: SlotBuffers | None = None
         self._stats = {"k_common": float(self._kc), "k_task": float(self._p)} if self._mean is None else {}
 
@@ -72,21 +96,30 @@ class IsoCts(MatrixRule):
             return
         p = self._p
         for e, x in enumerate(d):  # x: (m, n)
-            uc = self._common[e]
-            residual = x - uc @ (uc.T @ x)  # (m, n)
-            u, s, vh = thin_svd(residual, top=p)
+            basis = self._common[e]
+            if self._left:    # R_t = Q (Qᵀ Δt): the SVD of the small factor, its left vectors taken back by Q
+                u, s, vh = thin_svd(basis.T @ x, top=p)
+                u = basis @ u[:, :p]
+            else:
+                u, s, vh = thin_svd(x - basis @ (basis.T @ x), top=p)
             self._slots.put(e, t * p, u[:, :p], s[:p], vh[:p])
 
     def _split_common(self) -> None:
-        """SVD of each S: the common triplets go to the last k_c slots, U_c is kept for the projections."""
+        """SVD of each S: the common triplets go to the last k_c slots; U_c, or its complement Q where m ≤ n, is kept
+        for the projections."""
         total, self._sum = self._sum, None
         self._slots = SlotBuffers(total)
-        self._common = total.new_empty(total.shape[0], total.shape[1], self._kc)
+        batch, m, _ = total.shape
+        kc = self._kc
+        self._common = total.new_empty(batch, m, m - kc if self._left else kc)
         start = self.n_experts * self._p
         for e, x in enumerate(total):
-            u, s, vh = thin_svd(x, top=self._kc)
-            kc = self._kc
-            self._common[e] = u[:, :kc]
+            if self._left:
+                u, s, vh = left_svd(x, kc)
+                self._common[e] = u[:, kc:]
+            else:
+                u, s, vh = thin_svd(x, top=kc)
+                self._common[e] = u[:, :kc]
             self._slots.put(e, start, u[:, :kc], s[:kc], vh[:kc])
 
     def _finalize_matrices(self) -> torch.Tensor:
@@ -101,7 +134,8 @@ class IsoCts(MatrixRule):
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
         r = min(m, n)
         kc, _ = subspace_sizes(r, n_experts, params.common_fraction)
-        pass0 = batch * m * n + svd_floats(m, n) + batch * (m * r + r + r * n + m * kc)  # S, its SVD, the slots
-        pass1 = batch * (m * r + r + r * n + m * kc) + m * n + svd_floats(m, n)         # slots, U_c, R_t and its SVD
+        basis = m * (m - kc) if m <= n else m * kc                                      # Q or U_c
+        pass0 = batch * m * n + svd_floats(m, n) + batch * (m * r + r + r * n + basis)  # S, its SVD, the slots
+        pass1 = batch * (m * r + r + r * n + basis) + m * n + svd_floats(m, n)         # slots, basis, R_t, its SVD
         final = batch * (m * r + r + r * n + m * n) + svd_floats(m, r) + svd_floats(r, n) + m * n
         return max(pass0, pass1, final)

@@ -145,8 +145,10 @@ def polar_and_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled slots) are left out and get zero in
     the factor: they meet a zero weight (s̄ = 0) wherever the factor is used. Route 2 otherwise: LAPACK's SVD, as ``thin_svd``'s.
     """
-    wide = x.shape[0] < x.shape[1]
-    lines = (x != 0).any(dim=1 if wide else 0)           # nonzero rows (wide) or columns (tall)
+    rows, cols = (x != 0).any(dim=1), (x != 0).any(dim=0)
+    # the Gram of the smaller side; a square one takes the side with unfilled slots (V̄'s rows, Ū's columns)
+    wide = x.shape[0] < x.shape[1] or x.shape[0] == x.shape[1] and int(rows.sum()) < int(cols.sum())
+    lines = rows if wide else cols                       # nonzero rows (wide) or columns (tall)
     k = min(x.shape)
     if bool(lines.any()):
         xd = (x[lines] if wide else x[:, lines]).double()

@@ -41,30 +41,47 @@ def solve_spd_right(a: torch.Tensor, nn: torch.Tensor, ridge: float, full_dim: i
     Stats: cond_est (of the factored matrix, from its Cholesky diagonal), steps (largest over row blocks),
     fp64_factor (1 when fp32 could not serve), pinv (1 when S was singular and the floor applied).
     """
-    n = a.shape[0]
-    big = full_dim or n
-    norm = float(torch.linalg.matrix_norm(a))   # ‖A‖F ≥ λmax; the full matrix's other eigenvalues are 0
-    singular = ridge <= big * EPS64 * (norm + ridge)   # pinv of S would cut eigenvalues here
-    shift = max(ridge, FLOOR * norm) if singular else ridge
-    a.diagonal().add_(shift)
-    extra = shift - ridge               # X·S = X·F − extra·X, F = a after the shift
-    out = torch.empty(nn.shape, dtype=torch.float32, device=nn.device) if out is None else out
-    stats = {"cond_est": 1.0, "steps": 0.0, "fp64_factor": 0.0, "pinv": float(singular)}
-    chol = None
-    if not singular:
-        chol, info = torch.linalg.cholesky_ex(a.float())
-        if int(info) != 0:
-            chol = None
-    factors = [chol] if chol is not None else []
-    for start in range(0, nn.shape[0], row_block(n)):
-        rows = nn[start:start + row_block(n)]
-        x = None
-        for factor in _factors(a, factors, stats):
-            x, ok = _refined(a, extra, factor, rows, stats, last=factor.dtype == torch.float64)
-            if ok:
-                break
-        out[start:start + rows.shape[0]] = x
-    return out, stats
+    system = SpdSystem(a, ridge, full_dim)
+    return system.solve(nn, out), system.stats
+
+
+class SpdSystem:
+    """S = a + ridge·I shifted and factored once, then solved for any number of right-hand row sets: a tall LIN
+    tensor's rows arrive in chunks (covariance.py), and each row of X depends only on the same row of N.
+
+    Holds a (the caller's, overwritten by the shift), its fp32 Cholesky factor and, made on the first row block
+    that needs it, the fp64 one. ``stats`` accumulate over every ``solve``.
+    """
+
+    def __init__(self, a: torch.Tensor, ridge: float, full_dim: int | None = None) -> None:
+        n = a.shape[0]
+        big = full_dim or n
+        norm = float(torch.linalg.matrix_norm(a))   # ‖A‖F ≥ λmax; the full matrix's other eigenvalues are 0
+        singular = ridge <= big * EPS64 * (norm + ridge)   # pinv of S would cut eigenvalues here
+        shift = max(ridge, FLOOR * norm) if singular else ridge
+        a.diagonal().add_(shift)
+        self.a = a
+        self.extra = shift - ridge          # X·S = X·F − extra·X, F = a after the shift
+        self.stats = {"cond_est": 1.0, "steps": 0.0, "fp64_factor": 0.0, "pinv": float(singular)}
+        self.factors: list[torch.Tensor] = []
+        if not singular:
+            chol, info = torch.linalg.cholesky_ex(a.float())
+            if int(info) == 0:
+                self.factors.append(chol)
+
+    def solve(self, nn: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """X (m, n) fp32 with X·S = nn (m, n) fp64 (read only), written into ``out`` if given."""
+        n = self.a.shape[0]
+        out = torch.empty(nn.shape, dtype=torch.float32, device=nn.device) if out is None else out
+        for start in range(0, nn.shape[0], row_block(n)):
+            rows = nn[start:start + row_block(n)]
+            x = None
+            for factor in _factors(self.a, self.factors, self.stats):
+                x, ok = _refined(self.a, self.extra, factor, rows, self.stats, last=factor.dtype == torch.float64)
+                if ok:
+                    break
+            out[start:start + rows.shape[0]] = x
+        return out
 
 
 def _factors(a: torch.Tensor, factors: list[torch.Tensor], stats: dict[str, float]):
@@ -72,7 +89,7 @@ def _factors(a: torch.Tensor, factors: list[torch.Tensor], stats: dict[str, floa
     if factors and factors[0].dtype == torch.float32:
         _note_cond(factors[0], stats)
         yield factors[0]
-    if len(factors) < 2 or factors[-1].dtype != torch.float64:
+    if not factors or factors[-1].dtype != torch.float64:    # made once, kept for the next row blocks
         chol, info = torch.linalg.cholesky_ex(a)
         if int(info) != 0:   # not positive definite even in fp64 (A was not PSD): add the floor once more
             a.diagonal().add_(FLOOR * float(torch.linalg.matrix_norm(a)))

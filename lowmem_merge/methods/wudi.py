@@ -8,6 +8,10 @@ L(τ) = tr(τAτᵀ) − 2 tr(τBᵀ) + Σ w ‖ΔᵀΔ‖F² is reported before
 the matrices of a batched tensor). An expert whose Δt is exactly zero at a matrix has no weight there (1/0).
 The trajectory equals the reference's mathematically, not bitwise: Adam divides by √v̂ + 1e-8, which amplifies
 rounding where the gradient is ~0 (§11.3), so entries move by up to ~lr per step there.
+Tall matrices (m ≥ 3n: an LM head) run in row chunks (tall.py): each row of τ sees only its own rows of B and S and
+the whole A, and Adam is elementwise, so a per-tensor prepass gathers every expert's fp32 Gram G_t, the first chunk
+forms w_t and A, and each chunk descends on its rows with B[rows] = Σ w_t Δt[rows] G_t. Within the tolerance of the
+whole-tensor path (the Gram sums run in another order), not bitwise; the losses are not reported there.
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..info import TensorClass, TensorInfo
 from .covariance import rows_first
 from .matrix_rule import MatrixRule
+from .tall import ExpertGrams, TallState, is_tall
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +38,18 @@ class WudiParams:
             raise ConfigError(f"wudi: lr={self.lr} must be a finite number >= 0", hint="e.g. -p lr=1e-5")
         if self.steps < 0:
             raise ConfigError(f"wudi: steps={self.steps} must be >= 0", hint="e.g. -p steps=300")
+
+
+class WudiGrams(ExpertGrams):
+    """The fp32 Grams of a tall tensor's experts (tall.py), as the whole-tensor path forms them."""
+
+    dtype = torch.float32
+
+    @classmethod
+    def piece_bytes(cls, whole: TensorInfo, piece: TensorInfo, n_experts: int, params: Any) -> int:
+        """T Grams and A; per chunk τ, B, Adam's gradient and two moments, and one product's temporary (fp32)."""
+        n = whole.shape[-1]
+        return 4 * ((n_experts + 1) * n * n + 6 * piece.shape[0] * n)
 
 
 class Wudi(MatrixRule):
@@ -47,8 +65,21 @@ class Wudi(MatrixRule):
         self._b: torch.Tensor | None = None    # B = Σ w Δ ΔᵀΔ, (B, m, n) fp32
         self._sum: torch.Tensor | None = None  # S = Σ Δ, (B, m, n) fp32
         self._const: list[float] = []          # Σ w ‖ΔᵀΔ‖F² per matrix
+        self._tall: TallState | None = self.state if self._mean is None else None   # a chunk of a tall tensor
+
+    prepass = WudiGrams
+
+    @classmethod
+    def uses_prepass(cls, params: Any) -> bool:
+        return False   # the Grams' prepass runs for tall tensors only: no state = the whole-tensor path
+
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        return info.cls != TensorClass.LIN or is_tall(info)
 
     def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        if self._tall is not None:
+            return self._add_rows(t, d[0])
         batch, m, n = d.shape
         if self._a is None:
             self._a, self._b, self._sum = d.new_zeros(batch, n, n), d.new_zeros(batch, m, n), d.clone(memory_format=torch.contiguous_format)
@@ -69,7 +100,21 @@ class Wudi(MatrixRule):
                 self._b[e].addmm_(x, outer, alpha=w)
             self._const[e] += w * float(torch.linalg.matrix_norm(outer)) ** 2
 
+    def _add_rows(self, t: int, x: torch.Tensor) -> None:
+        """τ[rows] += Δt[rows], B[rows] += w_t Δt[rows] G_t (tall path)."""
+        grams, weights, _ = self._tall.system(_weighted)
+        if self._sum is None:
+            self._sum, self._b = x.clone(memory_format=torch.contiguous_format), x.new_zeros(x.shape)
+        else:
+            self._sum.add_(x)
+        if weights[t]:
+            self._b.addmm_(x, grams[t], alpha=weights[t])
+
     def _finalize_matrices(self) -> torch.Tensor:
+        if self._tall is not None:
+            tau, b, self._sum, self._b = self._sum, self._b, None, None
+            self._descend(tau, self._tall.system(_weighted)[2], b)
+            return tau.unsqueeze(0)
         tau, a, b, self._a, self._b, self._sum = self._sum, self._a, self._b, None, None, None
         before = after = 0.0
         for e in range(tau.shape[0]):
@@ -105,3 +150,14 @@ class Wudi(MatrixRule):
         add = n * n                              # the Gram ΔᵀΔ, or ΔΔᵀ when that is smaller
         descend = 3 * m * n                      # grad (then Adam's denominator) and the two moments
         return batch * (n * n + 2 * m * n) + max(add, descend + m * n)  # + τA for the loss
+
+
+def _weighted(grams: list[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], list[float], torch.Tensor]:
+    """(G_t, w_t = 1/tr G_t (0 for a zero Δt), A = Σ w_t G_t) of a tall tensor, fp32."""
+    weights = [1.0 / float(g.trace()) if g is not None and float(g.trace()) > 0 else 0.0 for g in grams]
+    a = None
+    for g, w in zip(grams, weights):
+        if w:
+            a = g.mul(w) if a is None else a.add_(g, alpha=w)
+    n = next(g.shape[0] for g in grams if g is not None)
+    return grams, weights, a if a is not None else grams[0].new_zeros(n, n)
