@@ -68,23 +68,30 @@ def check_flat(examples: dict, tmp_path: Path, method: str, params: tuple[str, .
     assert small <= bound["small"] and big <= bound["big"], (small, big, bound)
 
 
-@pytest.mark.parametrize("method,params", [("actmat", ()), ("average", ()), ("ties", ()), ("ties", ("trim=tensor",))])
+@pytest.mark.parametrize("method,params", [
+    pytest.param("actmat", (), marks=pytest.mark.slow),  # fp64 Grams at hidden 1024: minutes; narrow case below
+    ("average", ()), ("ties", ()), ("ties", ("trim=tensor",))])
 def test_peak_rss_is_flat_in_depth_and_experts(examples, tmp_path, method, params):
     """A matrix rule, a one-pass elementwise rule, a model-wide prepass and a per-tensor prepass (the stream's
-    four ways through a tensor; the other elementwise rules take one of the last three)."""
+    four ways through a tensor; the other elementwise rules take one of the last three). The matrix rule runs on
+    the narrow model in `make test` (below) and here in `make test-slow`."""
     check_flat(examples, tmp_path, method, params, (2, 8))
 
 
 @pytest.mark.parametrize("method,params", [
-    ("ace", ("tau=0",)),        # two passes; τ = 0: every LIN tensor takes the normalized branch with the
+    ("actmat", ()),             # the matrix rule of `make test`: its fp64 Grams of the wide model take minutes
+    pytest.param("ace", ("tau=0",), marks=pytest.mark.slow),
+                                # two passes; τ = 0: every LIN tensor takes the normalized branch with the
                                 # refinement (its largest buffers) in both examples, where with the default τ the
                                 # branch follows how the experts' norms spread, which differs between them
-    ("wudi", ("steps=3",)),     # Adam's buffers do not depend on the step count: a few steps keep the suite short
-    ("iso_cts", ()),            # two passes, SVD slots
+    pytest.param("wudi", ("steps=3",), marks=pytest.mark.slow),
+                                # Adam's buffers do not depend on the step count: a few steps keep the suite short
+    ("iso_cts", ()),            # two passes, SVD slots: the spectral rule of `make test`
 ])
 def test_peak_rss_of_the_spectral_and_iterative_rules_is_flat(narrow_examples, tmp_path, method, params):
-    """The same rule on a narrower model (hidden 512, vocab 8000): their SVDs and Adam steps on a 2-core machine
-    would take many minutes at hidden 1024 with a 32000-row lm_head."""
+    """The same rule on a narrower model (hidden 512, vocab 8000): their SVDs, Adam steps and fp64 Grams on a
+    2-core machine would take many minutes at hidden 1024 with a 32000-row lm_head. One state per layer kept (actmat:
+    ~54 MB of fp64 sums per layer here) would add over 200 MB across the 4 more layers."""
     check_flat(narrow_examples, tmp_path, method, params, (2, 6))
 
 
