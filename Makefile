@@ -26,6 +26,7 @@ demo: setup
 # gives them, longest first (--no-loadscope-reorder: xdist would order them by test count, which sent the memory
 # tests last); each worker and its subprocesses get one core's worth of threads (tests/conftest.py).
 TEST_WORKERS ?= 2
+# --no-loadscope-reorder: pytest-xdist >= 3.8
 PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
