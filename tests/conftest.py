@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Each pytest worker and the `lowmerge` subprocesses it starts get an equal share of the cores (`make test` runs two
-# workers on two cores). With torch's default of one thread per core, two workers' products oversubscribed the cores
-# and OpenMP threads waited on each other (a split of the memory tests ran 757 s instead of 630 s). Set before torch
-# is imported, and inherited by every child; an OMP_NUM_THREADS given by the caller is kept.
+# workers on two cores). With torch's default of one thread per core, two workers' products oversubscribe the cores
+# and OpenMP threads wait on each other (the likely reason a split of the memory tests ran 757 s against 630 s). Set
+# before torch is imported, and inherited by every child; an OMP_NUM_THREADS given by the caller is kept.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
