@@ -70,11 +70,13 @@ def check_flat(examples: dict, tmp_path: Path, method: str, params: tuple[str, .
 
 @pytest.mark.parametrize("method,params", [
     pytest.param("actmat", (), marks=pytest.mark.slow),  # fp64 Grams at hidden 1024: minutes; narrow case below
-    ("average", ()), ("ties", ()), ("ties", ("trim=tensor",))])
+    ("average", ()), ("ties", ()),
+    pytest.param("ties", ("trim=tensor",), marks=pytest.mark.slow)])  # make test: sce's histogram rounds, below
 def test_peak_rss_is_flat_in_depth_and_experts(examples, tmp_path, method, params):
     """A matrix rule, a one-pass elementwise rule, a model-wide prepass and a per-tensor prepass (the stream's
-    four ways through a tensor; the other elementwise rules take one of the last three). The matrix rule runs on
-    the narrow model in `make test` (below) and here in `make test-slow`."""
+    four ways through a tensor; the other elementwise rules take one of the last three). In `make test` the matrix
+    rule runs on the narrow model and the per-tensor prepass is sce's in the vocabulary test (below); both run here
+    in `make test-slow`."""
     check_flat(examples, tmp_path, method, params, (2, 8))
 
 
