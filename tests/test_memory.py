@@ -195,7 +195,9 @@ def matrix_vocab(tmp_path_factory) -> tuple[dict[str, tuple[Path, list[Path]]], 
     return examples, big - small
 
 
-@pytest.mark.parametrize("method,params", MATRIX, ids=[m for m, _ in MATRIX])
+# wudi gathers actmat's Grams (tall.py) before its Adam steps per row chunk: `make test-slow`
+@pytest.mark.parametrize("method,params", [pytest.param(m, p, id=m, marks=[pytest.mark.slow] if m == "wudi" else [])
+                                           for m, p in MATRIX])
 def test_peak_rss_of_matrix_rules_is_flat_in_the_vocabulary(matrix_vocab, tmp_path, method, params):
     examples, average_growth = matrix_vocab
     peaks, bounds = {}, {}
