@@ -20,16 +20,19 @@ demo: setup
 	$(VENV)/bin/lowmerge demo
 
 # `make test` is CI's suite (under 10 minutes on a 2-core machine); tests marked slow (exhaustive parametrizations,
-# cross-checks that repeat a cheaper test's coverage) run with `make test-slow`. Two pytest workers, one file each at
-# a time (--dist loadfile keeps a file's module fixtures built once): most tests wait on a CLI subprocess importing
-# torch on one core, so two at once took 468 s where one at a time took 661 s on the 2-core machine (776 tests);
-# with the 885 tests of 2026-12-06 a clean-clone `.ci/run` took 630-757 s: over the 10-minute target again.
+# cross-checks that repeat a cheaper test's coverage, the memory tests of rules a cheaper one represents) run with
+# `make test-slow`. Two pytest workers, one file each at a time (--dist loadfile keeps a file's module fixtures built
+# once): most tests wait on a CLI subprocess importing torch on one core. Files go out in the order tests/conftest.py
+# gives them, longest first (--no-loadscope-reorder: xdist would order them by test count, which sent the memory
+# tests last); each worker and its subprocesses get one core's worth of threads (tests/conftest.py).
 TEST_WORKERS ?= 2
+# --no-loadscope-reorder: pytest-xdist >= 3.8
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup
-	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -m slow $(PYTEST_PARALLEL)
 
 bench-speed: setup
 	$(PY) bench/speed.py

@@ -199,7 +199,8 @@ def test_a_wrong_fp32_graph_fails_validation_and_leaves_no_folder(models, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("family", REFUSED)
+@pytest.mark.parametrize("family", [f if f in ("gemma2", "gpt2") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in REFUSED])   # a Llama-like and a GPT-2 layout in `make test`
 def test_other_decoders_are_refused_in_one_line_naming_why(models, tmp_path, family):
     proc = run_cli("export", models / family, "-o", tmp_path / "deploy")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -68,23 +68,32 @@ def check_flat(examples: dict, tmp_path: Path, method: str, params: tuple[str, .
     assert small <= bound["small"] and big <= bound["big"], (small, big, bound)
 
 
-@pytest.mark.parametrize("method,params", [("actmat", ()), ("average", ()), ("ties", ()), ("ties", ("trim=tensor",))])
+@pytest.mark.parametrize("method,params", [
+    pytest.param("actmat", (), marks=pytest.mark.slow),  # fp64 Grams at hidden 1024: minutes; narrow case below
+    ("average", ()), ("ties", ()),
+    pytest.param("ties", ("trim=tensor",), marks=pytest.mark.slow)])  # make test: sce's histogram rounds, below
 def test_peak_rss_is_flat_in_depth_and_experts(examples, tmp_path, method, params):
     """A matrix rule, a one-pass elementwise rule, a model-wide prepass and a per-tensor prepass (the stream's
-    four ways through a tensor; the other elementwise rules take one of the last three)."""
+    four ways through a tensor; the other elementwise rules take one of the last three). In `make test` the matrix
+    rule runs on the narrow model and the per-tensor prepass is sce's in the vocabulary test (below); both run here
+    in `make test-slow`."""
     check_flat(examples, tmp_path, method, params, (2, 8))
 
 
 @pytest.mark.parametrize("method,params", [
-    ("ace", ("tau=0",)),        # two passes; τ = 0: every LIN tensor takes the normalized branch with the
+    ("actmat", ()),             # the matrix rule of `make test`: its fp64 Grams of the wide model take minutes
+    pytest.param("ace", ("tau=0",), marks=pytest.mark.slow),
+                                # two passes; τ = 0: every LIN tensor takes the normalized branch with the
                                 # refinement (its largest buffers) in both examples, where with the default τ the
                                 # branch follows how the experts' norms spread, which differs between them
-    ("wudi", ("steps=3",)),     # Adam's buffers do not depend on the step count: a few steps keep the suite short
-    ("iso_cts", ()),            # two passes, SVD slots
+    pytest.param("wudi", ("steps=3",), marks=pytest.mark.slow),
+                                # Adam's buffers do not depend on the step count: a few steps keep the suite short
+    ("iso_cts", ()),            # two passes, SVD slots: the spectral rule of `make test`
 ])
 def test_peak_rss_of_the_spectral_and_iterative_rules_is_flat(narrow_examples, tmp_path, method, params):
-    """The same rule on a narrower model (hidden 512, vocab 8000): their SVDs and Adam steps on a 2-core machine
-    would take many minutes at hidden 1024 with a 32000-row lm_head."""
+    """The same rule on a narrower model (hidden 512, vocab 8000): their SVDs, Adam steps and fp64 Grams on a
+    2-core machine would take many minutes at hidden 1024 with a 32000-row lm_head. One state per layer kept (actmat:
+    ~54 MB of fp64 sums per layer here) would add over 200 MB across the 4 more layers."""
     check_flat(narrow_examples, tmp_path, method, params, (2, 6))
 
 
@@ -124,8 +133,12 @@ def test_peak_rss_of_calibrated_rules_is_flat_in_depth(depth_examples, tmp_path,
 # `average` gains, while holding one of those tensors whole in fp32 would add at least 86 MiB more.
 VOCAB = {"small": dict(hidden=256, intermediate=688, vocab=8000, heads=4, kv_heads=2),
          "big": dict(hidden=256, intermediate=688, vocab=96000, heads=4, kv_heads=2)}
+# `make test` keeps one rule per kind of prepass (the others in `make test-slow`): norms and angles (slerp; multislerp
+# and nuslerp gather the same), histogram rounds (sce's top-k; arcee_fusion's quantiles), every expert's piece held
+# over iterations (karcher)
 TENSOR_WIDE = [("slerp", 1, ("t=0.3",)), ("multislerp", 3, ()), ("nuslerp", 2, ()), ("sce", 3, ("select_topk=0.1",)),
                ("karcher", 3, ()), ("arcee_fusion", 1, ())]
+SLOW_TENSOR_WIDE = ("multislerp", "nuslerp", "arcee_fusion")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +156,8 @@ def average_growth(vocab_examples, tmp_path_factory) -> int:
     return big - small
 
 
-@pytest.mark.parametrize("method,n,params", TENSOR_WIDE, ids=[m for m, _, p in TENSOR_WIDE])
+@pytest.mark.parametrize("method,n,params", [
+    pytest.param(m, n, p, id=m, marks=[pytest.mark.slow] if m in SLOW_TENSOR_WIDE else []) for m, n, p in TENSOR_WIDE])
 def test_peak_rss_of_tensor_wide_rules_is_flat_in_the_vocabulary(vocab_examples, average_growth, tmp_path, method,
                                                                  n, params):
     """Their angles, norms, top-k, means and quantiles come from per-tensor prepass rounds over row chunks."""
@@ -181,7 +195,9 @@ def matrix_vocab(tmp_path_factory) -> tuple[dict[str, tuple[Path, list[Path]]], 
     return examples, big - small
 
 
-@pytest.mark.parametrize("method,params", MATRIX, ids=[m for m, _ in MATRIX])
+# wudi gathers actmat's Grams (tall.py) before its Adam steps per row chunk: `make test-slow`
+@pytest.mark.parametrize("method,params", [pytest.param(m, p, id=m, marks=[pytest.mark.slow] if m == "wudi" else [])
+                                           for m, p in MATRIX])
 def test_peak_rss_of_matrix_rules_is_flat_in_the_vocabulary(matrix_vocab, tmp_path, method, params):
     examples, average_growth = matrix_vocab
     peaks, bounds = {}, {}

@@ -286,10 +286,14 @@ def test_resume_never_follows_a_symlink_planted_at_a_shard_name(interrupted, tmp
     assert done[0] not in resumed(out)
 
 
-@pytest.mark.parametrize("manifest", ['{"fingerprint": [], "shards": {}}', '{"fingerprint": {}, "shards": []}',
-                                      '{"fingerprint": {}, "shards": {"x": 1}, "files": 3}', "[1]",
-                                      "[" * 100_000 + "]" * 100_000],
-                         ids=["fingerprint-list", "shards-list", "files-number", "list", "nested"])
+# a field of the wrong type, a top level that is no object, a nesting too deep to parse; the other fields of the
+# wrong type (the same check) in `make test-slow`
+@pytest.mark.parametrize("manifest", [
+    pytest.param('{"fingerprint": [], "shards": {}}', id="fingerprint-list"),
+    pytest.param('{"fingerprint": {}, "shards": []}', id="shards-list", marks=pytest.mark.slow),
+    pytest.param('{"fingerprint": {}, "shards": {"x": 1}, "files": 3}', id="files-number", marks=pytest.mark.slow),
+    pytest.param("[1]", id="list"),
+    pytest.param("[" * 100_000 + "]" * 100_000, id="nested")])
 def test_a_manifest_of_the_wrong_shape_is_one_line(interrupted, tmp_path, manifest):
     root = interrupted[0]
     copy = tmp_path / "copy"
