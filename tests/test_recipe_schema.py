@@ -204,8 +204,8 @@ class PartOfTheMean(MergeMethod):
     Params = PartParams
     mergekit = Mergekit("part_of_the_mean", {"part": REQUIRED}, {"weight": 1.0}, hints={"part": "the share kept"})
 
-    def __init__(self, info: Any, n_experts: int, params: Any, state: Any = None) -> None:
-        super().__init__(info, n_experts, params, state)
+    def __init__(self, info: Any, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
+        super().__init__(info, n_experts, params, state, **setup)
         self.total = None
 
     def add(self, t: int, delta: torch.Tensor, pass_: int = 0) -> None:
