@@ -12,7 +12,7 @@ from .budget import RUNTIME_BYTES, TOKENIZER_RUNTIME_BYTES, largest_piece
 from .diagnostics import COND_MAX_DIM, collect_stats
 from .io.checkpoint import open_checkpoint
 from .output import parse_dtype
-from .methods import REGISTRY
+from .methods import REGISTRY, parse_params
 from .plan import make_plan
 from .stream import make_pieces, read_volume, tensor_groups, whole_info
 from .vocab import align
@@ -20,8 +20,11 @@ from .vocab import align
 
 def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "auto", *, stats: bool = False,
                   device: str = "auto", cond_max_dim: int = COND_MAX_DIM,
-                  progress: Callable[[int, int], None] | None = None) -> dict:
+                  progress: Callable[[int, int], None] | None = None,
+                  params: dict[str, dict[str, str]] | None = None) -> dict:
     """What ``merge`` would do with these inputs; raises the same input errors it would, before any work.
+
+    Each method is planned with its defaults, or with ``params[method]`` (``-p KEY=VALUE`` strings) where given.
 
     ``stats``: also read every merged tensor once on ``device`` and add ``"stats"`` (``diagnostics.collect_stats``).
     """
@@ -40,14 +43,14 @@ def describe_plan(base: str | Path, experts: list[str | Path], dtype: str = "aut
             sizes[info.cls.value] += plan.entry(info.name).nbytes
         methods = {}
         for name, cls in REGISTRY.items():
-            params = cls.Params()
-            pieces = make_pieces(plan, cls, params)
-            need, largest = largest_piece(plan, pieces, cls, params)
-            pre = cls.prepass_for(params)
+            parsed = parse_params(cls, (params or {}).get(name, {}))
+            pieces = make_pieces(plan, cls, parsed)
+            need, largest = largest_piece(plan, pieces, cls, parsed)
+            pre = cls.prepass_for(parsed)
             rounds = pre.rounds if pre is not None and (pre.scope == "model" or any(   # the most any tensor is read
-                pre.covers(params, whole_info(g)) for g in tensor_groups(pieces))) else 0
+                pre.covers(parsed, whole_info(g)) for g in tensor_groups(pieces))) else 0
             methods[name] = {"peak_bytes": need + runtime, "largest_tensor": largest,
-                             "reads": rounds + cls.passes_for(cls.Params())}
+                             "reads": rounds + cls.passes_for(parsed)}
         first = [p for p in make_pieces(plan, REGISTRY["average"], REGISTRY["average"].Params())
                  if p.target == p.info.name]
         data = {

@@ -42,10 +42,12 @@ def narrow_examples(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
     return _pair(tmp_path_factory.mktemp("memory_narrow"), NARROW, (2, 2), (6, 5))
 
 
-def estimate(example: tuple[Path, list[Path]], method: str) -> int:
-    """What `lowmerge inspect` promises for this merge (peak bytes, runtime included), from the headers."""
+def estimate(example: tuple[Path, list[Path]], method: str, *params: str) -> int:
+    """What `lowmerge inspect` promises for this merge, with the same ``-p KEY=VALUE`` parameters (peak bytes,
+    runtime included), from the headers."""
     base, experts = example
-    return describe_plan(base, experts)["methods"][method]["peak_bytes"]
+    raw = dict(p.split("=", 1) for p in params)
+    return describe_plan(base, experts, params={method: raw})["methods"][method]["peak_bytes"]
 
 
 def peak_rss(example: tuple[Path, list[Path]], out: Path, method: str, *params: str) -> int:
@@ -59,7 +61,7 @@ def peak_rss(example: tuple[Path, list[Path]], out: Path, method: str, *params: 
 def check_flat(examples: dict, tmp_path: Path, method: str, params: tuple[str, ...], layers: tuple[int, int]) -> None:
     small = peak_rss(examples["small"], tmp_path / "small", method, *params)
     big = peak_rss(examples["big"], tmp_path / "big", method, *params)
-    bound = {size: estimate(examples[size], method) for size in ("small", "big")}
+    bound = {size: estimate(examples[size], method, *params) for size in ("small", "big")}
     n_small, n_big = (len(examples[s][1]) for s in ("small", "big"))
     print(f"{method}: {layers[0]} layers x {n_small} experts {small / 2**20:.0f} MiB (inspect: "
           f"{bound['small'] / 2**20:.0f}), {layers[1]} layers x {n_big} experts {big / 2**20:.0f} MiB "
@@ -164,7 +166,7 @@ def test_peak_rss_of_tensor_wide_rules_is_flat_in_the_vocabulary(vocab_examples,
     peaks, bounds = {}, {}
     for size, (base, experts) in vocab_examples.items():
         peaks[size] = peak_rss((base, experts[:n]), tmp_path / size, method, *params)
-        bounds[size] = estimate((base, experts[:n]), method)
+        bounds[size] = estimate((base, experts[:n]), method, *params)
     print(f"{method}: vocab 8000 {peaks['small'] / 2**20:.0f} MiB (inspect {bounds['small'] / 2**20:.0f}), "
           f"vocab 96000 {peaks['big'] / 2**20:.0f} MiB (inspect {bounds['big'] / 2**20:.0f}); average gains "
           f"{average_growth / 2**20:.0f} MiB")
@@ -203,7 +205,7 @@ def test_peak_rss_of_matrix_rules_is_flat_in_the_vocabulary(matrix_vocab, tmp_pa
     peaks, bounds = {}, {}
     for size, example in examples.items():
         peaks[size] = peak_rss(example, tmp_path / size, method, *params)
-        bounds[size] = estimate(example, method)
+        bounds[size] = estimate(example, method, *params)
     print(f"{method}: vocab 32000 {peaks['small'] / 2**20:.0f} MiB (inspect {bounds['small'] / 2**20:.0f}), "
           f"vocab 128000 {peaks['big'] / 2**20:.0f} MiB (inspect {bounds['big'] / 2**20:.0f}); average gains "
           f"{average_growth / 2**20:.0f} MiB")
