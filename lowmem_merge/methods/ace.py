@@ -24,10 +24,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..info import TensorClass, TensorInfo
 from .ace_tall import AceGrams, RowSums, heterogeneity
 from .matrix_rule import MatrixRule, svd_floats, thin_svd
-from .tall import TallState, is_tall
+from .tall import TallRowChunks, TallState
 
 _TINY = 1e-12  # the reference's guards
 
@@ -59,7 +58,7 @@ class _Stats:
         self.sum = like.new_zeros(m, n) if flag else None      # SΔ = Σ Δt
 
 
-class Ace(MatrixRule):
+class Ace(TallRowChunks, MatrixRule):
     name = "ace"
     summary = "LIN: ACE-Merging (authors' code): centred-Gram solve with a collective prior, refined when norms " \
               "differ; other: mean"
@@ -81,14 +80,6 @@ class Ace(MatrixRule):
         self._rows: RowSums | None = None
 
     prepass = AceGrams
-
-    @classmethod
-    def uses_prepass(cls, params: Any) -> bool:
-        return False   # the prepass runs for tall tensors only: no state = the whole-tensor path
-
-    @classmethod
-    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
-        return info.cls != TensorClass.LIN or is_tall(info)
 
     def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
         if self._tall is not None:   # pass 0's norms came from the prepass

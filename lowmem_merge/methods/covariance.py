@@ -34,7 +34,7 @@ import torch
 from ..info import TensorClass, TensorInfo
 from .matrix_rule import MatrixRule, as_matrices
 from .spd_solve import SpdSystem, row_block, solve_spd_right
-from .tall import ExpertGrams, TallState, is_tall
+from .tall import ExpertGrams, TallRowChunks, TallState
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -73,7 +73,7 @@ class CovarianceGrams(ExpertGrams):
         return 8 * (n_experts + 1) * n * n + 12 * n * n + 20 * rows * n + 8 * 4 * min(rows, row_block(n)) * n
 
 
-class CovarianceMethod(MatrixRule):
+class CovarianceMethod(TallRowChunks, MatrixRule):
     """A rule with the §1 kernel on LIN tensors and the mean of Δt on every other class (ALGORITHMS.md §13).
 
     A rule says how expert t enters: ``_weights`` (w_t per matrix, from ‖Δt‖F²) and ``_eps`` (ε of §1); ``_ridges``
@@ -88,14 +88,6 @@ class CovarianceMethod(MatrixRule):
         self._sums = GramSums(info.shape) if self._mean is None and self._tall is None else None
         self._rows: torch.Tensor | None = None  # this chunk's N rows, (rows, n) fp64, on the tall path
         self._factors: CoreSums | None = None  # LoRA experts of a plain matrix, while every expert is one
-
-    @classmethod
-    def uses_prepass(cls, params: Any) -> bool:
-        return False   # the Grams' prepass runs for tall tensors only: no state = the whole-tensor path
-
-    @classmethod
-    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
-        return info.cls != TensorClass.LIN or is_tall(info)
 
     @classmethod
     def takes_factors(cls, info: TensorInfo) -> bool:

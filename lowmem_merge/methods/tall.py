@@ -24,6 +24,19 @@ TALL_MIN_ELEMS = 1 << 22   # no smaller: the stream keeps it one piece anyway (s
                            # would only add a read
 
 
+class TallRowChunks:
+    """Mixin for a matrix rule that merges tall LIN tensors in row chunks: its Grams' prepass runs for those tensors
+    only (``ExpertGrams.covers``), so a rule built without its state is on the whole-tensor path."""
+
+    @classmethod
+    def uses_prepass(cls, params: Any) -> bool:
+        return False
+
+    @classmethod
+    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
+        return info.cls != TensorClass.LIN or is_tall(info)
+
+
 def is_tall(info: TensorInfo) -> bool:
     """A plain LIN matrix (the whole tensor) that a matrix rule merges in row chunks."""
     if info.cls != TensorClass.LIN or len(info.shape) != 2:

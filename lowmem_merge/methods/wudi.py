@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..info import TensorClass, TensorInfo
+from ..info import TensorInfo
 from .covariance import rows_first
 from .matrix_rule import MatrixRule
-from .tall import ExpertGrams, TallState, is_tall
+from .tall import ExpertGrams, TallRowChunks, TallState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class WudiGrams(ExpertGrams):
         return 4 * ((n_experts + 1) * n * n + 6 * piece.shape[0] * n)
 
 
-class Wudi(MatrixRule):
+class Wudi(TallRowChunks, MatrixRule):
     name = "wudi"
     summary = "LIN: WUDI-Merging, Adam from the sum of task vectors on Σ ‖(τ − Δt)Δtᵀ‖²/‖Δt‖²; other tensors: mean"
     Params = WudiParams
@@ -68,14 +68,6 @@ class Wudi(MatrixRule):
         self._tall: TallState | None = self.state if self._mean is None else None   # a chunk of a tall tensor
 
     prepass = WudiGrams
-
-    @classmethod
-    def uses_prepass(cls, params: Any) -> bool:
-        return False   # the Grams' prepass runs for tall tensors only: no state = the whole-tensor path
-
-    @classmethod
-    def row_chunkable(cls, params: Any, info: TensorInfo) -> bool:
-        return info.cls != TensorClass.LIN or is_tall(info)
 
     def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
         if self._tall is not None:
