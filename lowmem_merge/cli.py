@@ -340,10 +340,14 @@ base, total ‖Δ_t‖ of two experts more than 10× apart, tied embeddings."""
 @click.option("--cond-max-dim", default=4096, show_default=True, type=click.IntRange(min=0),
               help="With --stats: condition numbers only for LIN tensors with at most this many input features "
                    "(A costs 8n² bytes and about an ACTMat merge's time); 0: none.")
+@click.option("-m", "--method", default=None, type=click.Choice(list(REGISTRY)),
+              help="Plan this rule with -p's parameters (the others keep their defaults).")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A parameter of --method, repeatable, as for merge (e.g. -p select_topk=0.1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and --stats) as JSON.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def inspect(base: Path, experts: tuple[Path, ...], dtype: str, show_tensors: bool, stats: bool, device: str,
-            cond_max_dim: int, as_json: bool, debug: bool) -> None:
+            cond_max_dim: int, method: str | None, params: tuple[str, ...], as_json: bool, debug: bool) -> None:
     """Show what a merge of EXPERTS into BASE would do, from the headers alone (reads no weights).
 
     Tensor classes and sizes, bytes each pass reads, the peak memory each method would need, and the input
@@ -352,10 +356,12 @@ def inspect(base: Path, experts: tuple[Path, ...], dtype: str, show_tensors: boo
     import json
 
     from .inspect import describe_plan
+    if params and method is None:
+        raise ConfigError("-p needs --method: the rule whose parameters they are", hint="e.g. -m sce -p select_topk=0.1")
     update, close = _progress_bar(not stats, "reading")
     try:
         data = describe_plan(base, list(experts), dtype, stats=stats, device=device, cond_max_dim=cond_max_dim,
-                             progress=update)
+                             progress=update, params={method: _parse_kv(params)} if method else None)
     finally:
         close()
     if as_json:

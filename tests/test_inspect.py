@@ -214,3 +214,17 @@ def test_zero_element_tensors_are_copied_from_the_base_not_divided_by(tiny):
     plan = json.loads(proc.stdout)
     assert {"name": "model.extra.weight", "class": "INT"}.items() <= next(
         t for t in plan["tensors"] if t["name"] == "model.extra.weight").items()
+
+
+def test_a_method_is_planned_with_its_given_parameters(tiny):
+    """`-m sce -p select_topk=0.1` plans sce's top-k rounds (the histogram rounds and every expert's piece held),
+    as the merge with those parameters would run; the other rules keep their defaults; -p alone is refused."""
+    base, experts = tiny
+    plain = json.loads(run_cli("inspect", base, *experts, "--json", check=True).stdout)["methods"]
+    topk = json.loads(run_cli("inspect", base, *experts, "--json", "-m", "sce", "-p", "select_topk=0.1",
+                              check=True).stdout)["methods"]
+    assert (plain["sce"]["reads"], topk["sce"]["reads"]) == (3, 5)
+    assert topk["sce"]["peak_bytes"] > plain["sce"]["peak_bytes"]
+    assert {k: v for k, v in topk.items() if k != "sce"} == {k: v for k, v in plain.items() if k != "sce"}
+    proc = run_cli("inspect", base, *experts, "-p", "select_topk=0.1")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: -p needs --method"), proc.stderr
