@@ -238,8 +238,7 @@ def _lock(p: Path) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise OutputError(f"another lowmerge run is writing {p}{_holder(fd)}", path=p,
-                                  hint="wait for it to finish, or choose another -o") from None
+                raise _held(p, fd) from None
             if _same_file(fd, path):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -265,16 +264,17 @@ def _refuse_if_locked(p: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputError(f"another lowmerge run is writing {p}{_holder(fd)}", path=p,
-                              hint="wait for it to finish, or choose another -o") from None
+            raise _held(p, fd) from None
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 
 
-def _holder(fd: int) -> str:
+def _held(p: Path, fd: int) -> OutputError:
+    """The refusal when another run holds ``p``'s lock (``fd``: its lock file, holding that run's pid)."""
     pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return f" (pid {pid})" if pid.isdigit() else ""
+    return OutputError(f"another lowmerge run is writing {p}" + (f" (pid {pid})" if pid.isdigit() else ""), path=p,
+                       hint="wait for it to finish, or choose another -o")
 
 
 def _same_file(fd: int, path: Path) -> bool:
