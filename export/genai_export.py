@@ -23,6 +23,7 @@ import torch
 from lowmem_merge.errors import InputError, OutputError
 
 from . import models
+from .folders import make_parent
 from .decoder import DecoderSpec, spec_of
 from .genai_graph import DecoderWriter
 from .tensors import ExternalData
@@ -59,6 +60,7 @@ def check_output(out: Path, force: bool) -> None:
         if not (out / CONFIG).is_file():
             raise OutputError("--force replaces only a previous export, and this folder holds no genai_config.json",
                               path=out, hint="choose another -o; lowmerge never deletes a folder it did not write")
+    make_parent(out)
 
 
 def export_genai(model_dir: Path, out: Path, precision: str, *, force: bool = False, opset: int = 21,

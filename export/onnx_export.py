@@ -21,6 +21,7 @@ import torch
 from lowmem_merge.errors import ExportError, InputError, OutputError
 
 from . import models
+from .folders import make_parent
 from .runtime import require
 from .weights import ByParameter, Weights
 
@@ -87,7 +88,7 @@ def _check_output(out: Path, force: bool) -> None:
     data = out.with_name(out.name + ".data")
     if not force and (out.exists() or data.exists()):
         raise OutputError("output exists", path=out, hint="pass --force to replace it, or choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
 
 
 def _trace(config, kind: models.Kind, opset: int):

@@ -283,3 +283,28 @@ def test_nan_weights_are_refused_and_nothing_is_written(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "model.layers.1.mlp.down_proj.weight" in proc.stderr and "NaN" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["llama"]
+
+
+@pytest.mark.parametrize("fmt", ["genai", "plain"])
+def test_an_output_under_a_regular_file_is_one_line(models, tmp_path, fmt):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / ("deploy" if fmt == "genai" else "model.onnx")
+    proc = run_cli("export", models / "llama", "-o", out, "--format", fmt, "--no-validate")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {out}: ") and "is a file, not a folder" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+@pytest.mark.parametrize("fmt", ["genai", "plain"])
+def test_an_unwritable_output_is_one_line(models, tmp_path, fmt):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        out = parent / ("deploy" if fmt == "genai" else "model.onnx")
+        proc = run_cli("export", models / "llama", "-o", out, "--format", fmt, "--no-validate")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "Permission denied" in proc.stderr and os.listdir(parent) == []
+    finally:
+        parent.chmod(0o755)
