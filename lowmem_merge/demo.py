@@ -6,8 +6,10 @@ time from per-name seeds, so even large examples are written in bounded memory.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import LowmergeError
-from .io.writer import write_model
+from .io.writer import output_error, write_model
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,22 @@ def build_example(root: Path, shape: LlamaShape = LlamaShape(), n_experts: int =
     return dirs[0], dirs[1:]
 
 
+def _writable(directory: Path) -> None:
+    """Make DIRECTORY, or refuse in one line (a file in the way, no permission) before building anything."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise output_error(e, directory) from None
+
+
 def run_demo(directory: Path, method: str, force: bool = False, export: bool = True) -> Iterator[str]:
     """Build the example (if absent), merge it, try it in transformers; then export it for onnxruntime-genai
     (fp32 and int4 folders, each validated by generation against transformers), generate a short text from the
     int4 folder and end with one table of what each step cost (the export is skipped without the ONNX extras)."""
     from .merge import merge
+    _writable(directory)
     inputs, merged = directory / "inputs", directory / "merged"
     if force and directory.exists():
         shutil.rmtree(inputs, ignore_errors=True)

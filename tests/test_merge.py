@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,24 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert "merged model:" in proc.stdout and "transformers loaded it" in proc.stdout
     assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
     assert not (tmp_path / "demo" / "onnx").exists()
+
+
+def test_demo_directory_under_a_regular_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_cli("demo", tmp_path / "file" / "demo", "--no-export")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {tmp_path / 'file' / 'demo'}: ") and "Not a directory" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_unwritable_demo_directory_is_one_line(tmp_path):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        proc = run_cli("demo", tmp_path / "ro" / "demo", "--no-export")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Permission denied" in proc.stderr
+    finally:
+        (tmp_path / "ro").chmod(0o755)
 
 
 def test_methods_command_lists_every_method_with_defaults():
