@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 from lowmem_merge.errors import ExportError, InputError, OutputError
 
 from . import models
-from .folders import make_parent
+from .folders import make_parent, scratch_beside
 from .runtime import require
 from .weights import ByParameter, Weights
 
@@ -183,15 +182,11 @@ def _save_atomically(ir, model, out: Path, data_path: Path) -> None:
     from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
     RemoveUnusedNodesPass()(model)
     RemoveUnusedOpsetsPass()(model)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        ir.save(model, tmp / out.name, external_data=data_path.name, max_workers=1,
-                max_in_flight_bytes=_IN_FLIGHT_BYTES, alignment=4096)
-        os.replace(tmp / data_path.name, data_path)
-        os.replace(tmp / out.name, out)
+        with scratch_beside(out) as tmp:
+            ir.save(model, tmp / out.name, external_data=data_path.name, max_workers=1,
+                    max_in_flight_bytes=_IN_FLIGHT_BYTES, alignment=4096)
+            os.replace(tmp / data_path.name, data_path)
+            os.replace(tmp / out.name, out)
     except OSError as e:
         raise OutputError(f"cannot write: {e.strerror}", path=out, hint="check free disk space") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

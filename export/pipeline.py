@@ -10,6 +10,7 @@ from pathlib import Path
 from . import generation_check
 from . import quantize as quant
 from . import runtime
+from .folders import write_json
 from .genai_export import REPORT, GenaiResult, export_genai
 from .memory import peak_rss_bytes, reset_peak, step_peak
 from .onnx_export import export_onnx
@@ -126,9 +127,7 @@ def _write(report: dict, out: Path) -> None:
 
 
 def _write_json(report: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, report)
 
 
 def _versions() -> dict[str, str]:

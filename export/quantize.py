@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 from lowmem_merge.errors import ConfigError, ExportError
 
 from . import runtime
+from .folders import scratch_beside
 from .memory import step_peak
 from .validate import Case, cases, combine, compare
 
@@ -51,14 +53,17 @@ def quantize(fp32: Path, scheme: str) -> tuple[Path, dict]:
         raise ConfigError(f"unknown quantization {scheme!r}", hint=f"use one of {', '.join(SCHEMES)}")
     runtime.require("onnx", "onnxruntime")
     out = quantized_path(fp32, scheme)
-    for stale in (out, out.with_name(out.name + ".data")):
-        stale.unlink(missing_ok=True)
-    with _quiet_root_logger(), step_peak() as mem:
+    with _quiet_root_logger(), step_peak() as mem, scratch_beside(out) as tmp:
         try:
-            (_int8 if scheme == "int8" else _int4)(fp32, out)
+            (_int8 if scheme == "int8" else _int4)(fp32, tmp / out.name)
         except (ValueError, RuntimeError, KeyError) as e:
             raise ExportError(f"onnxruntime's {scheme} quantizer failed: {str(e).splitlines()[0]}", path=fp32,
                               hint="run with --debug for its traceback") from e
+        data = tmp / (out.name + ".data")    # the weights first: the graph appearing means both are there
+        if data.exists():
+            shutil.copymode(tmp / out.name, data)    # onnxruntime writes it 0600: unreadable to the deploying user
+            os.replace(data, out.with_name(data.name))
+        os.replace(tmp / out.name, out)
     return out, mem
 
 

@@ -173,6 +173,23 @@ def test_cli_export_validates_quantizes_and_prints(tmp_path):
     assert again.returncode == 1 and again.stderr.startswith("error: ") and "--force" in again.stderr
 
 
+def test_symlinks_planted_at_temporary_names_redirect_nothing(tmp_path):
+    """Every file of a plain export and its quantized copy is written under a fresh temporary name, then renamed:
+    links planted at the names the export once used (``.OUT.partial``, ``REPORT.tmp``) are never followed."""
+    model_dir = save("gpt2", tmp_path)
+    victim, out = tmp_path / "victim", tmp_path / "onnx" / "m.onnx"
+    victim.mkdir()
+    out.parent.mkdir()
+    for name in (".m.onnx.partial", "m.report.json.tmp", ".m.int8.onnx.partial", "m.int8.onnx.data.tmp"):
+        (out.parent / name).symlink_to(victim / name)
+    run_cli("export", model_dir, "-o", out, "--quantize", "int8", "--no-validate", check=True)
+    assert list(victim.iterdir()) == []
+    files = {p.name: p for p in out.parent.iterdir() if not p.is_symlink()}
+    assert sorted(files) == ["m.int8.onnx", "m.int8.onnx.data", "m.onnx", "m.onnx.data", "m.report.json"]
+    modes = {name: p.stat().st_mode & 0o777 for name, p in files.items()}
+    assert modes["m.int8.onnx.data"] == modes["m.int8.onnx"], modes    # readable as the graph is
+
+
 def test_cli_truncated_checkpoint_gives_one_clear_line(tmp_path):
     model_dir = save("bert", tmp_path)
     weights = model_dir / "model.safetensors"
