@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .io.text_files import require_regular
 from .methods import REGISTRY, MergeMethod, mergekit_methods
 from .methods.mergekit import REQUIRED, Mergekit
 from .recipe_yaml import load_yaml
@@ -71,6 +72,7 @@ class Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     import yaml
+    require_regular(path, "recipe", ConfigError)
     try:
         data = load_yaml(Path(path).read_text())
     except OSError as e:

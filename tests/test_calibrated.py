@@ -7,6 +7,7 @@ the input ids for every group of layers. Both solve in fp64.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -350,6 +351,17 @@ def test_deeply_nested_jsonl_is_one_line(tmp_path, line):
                    bad)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith(f"error: {bad}: line 1") and "hint: " in proc.stderr, proc.stderr
+
+
+def test_a_calibration_file_that_is_a_fifo_is_refused_instead_of_blocking(tmp_path):
+    base, experts, files = build(tmp_path / "in", "llama", n_experts=2)
+    fifo = tmp_path / "calib.txt"
+    os.mkfifo(fifo)
+    proc = run_cli("merge", base, *experts, "-o", tmp_path / "out", "-m", "regmean", "--calib", files[0],
+                   "--calib", fifo, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {fifo}: the calibration file is not a regular file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_huge_line_is_cut_before_it_is_tokenized(tmp_path):

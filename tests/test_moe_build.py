@@ -7,6 +7,7 @@ are all the base's MLP make the MoE compute the base); memory in real subprocess
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -283,6 +284,14 @@ def test_empty_prompt_list_for_hidden_is_refused(example, tmp_path):
     cfg = write_config(tmp_path / "moe.yml", base, experts[:2], "hidden", prompts=prompts)
     user_error(run_cli("moe", cfg, "-o", out), "experts[1]", "no positive_prompts", "gate_mode hidden")
     assert not out.exists()
+
+
+def test_a_config_that_is_a_fifo_is_refused_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "moe.yaml"
+    os.mkfifo(fifo)
+    proc = run_cli("moe", fifo, "-o", tmp_path / "out", timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {fifo}: the MoE config is not a regular file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_key_and_shared_experts_are_refused(example, tmp_path):

@@ -1,6 +1,7 @@
 """mergekit recipes (``--config``): each output against the formula the recipe defines, in fp64; bad recipes fail."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,14 @@ def _alias_bomb(base: Path, expert: Path, levels: int = 9) -> str:
     for i in range(1, levels):
         lines.append(f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
     return "\n".join(lines) + "\n"
+
+
+def test_a_recipe_that_is_a_fifo_is_refused_instead_of_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    proc = run_cli("merge", "--config", fifo, "-o", tmp_path / "out", timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {fifo}: the recipe is not a regular file")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("text", ["bomb", "merge_method: &a [*a]\n"], ids=["billion-laughs", "recursive"])

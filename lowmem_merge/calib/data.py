@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
+from ..io.text_files import require_regular
 from . import refuse_remote_code, require_transformers
 
 DEFAULT_SAMPLES = 256
@@ -32,6 +33,7 @@ def read_examples(path: Path, limit: int, max_chars: int | None = None) -> list[
     """Up to ``limit`` non-empty examples of ``path`` in file order, each cut to ``max_chars`` characters (a few
     times what ``seq_len`` tokens need, so that one huge line is never tokenized whole); the file is read line by
     line, only as far as needed."""
+    require_regular(path, "calibration file", InputError)
     try:
         with open(path, encoding="utf-8") as f:
             examples = _examples(f, path, limit, max_chars)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..io.text_files import require_regular
 from ..recipe_yaml import load_yaml
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random")
@@ -60,6 +61,7 @@ def load_moe_config(path: str | Path) -> MoeConfig:
     """The config at ``path``, checked as mergekit-moe checks it (``is_bad_config``), each problem one ConfigError."""
     import yaml
     path = Path(path)
+    require_regular(path, "MoE config", ConfigError)
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as e:
