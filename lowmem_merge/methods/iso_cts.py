@@ -12,7 +12,9 @@ Memory: S (pass 0), then the slots m·r + r + r·n, the projection's basis and o
 Speed: where m ≤ n, pass 0 takes S's left singular vectors whole (an eigh of the m×m Gram S·Sᵀ), so besides U_c it
 has Q, the other m − k_c, an orthonormal basis of U_c's complement: Q·Qᵀ = I − U_c·U_cᵀ. Then R_t = Q·(QᵀΔt) and the
 SVD of R_t is Q times that of the (m − k_c)×n matrix QᵀΔt: one small Gram and eigh per expert instead of an m×m one.
-Tall matrices (m > n) project out U_c as written, their residual's Gram is n×n either way.
+Tall matrices (m > n) project out U_c as written, their residual's Gram is n×n either way; from m ≥ 3n (an LM head,
+gate/up_proj) they are merged in row chunks from three prepass rounds (spectral_tall.py): pass 0 of each chunk sums
+S[rows] for U_c[rows], pass 1 fills Ū[rows], and Δ*[rows] = Ū[rows]·α·mean(s̄)·(ŪᵀŪ)^{-1/2}·polar(V̄).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import torch
 
 from ..errors import ConfigError
 from .matrix_rule import GRAM_COND, MatrixRule, SlotBuffers, _lapack_svd, svd_floats, thin_svd
+from .spectral_tall import ChunkSum, CtsSystem, IsoCtsGrams
+from .tall import TallRowChunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +69,7 @@ def left_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, tor
     return u, s[:top], vh[:top]
 
 
-class IsoCts(MatrixRule):
+class IsoCts(TallRowChunks, MatrixRule):
     name = "iso_cts"
     summary = "LIN: Iso-CTS, common top singular space of the sum plus each expert's residual top space, flattened"
     passes = 2
@@ -73,8 +77,14 @@ class IsoCts(MatrixRule):
     param_help = {"common_fraction": "f, share of min(m, n) reserved for the common subspace of Σ Δt",
                   "scale": "α, multiplies the merged task vector of every tensor (authors tune it in 0.1..3.0)"}
 
+    prepass = IsoCtsGrams
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._tall: CtsSystem | None = self.state if self._mean is None else None   # a chunk of a tall tensor
+        self._chunk = ChunkSum()
+        self._common_rows: torch.Tensor | None = None    # U_c[rows] (tall path, pass 1)
+        self._ubar_rows: torch.Tensor | None = None      # Ū[rows] (tall path, pass 1)
         r = min(self.info.shape[-2:]) if self._mean is None else 0
         self._kc, self._p = subspace_sizes(r, self.n_experts, self.params.common_fraction)
         self._sum: torch.Tensor | None = None      # S = Σ Δt, (B, m, n) fp32, pass 0 only
@@ -84,6 +94,8 @@ class IsoCts(MatrixRule):
         self._stats = {"k_common": float(self._kc), "k_task": float(self._p)} if self._mean is None else {}
 
     def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        if self._tall is not None:
+            return self._add_rows(t, d[0], pass_)
         if pass_ == 0:
             if self._sum is None:
                 self._sum = d.clone(memory_format=torch.contiguous_format)
@@ -104,6 +116,19 @@ class IsoCts(MatrixRule):
                 u, s, vh = thin_svd(x - basis @ (basis.T @ x), top=p)
             self._slots.put(e, t * p, u[:, :p], s[:p], vh[:p])
 
+    def _add_rows(self, t: int, x: torch.Tensor, pass_: int) -> None:
+        """Tall path: pass 0 sums S[rows]; pass 1 fills Ū[rows] from U_c[rows] and each Δt[rows]."""
+        if pass_ == 0:
+            self._chunk.add(t, x)
+            return
+        system = self._tall
+        if self._common_rows is None:
+            self._common_rows = system.common_rows(self._chunk.take())
+            self._ubar_rows = x.new_zeros(x.shape[0], system.r)
+            start = self.n_experts * system.p
+            self._ubar_rows[:, start:start + system.kc] = self._common_rows
+        system.put_task(self._ubar_rows, t, x, self._common_rows, self.info.row_start)
+
     def _split_common(self) -> None:
         """SVD of each S: the common triplets go to the last k_c slots; U_c, or its complement Q where m ≤ n, is kept
         for the projections."""
@@ -123,6 +148,10 @@ class IsoCts(MatrixRule):
             self._slots.put(e, start, u[:, :kc], s[:kc], vh[:kc])
 
     def _finalize_matrices(self) -> torch.Tensor:
+        if self._tall is not None:
+            self._stats.update(self._tall.map.stats)
+            rows, self._ubar_rows, self._common_rows = self._ubar_rows, None, None
+            return self._tall.map.apply(rows).unsqueeze(0)
         slots, self._slots, self._common = self._slots, None, None
         batch, m, _ = slots.u.shape
         merged = slots.u.new_empty(batch, m, slots.vh.shape[-1])

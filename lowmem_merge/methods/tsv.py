@@ -6,6 +6,8 @@ LIN, per (m, n) matrix, r = min(m, n), k = ⌊r/T⌋:
 Other tensors: α · mean of Δt (the scalar multiplies the whole merged vector).
 T > r gives k = 0 and Δ* = 0 (stats: k = 0, and a warning in the log).
 Streaming: one thin SVD per expert, two polar factors at finalize (fp64 Gram + eigh where proven, else SVD); memory m·r + r + r·n plus one SVD's workspace, whatever T.
+Tall matrices (m ≥ 3n: an LM head, gate/up_proj) are merged in row chunks from two prepass rounds (each expert's
+Gram, then ŪᵀŪ; spectral_tall.py): Δ*[rows] = Ū[rows]·α·(ŪᵀŪ)^{-1/2}·diag(s̄)·polar(V̄).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch
 
 from ..errors import ConfigError
 from .matrix_rule import MatrixRule, SlotBuffers, svd_floats, thin_svd
+from .spectral_tall import SlotRows, TsvGrams, TsvSystem
+from .tall import TallRowChunks
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +35,27 @@ class ScaleParams:
             raise ConfigError(f"scale={self.scale} must be a finite number", hint="e.g. -p scale=1.0")
 
 
-class Tsv(MatrixRule):
+class Tsv(TallRowChunks, MatrixRule):
     name = "tsv"
     summary = "LIN: TSV-M, each expert's top-r/T singular triplets, orthogonalized (polar); other tensors: α·mean"
     Params = ScaleParams
     param_help = {"scale": "α, multiplies the merged task vector of every tensor (authors tune it in 0.1..3.0)"}
+    prepass = TsvGrams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._tall: TsvSystem | None = self.state if self._mean is None else None   # a chunk of a tall tensor
         self._k = min(self.info.shape[-2:]) // self.n_experts if self._mean is None else 0
+        if self._tall is not None:
+            self._k = self._tall.k
+            self._rows = SlotRows(self._tall.right, self._tall.values, self._tall.r, self.info.row_start)
         self._slots: SlotBuffers | None = None
         self._stats = {"k": float(self._k)} if self._mean is None else {}
 
     def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
+        if self._tall is not None:
+            self._rows.add(t, d[0], t * self._k)
+            return
         if self._k == 0:
             return
         if self._slots is None:
@@ -55,6 +67,9 @@ class Tsv(MatrixRule):
 
     def _finalize_matrices(self) -> torch.Tensor:
         batch, m, n = (math.prod(self.info.shape[:-2]),) + tuple(self.info.shape[-2:])
+        if self._tall is not None:
+            self._stats.update(self._tall.map.stats)
+            return self._tall.map.apply(self._rows.take()).unsqueeze(0)
         if self._k == 0:
             log.warning("%s: %d experts exceed min(m, n) = %d, so TSV-M keeps no triplet: Δ* = 0",
                         self.info.name, self.n_experts, min(m, n))
