@@ -14,7 +14,7 @@ has Q, the other m − k_c, an orthonormal basis of U_c's complement: Q·Qᵀ = 
 SVD of R_t is Q times that of the (m − k_c)×n matrix QᵀΔt: one small Gram and eigh per expert instead of an m×m one.
 Tall matrices (m > n) project out U_c as written, their residual's Gram is n×n either way; from m ≥ 3n (an LM head,
 gate/up_proj) they are merged in row chunks from three prepass rounds (spectral_tall.py): pass 0 of each chunk sums
-S[rows] for U_c[rows], pass 1 fills Ū[rows], and Δ*[rows] = Ū[rows]·α·mean(s̄)·(ŪᵀŪ)^{-1/2}·polar(V̄).
+S[rows] for U_c[rows], pass 1 fills Y[rows] = [Δt[rows] V_t ..., U_c[rows]], and Δ*[rows] = Y[rows]·B·M.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class IsoCts(TallRowChunks, MatrixRule):
         self._tall: CtsSystem | None = self.state if self._mean is None else None   # a chunk of a tall tensor
         self._chunk = ChunkSum()
         self._common_rows: torch.Tensor | None = None    # U_c[rows] (tall path, pass 1)
-        self._ubar_rows: torch.Tensor | None = None      # Ū[rows] (tall path, pass 1)
+        self._ubar_rows: torch.Tensor | None = None      # Y[rows] (tall path, pass 1; fp64)
         r = min(self.info.shape[-2:]) if self._mean is None else 0
         self._kc, self._p = subspace_sizes(r, self.n_experts, self.params.common_fraction)
         self._sum: torch.Tensor | None = None      # S = Σ Δt, (B, m, n) fp32, pass 0 only
@@ -117,17 +117,15 @@ class IsoCts(TallRowChunks, MatrixRule):
             self._slots.put(e, t * p, u[:, :p], s[:p], vh[:p])
 
     def _add_rows(self, t: int, x: torch.Tensor, pass_: int) -> None:
-        """Tall path: pass 0 sums S[rows]; pass 1 fills Ū[rows] from U_c[rows] and each Δt[rows]."""
+        """Tall path: pass 0 sums S[rows]; pass 1 fills Y[rows] (spectral_tall.CtsSystem) from U_c[rows] and Δt."""
         if pass_ == 0:
             self._chunk.add(t, x)
             return
         system = self._tall
         if self._common_rows is None:
             self._common_rows = system.common_rows(self._chunk.take())
-            self._ubar_rows = x.new_zeros(x.shape[0], system.r)
-            start = self.n_experts * system.p
-            self._ubar_rows[:, start:start + system.kc] = self._common_rows
-        system.put_task(self._ubar_rows, t, x, self._common_rows, self.info.row_start)
+            self._ubar_rows = system.common_block(self._common_rows, self.n_experts)
+        system.put_task(self._ubar_rows, t, x, self.info.row_start)
 
     def _split_common(self) -> None:
         """SVD of each S: the common triplets go to the last k_c slots; U_c, or its complement Q where m ≤ n, is kept

@@ -328,8 +328,11 @@ def cts_sizes(r: int, n_experts: int, fraction: float) -> tuple[int, int]:
 
 
 class IsoCtsGrams(SpectralPrepass):
-    """Round 0: G_S = SᵀS and G_t per expert; round 1: P_t = U_cᵀΔt (fp32, as the whole path projects), then
-    R_tᵀR_t = G_t − P_tᵀP_t in place of G_t and its top p; round 2: ŪᵀŪ over the chunks' Ū rows. State: CtsSystem."""
+    """Round 0: G_S = SᵀS → V_c, σ_c; round 1: G_t and P_t = U_cᵀΔt per expert, then R_tᵀR_t = G_t − P_tᵀP_t in
+    place of G_t (P_t freed) and its top p; round 2: YᵀY of Y = [Δt V_t ..., U_c] (m×r). State: CtsSystem.
+
+    P_t is kept in fp32 (T·k_c·n values beside the T fp64 G_t): its rounding moves R_tᵀR_t by ~u32·‖P_t‖², against
+    ~u32·‖Δt‖·‖R_t‖ for the whole path's fp32 projection; both within the rule's tolerance (tests)."""
 
     rounds = 3
 
@@ -340,19 +343,19 @@ class IsoCtsGrams(SpectralPrepass):
         self.proj: list[torch.Tensor | None] = [None] * n_experts
         self.held: list[torch.Tensor] = []          # one chunk's Δt (fp32) until S[rows] is known
         self.system: CtsSystem | None = None
-        self.gram_u: torch.Tensor | None = None
+        self.gram_y: torch.Tensor | None = None
 
     @classmethod
     def piece_bytes(cls, whole: TensorInfo, piece: TensorInfo, n_experts: int, params: Any) -> int:
-        """Round 0: G_S and T G_t (fp64), G_S's eigh; round 1: the G_t, T P_t (fp32 k_c×n), V_c (fp64), one eigh;
-        round 2 and merge: V_c, the V_t, polar(V̄)'s and ŪᵀŪ's Gram, eigh and root, M. Per chunk: the T Δt held
-        until S[rows] is known, S and U_c rows, and fp64 copies and products."""
+        """Round 0: G_S and its eigh; round 1: V_c, the T G_t (fp64) and P_t (fp32), then one eigh beside the G_t;
+        round 2 to the merge: V_c, the V_t, YᵀY, B, ŪᵀŪ and its eigh, polar(V̄) (fp32), M. Per chunk: the T Δt held
+        until S[rows] is known, S, U_c and Y rows, fp64 copies and products."""
         n, rows = whole.shape[-1], piece.shape[0]
         r = n
         kc, p = cts_sizes(r, n_experts, params.common_fraction)
-        round0 = 8 * ((n_experts + 1) * n * n + EIGH_F64 * n * n)
-        round1 = 8 * (n_experts * n * n + n * kc + EIGH_F64 * n * n) + 4 * n_experts * kc * n
-        final = 8 * (n * kc + n * n + (2 + EIGH_F64) * r * r + n_experts * kc * p) + 4 * r * n
+        round0 = 8 * (1 + EIGH_F64) * n * n
+        round1 = 8 * (n * kc + n_experts * n * n) + max(4 * n_experts * kc * n, 8 * EIGH_F64 * n * n)
+        final = 8 * (n * kc + n * r + (4 + EIGH_F64) * r * r) + 4 * r * n
         chunk = 4 * (n_experts + 2) * rows * n + 4 * rows * r + 8 * 3 * rows * max(n, r)
         return max(round0, round1, final) + chunk
 
@@ -360,9 +363,6 @@ class IsoCtsGrams(SpectralPrepass):
         if not self._count(round_, info, delta, t):
             return
         if round_ == 0:
-            x = delta.double()
-            self.grams[t] = x.T @ x if self.grams[t] is None else self.grams[t].addmm_(x.T, x)
-            del x
             self.chunk.add(t, delta)
             if t == self.n_experts - 1:
                 s = self.chunk.take().double()
@@ -370,6 +370,10 @@ class IsoCtsGrams(SpectralPrepass):
             return
         if self.system is None:
             return
+        if round_ == 1:
+            x = delta.double()
+            self.grams[t] = x.T @ x if self.grams[t] is None else self.grams[t].addmm_(x.T, x)
+            del x
         self.held.append(delta.clone())
         self.chunk.add(t, delta)
         if t < self.n_experts - 1:
@@ -380,8 +384,8 @@ class IsoCtsGrams(SpectralPrepass):
             for u, x in enumerate(held):
                 self.proj[u] = common.T @ x if self.proj[u] is None else self.proj[u].addmm_(common.T, x)
         else:
-            ubar = self.system.slot_rows(held, common, info.row_start).double()
-            self.gram_u = ubar.T @ ubar if self.gram_u is None else self.gram_u.addmm_(ubar.T, ubar)
+            y = self.system.y_rows(held, common, info.row_start)
+            self.gram_y = y.T @ y if self.gram_y is None else self.gram_y.addmm_(y.T, y)
 
     def end_round(self, round_: int) -> None:
         if round_ == 0 and self._tall() and self.gram_s is not None:
@@ -390,8 +394,8 @@ class IsoCtsGrams(SpectralPrepass):
         elif round_ == 1 and self.system is not None:
             self.system.task_spaces(self.grams, self.proj, self)
             self.grams, self.proj = [], []
-        elif round_ == 2 and self.system is not None and self.gram_u is not None:
-            gram, self.gram_u = self.gram_u, None
+        elif round_ == 2 and self.system is not None and self.gram_y is not None:
+            gram, self.gram_y = self.gram_y, None
             self.system.finish(gram, self.params.scale, self)
 
     def state(self) -> CtsSystem | None:
@@ -399,7 +403,9 @@ class IsoCtsGrams(SpectralPrepass):
 
 
 class CtsSystem:
-    """U_c's right side (V_c / σ_c), each expert's V_t, s_t and P_t·V_t; then the merge's RowMap."""
+    """V_c, σ_c of S's top k_c; each expert's residual V_t, s_t; then Δ*[rows] = Y[rows]·(B·M) where Y[rows] =
+    [Δt[rows] V_t ..., U_c[rows]] and B turns Y into Ū: slot t = (Δt V_t − U_c·P_tV_t) / s_t, P_tV_t = U_cᵀΔtV_t
+    being a block of YᵀY, so that ŪᵀŪ = Bᵀ(YᵀY)B needs no further read."""
 
     def __init__(self, gram_s: torch.Tensor, m: int, n_experts: int, params: Any, pre: SpectralPrepass) -> None:
         n = gram_s.shape[0]
@@ -412,7 +418,6 @@ class CtsSystem:
         self.inv_c = torch.where(sc > 0, 1 / sc.clamp(min=1e-300), 0 * sc)
         self.right: list[torch.Tensor] = []                               # V_t (n, p) fp64
         self.values: list[torch.Tensor] = []                              # s_t (p) fp64
-        self.pv: list[torch.Tensor] = []                                  # P_t V_t (k_c, p) fp64
         self.zero: list[bool] = []                                        # Δt = 0 (SlotRows' unit vectors)
         self.map: RowMap | None = None
 
@@ -421,12 +426,15 @@ class CtsSystem:
         return (s.double() @ self.vc).mul_(self.inv_c).float()
 
     def task_spaces(self, grams: list[torch.Tensor], proj: list[torch.Tensor], pre: SpectralPrepass) -> None:
-        """Each expert's residual Gram R_tᵀR_t = G_t − P_tᵀP_t (in place of G_t, P_t upcast in blocks) → top p."""
-        for t in range(len(grams)):
-            g, pt = grams[t], proj[t]
+        """R_tᵀR_t = G_t − P_tᵀP_t in place of each G_t (P_t upcast in blocks, then freed), then each one's top p."""
+        for t, (g, pt) in enumerate(zip(grams, proj)):
             for b in range(0, pt.shape[0], BLOCK):
                 blk = pt[b:b + BLOCK].double()
                 g.addmm_(blk.T, blk, alpha=-1.0)
+            proj[t] = None
+        del pt
+        for t in range(len(grams)):
+            g = grams[t]
             self.zero.append(not bool(g.any()))
             if not self.zero[-1]:
                 v, s, proven = top_eigen(g, self.p)
@@ -436,42 +444,63 @@ class CtsSystem:
             grams[t] = g = None
             self.right.append(v)
             self.values.append(s)
-            self.pv.append(pt.double() @ v)
-            proj[t] = pt = None
 
-    def slot_rows(self, held: list[torch.Tensor], common: torch.Tensor, row_start: int) -> torch.Tensor:
-        """Ū[rows] (rows, r) fp32: slot t = R_t[rows] V_t / s_t = (Δt[rows] V_t − U_c[rows] P_t V_t) / s_t, then U_c."""
-        rows = common.new_zeros(common.shape[0], self.r)
+    def y_rows(self, held: list[torch.Tensor], common: torch.Tensor, row_start: int) -> torch.Tensor:
+        """Y[rows] (rows, r) fp64 of one chunk from its T Δt[rows] and U_c[rows]."""
+        rows = self.common_block(common, len(held))
         for t, x in enumerate(held):
-            self.put_task(rows, t, x, common, row_start)
-        start = len(held) * self.p
+            self.put_task(rows, t, x, row_start)
+        return rows
+
+    def common_block(self, common: torch.Tensor, n_experts: int) -> torch.Tensor:
+        """Y[rows] with U_c[rows] in its last k_c columns and the task blocks still 0."""
+        rows = common.new_zeros(common.shape[0], self.r, dtype=torch.float64)
+        start = n_experts * self.p
         rows[:, start:start + self.kc] = common
         return rows
 
-    def put_task(self, rows: torch.Tensor, t: int, x: torch.Tensor, common: torch.Tensor, row_start: int) -> None:
-        """Slot block t of Ū[rows] from Δt[rows] and U_c[rows] (fp32); ``row_start``: the chunk's first row."""
-        if self.p == 0:
-            return
-        if self.zero[t]:
-            unit_rows(rows[:, t * self.p:(t + 1) * self.p], row_start)
-            return
-        u = (x.double() @ self.right[t]).sub_(common.double() @ self.pv[t])
-        inv = torch.where(self.values[t] > 0, 1 / self.values[t].clamp(min=1e-300), 0 * self.values[t])
-        rows[:, t * self.p:(t + 1) * self.p] = u.mul_(inv).float()
+    def put_task(self, rows: torch.Tensor, t: int, x: torch.Tensor, row_start: int) -> None:
+        """Block t of Y[rows]: Δt[rows] V_t, or the unit rows of a zero Δt; ``row_start``: the chunk's first row."""
+        p = self.p
+        if p and self.zero[t]:
+            unit_rows(rows[:, t * p:(t + 1) * p], row_start)
+        elif p:
+            torch.mm(x.double(), self.right[t], out=rows[:, t * p:(t + 1) * p])
 
-    def finish(self, gram_u: torch.Tensor, scale: float, pre: SpectralPrepass) -> None:
-        """M = α·mean(s̄)·(ŪᵀŪ)^{-1/2}·polar(V̄), V̄ = [V_tᵀ..., V_cᵀ] (fp32 slots, as the whole path's)."""
+    def _slots_of_y(self, gram_y: torch.Tensor) -> torch.Tensor:
+        """B (r, r) fp64 with Ū = Y·B."""
+        b = gram_y.new_zeros(self.r, self.r)
+        p, start = self.p, len(self.right) * self.p
+        common = slice(start, start + self.kc)
+        b[common, common] = torch.eye(self.kc, dtype=b.dtype, device=b.device)
+        for t, s in enumerate(self.values):
+            block = slice(t * p, (t + 1) * p)
+            if self.zero[t]:
+                b[block, block] = torch.eye(p, dtype=b.dtype, device=b.device)
+                continue
+            inv = torch.where(s > 0, 1 / s.clamp(min=1e-300), 0 * s)
+            b[block, block] = torch.diag(inv)
+            b[common, block] = -gram_y[common, block] * inv               # −P_tV_t / s_t, P_tV_t = U_cᵀ(Δt V_t)
+        return b
+
+    def finish(self, gram_y: torch.Tensor, scale: float, pre: SpectralPrepass) -> None:
+        """M = α·mean(s̄)·(ŪᵀŪ)^{-1/2}·polar(V̄), V̄ = [V_tᵀ..., V_cᵀ] (fp32 slots, as the whole path's); the
+        state's map is B·M, applied to Y's rows."""
         n = self.vc.shape[0]
+        b = self._slots_of_y(gram_y)
+        gram_u = b.T @ gram_y @ b
+        del gram_y
+        root, _, proven_u = inverse_root(gram_u)
+        del gram_u
         vbar = self.vc.new_zeros(self.r, n, dtype=torch.float32)
         p, T = self.p, len(self.right)
         for t, v in enumerate(self.right):
             vbar[t * p:(t + 1) * p] = v.T.float()
         vbar[T * p:T * p + self.kc] = self.vc.T.float()
-        sbar = torch.cat(self.values + [self.sc.float().double()])
         pvbar, proven_v = polar_rows(vbar)
-        root, _, proven_u = inverse_root(gram_u)
-        del gram_u
         pre._unproven(proven_v)
         pre._unproven(proven_u)
-        root.mul_(float(sbar.float().mean()) * scale)
-        self.map = RowMap(root @ pvbar.double(), pre.stats)
+        sbar = torch.cat([v.float() for v in self.values] + [self.sc.float()])
+        left = b @ root.mul_(float(sbar.mean()) * scale)
+        del b, root
+        self.map = RowMap(left @ pvbar.double(), pre.stats)
