@@ -2,7 +2,7 @@
 
 LIN, per (m, n) matrix: S = Σ_t Δt = U diag(σ) Vᵀ (thin SVD), Δ* = α · mean(σ_1..σ_r) · U Vᵀ, r = min(m, n):
 the task-arithmetic sum with its spectrum flattened, nuclear norm kept. Other tensors: α · mean of Δt.
-Memory: S, then its polar factor and singular values (``polar_and_values``: an fp64 Gram and one eigh).
+Memory: S, overwritten by its polar factor (``polar_``: an fp64 Gram and one eigh, in place).
 Tall matrices (m ≥ 3n: an LM head, gate/up_proj) are merged in row chunks from one prepass round gathering SᵀS
 (spectral_tall.py): Δ*[rows] = S[rows]·α·mean(σ)·(SᵀS)^{-1/2}.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .matrix_rule import MatrixRule, polar_and_values, svd_floats
+from .matrix_rule import MatrixRule, polar_, polar_floats
 from .spectral_tall import ChunkSum, IsoCGrams, RowMap
 from .tall import TallRowChunks
 from .tsv import ScaleParams
@@ -46,10 +46,10 @@ class IsoC(TallRowChunks, MatrixRule):
             return self._tall.apply(self._rows.take()).unsqueeze(0)
         total = self._sum
         for x in total:  # x: (m, n), overwritten by its Δ*
-            factor, s = polar_and_values(x)
-            x.copy_(factor).mul_(float(s.mean()) * self.params.scale)
+            s = polar_(x)
+            x.mul_(float(s.mean()) * self.params.scale)
         return total
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        return batch * m * n + svd_floats(m, n) + m * n
+        return batch * m * n + polar_floats(m, n)   # S, overwritten by Δ*, and one polar factor's temporaries

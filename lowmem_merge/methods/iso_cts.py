@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .matrix_rule import GRAM_COND, MatrixRule, SlotBuffers, _lapack_svd, svd_floats, thin_svd
+from .matrix_rule import (BLOCK, EIGH_FLOATS, GRAM_COND, MatrixRule, SlotBuffers, _lapack_svd, lapack_floats,
+                          side_gram, thin_svd, thin_svd_floats)
 from .spectral_tall import ChunkSum, CtsSystem, IsoCtsGrams
 from .tall import TallRowChunks
 
@@ -58,13 +59,18 @@ def left_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, tor
     all the complement needs. Otherwise LAPACK, whose thin U is m×m here."""
     if top == 0:   # no common space: Q = I, and nothing to decompose
         return torch.eye(x.shape[0], dtype=x.dtype, device=x.device), x.new_zeros(0), x.new_zeros(0, x.shape[1])
-    xd = x.double()
-    evals, vecs = torch.linalg.eigh(xd @ xd.T)   # ascending
+    gram = side_gram(x, wide=True)               # fp64, x upcast BLOCK columns at a time
+    evals, vecs = torch.linalg.eigh(gram)        # ascending
+    del gram
     evals, vecs = evals.flip(0), vecs.flip(1)
     s = evals[:top].clamp(min=0).sqrt()
     if float(s[-1]) > float(s[0]) / GRAM_COND:
-        vh = (vecs[:, :top].T @ xd).div_(s[:, None])
-        return vecs.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+        vh = x.new_empty(top, x.shape[1])
+        head = vecs[:, :top].T
+        for c in range(0, x.shape[1], BLOCK):
+            vh[:, c:c + BLOCK] = (head @ x[:, c:c + BLOCK].double()).div_(s[:, None])
+        return vecs.to(x.dtype), s.to(x.dtype), vh
+    del vecs
     u, s, vh = _lapack_svd(x)
     return u, s[:top], vh[:top]
 
@@ -129,21 +135,23 @@ class IsoCts(TallRowChunks, MatrixRule):
 
     def _split_common(self) -> None:
         """SVD of each S: the common triplets go to the last k_c slots; U_c, or its complement Q where m ≤ n, is kept
-        for the projections."""
+        for the projections. The slots are made after the first SVD, S is dropped after the last."""
         total, self._sum = self._sum, None
-        self._slots = SlotBuffers(total)
         batch, m, _ = total.shape
         kc = self._kc
-        self._common = total.new_empty(batch, m, m - kc if self._left else kc)
         start = self.n_experts * self._p
-        for e, x in enumerate(total):
+        for e in range(batch):
+            x = total[e]
             if self._left:
                 u, s, vh = left_svd(x, kc)
-                self._common[e] = u[:, kc:]
             else:
                 u, s, vh = thin_svd(x, top=kc)
-                self._common[e] = u[:, :kc]
+            if self._slots is None:
+                self._slots = SlotBuffers(total)
+                self._common = total.new_empty(batch, m, m - kc if self._left else kc)
+            self._common[e] = u[:, kc:] if self._left else u[:, :kc]
             self._slots.put(e, start, u[:, :kc], s[:kc], vh[:kc])
+            del u, s, vh, x
 
     def _finalize_matrices(self) -> torch.Tensor:
         if self._tall is not None:
@@ -154,15 +162,23 @@ class IsoCts(TallRowChunks, MatrixRule):
         batch, m, _ = slots.u.shape
         merged = slots.u.new_empty(batch, m, slots.vh.shape[-1])
         for e in range(batch):
-            merged[e] = slots.merge(e, slots.s[e].mean() * self.params.scale)
+            slots.merge_into(e, slots.s[e].mean() * self.params.scale, merged[e])
         return merged
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
+        """Peak over S's SVD (with the slots made before S is dropped), each expert's projected SVD, and the two
+        in-place polar factors; the result is the plan's (with Δ: never both at once)."""
         r = min(m, n)
-        kc, _ = subspace_sizes(r, n_experts, params.common_fraction)
-        basis = m * (m - kc) if m <= n else m * kc                                      # Q or U_c
-        pass0 = batch * m * n + svd_floats(m, n) + batch * (m * r + r + r * n + basis)  # S, its SVD, the slots
-        pass1 = batch * (m * r + r + r * n + basis) + m * n + svd_floats(m, n)         # slots, basis, R_t, its SVD
-        final = batch * (m * r + r + r * n + m * n) + svd_floats(m, r) + svd_floats(r, n) + m * n
-        return max(pass0, pass1, final)
+        kc, p = subspace_sizes(r, n_experts, params.common_fraction)
+        slots = batch * (m * r + r + r * n + (m * (m - kc) if m <= n else m * kc))     # Ū, s̄, V̄, Q or U_c
+        if m <= n:   # left_svd: the Gram and its eigh, or LAPACK; then U (fp64, and its fp32 copy) and Vh's top k_c
+            split = max((2 + EIGH_FLOATS) * m * m, lapack_floats(m, n))
+            outputs = 3 * m * m + kc * n
+            project = (m - kc) * n + thin_svd_floats(m - kc, n, p) + m * p
+        else:
+            split = thin_svd_floats(m, n, kc)
+            outputs = (m + n + 1) * kc
+            project = 2 * m * n + thin_svd_floats(m, n, p)
+        pass0 = batch * m * n + max(split, outputs + slots)    # S, its SVD; then its factors and the slots
+        return max(pass0, slots + project, slots + SlotBuffers.merge_floats(m, n))

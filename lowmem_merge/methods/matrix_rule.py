@@ -74,15 +74,81 @@ class MatrixRule(MergeMethod):
 
 
 GRAM_COND = 1e3  # the Gram route is taken when every singular value used is at least σ_max / GRAM_COND
+POLAR_COND = 1e5  # the Gram route of ``polar_`` is taken when σ_min ≥ σ_max / POLAR_COND
+BLOCK = 1024      # lines of an fp32 matrix upcast to fp64 at a time: the Gram routes hold no whole fp64 copy
+EIGH_FLOATS = 5   # fp32-sized values per k² an fp64 eigh of a k×k matrix holds beside its input: its vectors and
+                  # LAPACK's workspace (measured 2.1-2.4 fp64 k×k at k = 2048..4096, torch 2.x CPU)
+LAPACK_WORK = 6   # fp32 values per k² of LAPACK's fp32 SVD workspace beside its copy of x and its factors (5.5 measured)
 
 
 def svd_floats(m: int, n: int) -> int:
-    """fp32-sized values of ``thin_svd`` on one m×n matrix: the larger of the Gram route (an fp64 copy, the fp64
-    Gram and its eigenvectors, the fp64 factors) and LAPACK's (U, S, Vh and a copy of the input as workspace)."""
+    """fp32-sized values of the old whole-copy ``thin_svd`` on one m×n matrix, kept as the bound of rules that still
+    price it (ace): the Gram route with an fp64 copy, or LAPACK's factors and a copy of the input."""
     k = min(m, n)
     gram = 2 * m * n + 4 * k * k + 2 * (m * k + k * n) + (m * k + k + k * n)
     lapack = m * k + k + k * n + m * n
     return max(gram, lapack)
+
+
+def gram_route_floats(m: int, n: int) -> int:
+    """fp32-sized values the Gram route of ``thin_svd`` or ``polar_`` holds beside its input: the fp64 Gram of the
+    smaller side (and its restriction to the nonzero lines), then the eigh, then G^{-1/2} with the eigenvectors and
+    their scaled copy; plus a block's fp64 copy and product (BLOCK lines of the larger side, k long)."""
+    k = min(m, n)
+    return max(4 * k * k, (2 + EIGH_FLOATS) * k * k, 6 * k * k) + 4 * BLOCK * k
+
+
+def lapack_floats(m: int, n: int) -> int:
+    """fp32 values LAPACK's thin SVD holds beside its input: a copy of it, U, S, Vh and the workspace."""
+    k = min(m, n)
+    return m * n + m * k + k + k * n + LAPACK_WORK * k * k
+
+
+def thin_svd_floats(m: int, n: int, top: int) -> int:
+    """``thin_svd(x, top)`` beside x: the larger route, and its fp32 results (top triplets)."""
+    k = min(m, n)
+    return max(gram_route_floats(m, n) + 2 * k * top, lapack_floats(m, n)) + (m + n + 1) * top
+
+
+def polar_floats(m: int, n: int) -> int:
+    """``polar_(x)`` beside x (in place): the larger route."""
+    return max(gram_route_floats(m, n), lapack_floats(m, n))
+
+
+def _lines(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nonzero rows, nonzero columns) of x as bool vectors, BLOCK columns at a time."""
+    rows = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    cols = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    for c in range(0, x.shape[1], BLOCK):
+        nz = x[:, c:c + BLOCK] != 0
+        rows |= nz.any(dim=1)
+        cols[c:c + BLOCK] = nz.any(dim=0)
+    return rows, cols
+
+
+def side_gram(x: torch.Tensor, wide: bool) -> torch.Tensor:
+    """fp64 x·xᵀ (wide) or xᵀ·x of fp32 x, upcast BLOCK lines at a time."""
+    k = x.shape[0] if wide else x.shape[1]
+    g = x.new_zeros(k, k, dtype=torch.float64)
+    if wide:
+        for c in range(0, x.shape[1], BLOCK):
+            xd = x[:, c:c + BLOCK].double()
+            g.addmm_(xd, xd.T)
+    else:
+        for r in range(0, x.shape[0], BLOCK):
+            xd = x[r:r + BLOCK].double()
+            g.addmm_(xd.T, xd)
+    return g
+
+
+def _top_vectors(gram: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(all eigenvalues descending, the ``top`` leading eigenvectors (k, top) fp64, σ (top) fp64); frees nothing."""
+    evals, vecs = torch.linalg.eigh(gram)   # ascending
+    k = evals.shape[0]
+    keep = vecs[:, k - top:].flip(1)          # a copy of the top columns only
+    del vecs
+    evals = evals.flip(0)
+    return evals, keep, evals[:top].clamp(min=0).sqrt()
 
 
 def thin_svd(x: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,6 +160,7 @@ def thin_svd(x: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, tor
     factors and the polar factor against fp64 LAPACK). Route 2 otherwise (rank-deficient or ill-conditioned
     matrices: LoRA sums, tails that Iso-C flattens): LAPACK in fp32, which now and then fails to converge on
     clustered singular values (seen on Iso-CTS's slot matrices of a 6-layer model) and is then redone in fp64.
+    Memory: ``thin_svd_floats`` beside x (route 1 upcasts x BLOCK lines at a time, never whole).
     """
     k = min(x.shape)
     top = k if top is None else min(top, k)
@@ -116,60 +183,88 @@ def _gram_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, to
     """Route 1 of ``thin_svd``, or None when its accuracy would not suffice (or there is nothing to decompose)."""
     if top == 0:
         return None
-    xd = x.double()
     wide = x.shape[0] < x.shape[1]
-    evals, vecs = torch.linalg.eigh(xd @ xd.T if wide else xd.T @ xd)  # ascending
-    evals, vecs = evals.flip(0)[:top], vecs.flip(1)[:, :top]
-    s = evals.clamp(min=0).sqrt()
+    gram = side_gram(x, wide)
+    _, vecs, s = _top_vectors(gram, top)
+    del gram
     if not float(s[-1]) > float(s[0]) / GRAM_COND:
         return None
-    if wide:   # x = U S Vh with U = vecs: Vh = S⁻¹ Uᵀ x
-        u, vh = vecs, (vecs.T @ xd).div_(s[:, None])
-    else:      # V = vecs: U = x V S⁻¹
-        u, vh = (xd @ vecs).div_(s), vecs.T
-    return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype).contiguous()
+    if wide:   # x = U S Vh with U = vecs: Vh = S⁻¹ Uᵀ x, BLOCK columns at a time
+        u, vh = vecs.to(x.dtype), x.new_empty(top, x.shape[1])
+        for c in range(0, x.shape[1], BLOCK):
+            vh[:, c:c + BLOCK] = (vecs.T @ x[:, c:c + BLOCK].double()).div_(s[:, None])
+    else:      # V = vecs: U = x V S⁻¹, BLOCK rows at a time
+        u, vh = x.new_empty(x.shape[0], top), vecs.T.to(x.dtype).contiguous()
+        for r in range(0, x.shape[0], BLOCK):
+            u[r:r + BLOCK] = (x[r:r + BLOCK].double() @ vecs).div_(s)
+    return u, s.to(x.dtype), vh
 
 
-POLAR_COND = 1e5  # the Gram route of ``polar_and_values`` is taken when σ_min ≥ σ_max / POLAR_COND
+def polar_(x: torch.Tensor) -> torch.Tensor:
+    """x ← its orthogonal polar factor P Qᵀ (x = P Σ Qᵀ), in place; returns σ (descending, fp32).
 
-
-def polar_and_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ and the singular values σ (descending), fp32.
-
-    Route 1: eigh of the fp64 Gram G of the smaller side, polar = x·G^{-1/2} (tall) or G^{-1/2}·x (wide). Unlike a
-    single singular vector, the polar factor does not depend on the gaps between singular values (rotations within
-    a cluster cancel); rounding G (‖E‖ ~ eps64·σ_max²) moves its part along σ by ~eps64·(σ_max/σ)², below fp32
-    rounding (u32·σ_max/σ, the factor's own sensitivity to fp32 input) for every σ ≥ σ_max / POLAR_COND
-    (tests/test_methods.py holds it to fp64 LAPACK). Costs a Gram and one eigh of the smaller side: the
-    FLOP floor of the rule, where LAPACK's SVD of an ill-conditioned matrix (TSV-M's and Iso-CTS's slot matrices)
-    took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled slots) are left out and get zero in
-    the factor: they meet a zero weight (s̄ = 0) wherever the factor is used. Route 2 otherwise: LAPACK's SVD, as ``thin_svd``'s.
+    Route 1: eigh of the fp64 Gram G of the smaller side, polar = x·G^{-1/2} (tall) or G^{-1/2}·x (wide), applied
+    BLOCK lines at a time. Unlike a single singular vector, the polar factor does not depend on the gaps between
+    singular values (rotations within a cluster cancel); rounding G (‖E‖ ~ eps64·σ_max²) moves its part along σ by
+    ~eps64·(σ_max/σ)², below fp32 rounding (u32·σ_max/σ, the factor's own sensitivity to fp32 input) for every
+    σ ≥ σ_max / POLAR_COND (tests/test_methods.py holds it to fp64 LAPACK). Costs a Gram and one eigh of the smaller
+    side: the FLOP floor of the rule, where LAPACK's SVD of an ill-conditioned matrix (TSV-M's and Iso-CTS's slot
+    matrices) took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled slots) are left out and
+    stay zero in the factor: they meet a zero weight (s̄ = 0) wherever the factor is used. Route 2 otherwise: LAPACK's
+    SVD, as ``thin_svd``'s, its U·Vh written over x. Memory: ``polar_floats`` beside x.
     """
-    rows, cols = (x != 0).any(dim=1), (x != 0).any(dim=0)
+    rows, cols = _lines(x)
     # the Gram of the smaller side; a square one takes the side with unfilled slots (V̄'s rows, Ū's columns)
     wide = x.shape[0] < x.shape[1] or x.shape[0] == x.shape[1] and int(rows.sum()) < int(cols.sum())
     lines = rows if wide else cols                       # nonzero rows (wide) or columns (tall)
     k = min(x.shape)
     if bool(lines.any()):
-        xd = (x[lines] if wide else x[:, lines]).double()
-        gram = xd @ xd.T if wide else xd.T @ xd
-        evals, vecs = torch.linalg.eigh(gram)             # ascending
-        del gram                                          # (memory: within svd_floats' Gram route)
-        if float(evals[0]) > float(evals[-1]) / POLAR_COND ** 2:
-            root = (vecs * evals.rsqrt()) @ vecs.T          # G^{-1/2}
-            del vecs
-            part = root @ xd if wide else xd @ root
-            del xd, root
-            out = x.new_zeros(x.shape)
-            if wide:
-                out[lines] = part.to(x.dtype)
-            else:
-                out[:, lines] = part.to(x.dtype)
-            values = x.new_zeros(k)
-            values[:evals.shape[0]] = evals.flip(0).sqrt().to(x.dtype)
-            return out, values
+        values = _polar_gram_(x, wide, lines)
+        if values is not None:
+            out = x.new_zeros(k)
+            out[:values.shape[0]] = values
+            return out
     u, s, vh = _lapack_svd(x)   # not thin_svd: its Gram route would repeat the eigh just rejected
-    return u @ vh, s
+    torch.matmul(u, vh, out=x)
+    return s
+
+
+def _polar_gram_(x: torch.Tensor, wide: bool, lines: torch.Tensor) -> torch.Tensor | None:
+    """Route 1 of ``polar_`` over the nonzero ``lines`` of the smaller side; None (x untouched) if not proven."""
+    gram = side_gram(x, wide)
+    every = bool(lines.all())
+    if not every:
+        gram = gram[lines][:, lines]
+    evals, vecs = torch.linalg.eigh(gram)                 # ascending
+    del gram
+    if not float(evals[0]) > float(evals[-1]) / POLAR_COND ** 2:
+        return None
+    root = (vecs * evals.rsqrt()) @ vecs.T                # G^{-1/2}
+    del vecs
+    idx = None if every else lines.nonzero().squeeze(1)
+    if wide:
+        for c in range(0, x.shape[1], BLOCK):
+            part = x[:, c:c + BLOCK] if every else x[idx, c:c + BLOCK]
+            part = (root @ part.double()).to(x.dtype)
+            if every:
+                x[:, c:c + BLOCK] = part
+            else:
+                x[idx, c:c + BLOCK] = part
+    else:
+        for r in range(0, x.shape[0], BLOCK):
+            part = x[r:r + BLOCK] if every else x[r:r + BLOCK, idx]
+            part = (part.double() @ root).to(x.dtype)
+            if every:
+                x[r:r + BLOCK] = part
+            else:
+                x[r:r + BLOCK, idx] = part
+    return evals.flip(0).sqrt().to(x.dtype)
+
+
+def polar_and_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The orthogonal polar factor of x (a new fp32 matrix) and σ (descending): ``polar_`` on a copy of x."""
+    out = x.clone()
+    return out, polar_(out)
 
 
 def polar(x: torch.Tensor) -> torch.Tensor:
@@ -195,6 +290,15 @@ class SlotBuffers:
         self.s[e, start:start + k] = s
         self.vh[e, start:start + k] = vh
 
-    def merge(self, e: int, values: torch.Tensor) -> torch.Tensor:
-        """polar(Ū) · diag(values) · polar(V̄) for matrix e: (m, n) fp32."""
-        return (polar(self.u[e]) * values) @ polar(self.vh[e])
+    def merge_into(self, e: int, values: torch.Tensor, out: torch.Tensor) -> None:
+        """out ← polar(Ū)·diag(values)·polar(V̄) for matrix e, (m, n) fp32; Ū[e] and V̄[e] are overwritten by their
+        polar factors (one at a time, in place: ``polar_floats`` of the larger beside the slots)."""
+        polar_(self.u[e])
+        polar_(self.vh[e])
+        torch.matmul(self.u[e].mul_(values), self.vh[e], out=out)
+
+    @staticmethod
+    def merge_floats(m: int, n: int) -> int:
+        """``merge_into`` beside the slots and the result."""
+        r = min(m, n)
+        return max(polar_floats(m, r), polar_floats(r, n))

@@ -6,10 +6,10 @@ over row chunks, and each output row is its own input rows times one n×n (or r�
     Iso-C   round 0: G = SᵀS (S = Σ Δt);  Δ*[rows] = S[rows] · α·mean(σ)·G^{-1/2}.
     TSV-M   round 0: G_t = ΔtᵀΔt → top-k V_t, s_t;  round 1: Ū[rows] = [Δt[rows] V_t / s_t]_t, gathering ŪᵀŪ;
             Δ*[rows] = Ū[rows] · α·(ŪᵀŪ)^{-1/2} diag(s̄) polar(V̄).
-    Iso-CTS round 0: G_S = SᵀS → top-k_c V_c, σ_c, and G_t per expert; round 1: P_t = U_cᵀΔt (U_c[rows] =
-            S[rows] V_c / σ_c), then R_tᵀR_t = G_t − P_tᵀP_t → top-p V_t, s_t; round 2: ŪᵀŪ over the chunks' Ū rows
-            [(Δt[rows] V_t − U_c[rows] P_t V_t) / s_t, U_c[rows]];  Δ*[rows] = Ū[rows]·α·mean(s̄)·(ŪᵀŪ)^{-1/2} polar(V̄).
-            Rounds 1 and 2 hold a chunk's T deltas until its S[rows] is known; the merge has its two passes for that.
+    Iso-CTS round 0: G_S = SᵀS → top-k_c V_c, σ_c; round 1: P_t = U_cᵀΔt (U_c[rows] = S[rows] V_c / σ_c);
+            round 2: R_tᵀR_t from R_t[rows] = Δt[rows] − U_c[rows] P_t → top-p V_t, s_t; round 3: YᵀY, Y[rows] =
+            [Δt[rows] V_t ..., U_c[rows]], whence ŪᵀŪ (Ū = Y·B); Δ*[rows] = Y[rows]·B·α·mean(s̄)·(ŪᵀŪ)^{-1/2} polar(V̄).
+            Rounds 1-3 hold a chunk's T deltas until its S[rows] is known; the merge has its two passes for that.
 Each factor is the Gram route of the whole path (matrix_rule.thin_svd, polar_and_values): the same fp64 Grams summed
 chunk by chunk, so within the whole path's tolerances, not bitwise. Where a route's condition fails (a σ used below
 σ_max/GRAM_COND, or σ_min below σ_max/POLAR_COND) the whole path takes LAPACK on the whole matrix; a chunk never sees
@@ -26,12 +26,11 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .base import Prepass
-from .matrix_rule import GRAM_COND, POLAR_COND
+from .matrix_rule import BLOCK, EIGH_FLOATS, GRAM_COND, POLAR_COND, side_gram
 from .tall import is_tall
 
 _EPS64 = torch.finfo(torch.float64).eps
-EIGH_F64 = 3   # n×n fp64 matrices an eigh holds beside its input: the vectors and LAPACK's workspace (measured 2.4)
-BLOCK = 1024   # lines of an fp32 matrix upcast to fp64 at a time (``gram_of_rows``, ``apply_left``)
+EIGH_F64 = EIGH_FLOATS / 2   # n×n fp64 matrices an eigh holds beside its input
 
 
 def top_eigen(gram: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -74,15 +73,6 @@ def inverse_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     del part
     values[:evals.shape[0]] = evals.clamp(min=0).flip(0).sqrt().where(live.flip(0), evals.new_zeros(()))
     return root, values, proven
-
-
-def gram_of_rows(x: torch.Tensor) -> torch.Tensor:
-    """x·xᵀ in fp64 for an fp32 (r, n) matrix, its columns upcast BLOCK at a time (no whole fp64 copy)."""
-    g = x.new_zeros(x.shape[0], x.shape[0], dtype=torch.float64)
-    for c in range(0, x.shape[1], BLOCK):
-        xd = x[:, c:c + BLOCK].double()
-        g.addmm_(xd, xd.T)
-    return g
 
 
 def apply_left(root: torch.Tensor, x: torch.Tensor) -> None:
@@ -165,7 +155,7 @@ class IsoCGrams(SpectralPrepass):
     def piece_bytes(cls, whole: TensorInfo, piece: TensorInfo, n_experts: int, params: Any) -> int:
         """fp64: G, the eigh (EIGH_F64) and the root; per chunk: S (fp32) and its fp64 copy and product."""
         n, rows = whole.shape[-1], piece.shape[0]
-        return 8 * (2 + EIGH_F64) * n * n + (4 + 8 + 8) * rows * n
+        return int(8 * (2 + EIGH_F64) * n * n) + (4 + 8 + 8) * rows * n
 
     def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
         if not self._count(round_, info, delta, t):
@@ -224,7 +214,7 @@ class SlotRows:
 
 def polar_rows(vbar: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """polar(V̄) of an fp32 (r, n) slot matrix in place (fp32), through the fp64 Gram of its rows."""
-    gram = gram_of_rows(vbar)
+    gram = side_gram(vbar, wide=True)
     root, _, proven = inverse_root(gram)
     del gram
     apply_left(root, vbar)
@@ -253,7 +243,7 @@ class TsvGrams(SpectralPrepass):
         round0 = 8 * (n_experts * n * n + EIGH_F64 * n * n + n * r)
         vbar = 8 * n * r + 4 * r * n + 8 * (2 + EIGH_F64) * r * r
         final = 8 * (n * r + r * n) + 4 * r * n + 8 * (2 + EIGH_F64) * r * r
-        return max(round0, vbar, final) + (8 + 4 + 8 + 8) * rows * n
+        return int(max(round0, vbar, final)) + (8 + 4 + 8 + 8) * rows * n
 
     def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
         if not self._count(round_, info, delta, t):
@@ -328,13 +318,15 @@ def cts_sizes(r: int, n_experts: int, fraction: float) -> tuple[int, int]:
 
 
 class IsoCtsGrams(SpectralPrepass):
-    """Round 0: G_S = SᵀS → V_c, σ_c; round 1: G_t and P_t = U_cᵀΔt per expert, then R_tᵀR_t = G_t − P_tᵀP_t in
-    place of G_t (P_t freed) and its top p; round 2: YᵀY of Y = [Δt V_t ..., U_c] (m×r). State: CtsSystem.
+    """Round 0: G_S = SᵀS → V_c, σ_c; round 1: P_t = U_cᵀΔt per expert (fp32, as the whole path projects);
+    round 2: R_tᵀR_t per expert from the chunks' R_t[rows] = Δt[rows] − U_c[rows] P_t (fp64), then P_t is dropped and
+    each one's top p taken; round 3: YᵀY of Y = [Δt V_t ..., U_c] (m×r). State: CtsSystem.
 
-    P_t is kept in fp32 (T·k_c·n values beside the T fp64 G_t): its rounding moves R_tᵀR_t by ~u32·‖P_t‖², against
-    ~u32·‖Δt‖·‖R_t‖ for the whole path's fp32 projection; both within the rule's tolerance (tests)."""
+    R_tᵀR_t is gathered from R_t's rows, not as G_t − P_tᵀP_t: that difference loses ~u32·(‖Δt‖/‖R_t‖)² of it to
+    P_t's fp32 rounding (0.1 relative error on experts whose residual is 1e-3 of them); rounding P_t moves R_t only
+    along U_c, which adds ‖E‖² ~ u32²·‖P_t‖² to the Gram."""
 
-    rounds = 3
+    rounds = 4
 
     def __init__(self, n_experts: int, params: Any) -> None:
         super().__init__(n_experts, params)
@@ -347,17 +339,18 @@ class IsoCtsGrams(SpectralPrepass):
 
     @classmethod
     def piece_bytes(cls, whole: TensorInfo, piece: TensorInfo, n_experts: int, params: Any) -> int:
-        """Round 0: G_S and its eigh; round 1: V_c, the T G_t (fp64) and P_t (fp32), then one eigh beside the G_t;
-        round 2 to the merge: V_c, the V_t, YᵀY, B, ŪᵀŪ and its eigh, polar(V̄) (fp32), M. Per chunk: the T Δt held
-        until S[rows] is known, S, U_c and Y rows, fp64 copies and products."""
+        """Round 0: G_S and its eigh; rounds 1-2: V_c (fp64), the T P_t (fp32 k_c×n) and the T residual Grams
+        (fp64), then one eigh beside those Grams; round 3 to the merge: V_c, the V_t, YᵀY, B, ŪᵀŪ and its eigh,
+        polar(V̄) (fp32), M. Per chunk: the T Δt held until S[rows] is known, S, U_c and Y rows (fp64), a residual
+        and its blocks in fp64."""
         n, rows = whole.shape[-1], piece.shape[0]
         r = n
         kc, p = cts_sizes(r, n_experts, params.common_fraction)
         round0 = 8 * (1 + EIGH_F64) * n * n
-        round1 = 8 * (n * kc + n_experts * n * n) + max(4 * n_experts * kc * n, 8 * EIGH_F64 * n * n)
+        round2 = 8 * (n * kc + n_experts * n * n) + max(4 * n_experts * kc * n, 8 * EIGH_F64 * n * n)
         final = 8 * (n * kc + n * r + (4 + EIGH_F64) * r * r) + 4 * r * n
-        chunk = 4 * (n_experts + 2) * rows * n + 4 * rows * r + 8 * 3 * rows * max(n, r)
-        return max(round0, round1, final) + chunk
+        chunk = 4 * (n_experts + 2) * rows * n + 4 * rows * kc + 8 * rows * (r + 2 * n) + 8 * BLOCK * (rows + n)
+        return int(max(round0, round2, final)) + chunk
 
     def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
         if not self._count(round_, info, delta, t):
@@ -370,10 +363,6 @@ class IsoCtsGrams(SpectralPrepass):
             return
         if self.system is None:
             return
-        if round_ == 1:
-            x = delta.double()
-            self.grams[t] = x.T @ x if self.grams[t] is None else self.grams[t].addmm_(x.T, x)
-            del x
         self.held.append(delta.clone())
         self.chunk.add(t, delta)
         if t < self.n_experts - 1:
@@ -383,6 +372,10 @@ class IsoCtsGrams(SpectralPrepass):
         if round_ == 1:
             for u, x in enumerate(held):
                 self.proj[u] = common.T @ x if self.proj[u] is None else self.proj[u].addmm_(common.T, x)
+        elif round_ == 2:
+            for u, x in enumerate(held):
+                res = residual_rows(x, common, self.proj[u])
+                self.grams[u] = res.T @ res if self.grams[u] is None else self.grams[u].addmm_(res.T, res)
         else:
             y = self.system.y_rows(held, common, info.row_start)
             self.gram_y = y.T @ y if self.gram_y is None else self.gram_y.addmm_(y.T, y)
@@ -391,15 +384,24 @@ class IsoCtsGrams(SpectralPrepass):
         if round_ == 0 and self._tall() and self.gram_s is not None:
             gram_s, self.gram_s = self.gram_s, None
             self.system = CtsSystem(gram_s, self.rows, self.n_experts, self.params, self)
-        elif round_ == 1 and self.system is not None:
-            self.system.task_spaces(self.grams, self.proj, self)
-            self.grams, self.proj = [], []
-        elif round_ == 2 and self.system is not None and self.gram_y is not None:
+        elif round_ == 2 and self.system is not None:
+            self.proj = []
+            self.system.task_spaces(self.grams, self)
+            self.grams = []
+        elif round_ == 3 and self.system is not None and self.gram_y is not None:
             gram, self.gram_y = self.gram_y, None
             self.system.finish(gram, self.params.scale, self)
 
     def state(self) -> CtsSystem | None:
         return self.system if self.system is not None and self.system.map is not None else None
+
+
+def residual_rows(x: torch.Tensor, common: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """R_t[rows] = Δt[rows] − U_c[rows]·P_t in fp64 (rows, n), P_t upcast BLOCK rows at a time."""
+    res = x.double()
+    for b in range(0, proj.shape[0], BLOCK):
+        res.addmm_(common[:, b:b + BLOCK].double(), proj[b:b + BLOCK].double(), alpha=-1.0)
+    return res
 
 
 class CtsSystem:
@@ -425,14 +427,8 @@ class CtsSystem:
         """U_c[rows] = S[rows] V_c / σ_c, fp32 as the whole path's basis."""
         return (s.double() @ self.vc).mul_(self.inv_c).float()
 
-    def task_spaces(self, grams: list[torch.Tensor], proj: list[torch.Tensor], pre: SpectralPrepass) -> None:
-        """R_tᵀR_t = G_t − P_tᵀP_t in place of each G_t (P_t upcast in blocks, then freed), then each one's top p."""
-        for t, (g, pt) in enumerate(zip(grams, proj)):
-            for b in range(0, pt.shape[0], BLOCK):
-                blk = pt[b:b + BLOCK].double()
-                g.addmm_(blk.T, blk, alpha=-1.0)
-            proj[t] = None
-        del pt
+    def task_spaces(self, grams: list[torch.Tensor], pre: SpectralPrepass) -> None:
+        """Each expert's top p from its residual Gram R_tᵀR_t (freed one by one)."""
         for t in range(len(grams)):
             g = grams[t]
             self.zero.append(not bool(g.any()))

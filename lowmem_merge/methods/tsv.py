@@ -5,7 +5,8 @@ LIN, per (m, n) matrix, r = min(m, n), k = ⌊r/T⌋:
     Δ* = α · polar(Ū) · diag(s̄) · polar(V̄).
 Other tensors: α · mean of Δt (the scalar multiplies the whole merged vector).
 T > r gives k = 0 and Δ* = 0 (stats: k = 0, and a warning in the log).
-Streaming: one thin SVD per expert, two polar factors at finalize (fp64 Gram + eigh where proven, else SVD); memory m·r + r + r·n plus one SVD's workspace, whatever T.
+Streaming: one thin SVD per expert, two polar factors at finalize, in place (fp64 Gram + eigh where proven, else
+SVD); memory m·r + r + r·n plus one SVD's workspace, whatever T.
 Tall matrices (m ≥ 3n: an LM head, gate/up_proj) are merged in row chunks from two prepass rounds (each expert's
 Gram, then ŪᵀŪ; spectral_tall.py): Δ*[rows] = Ū[rows]·α·(ŪᵀŪ)^{-1/2}·diag(s̄)·polar(V̄).
 """
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .matrix_rule import MatrixRule, SlotBuffers, svd_floats, thin_svd
+from .matrix_rule import MatrixRule, SlotBuffers, thin_svd, thin_svd_floats
 from .spectral_tall import SlotRows, TsvGrams, TsvSystem
 from .tall import TallRowChunks
 
@@ -77,11 +78,13 @@ class Tsv(TallRowChunks, MatrixRule):
         slots, self._slots = self._slots, None
         merged = slots.u.new_empty(batch, m, n)
         for e in range(batch):
-            merged[e] = slots.merge(e, slots.s[e])
+            slots.merge_into(e, slots.s[e], merged[e])
         return merged.mul_(self.params.scale) if self.params.scale != 1.0 else merged
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
+        """The slots, plus the larger of one expert's thin SVD and the two in-place polar factors (the result is the
+        plan's, with Δ: never both at once)."""
         r = min(m, n)
-        # slots and the result, plus the larger of one expert's SVD and the two polar SVDs with their products
-        return batch * (m * r + r + r * n + m * n) + max(svd_floats(m, n), svd_floats(m, r) + svd_floats(r, n) + m * n)
+        k = r // n_experts
+        return batch * (m * r + r + r * n) + max(thin_svd_floats(m, n, k), SlotBuffers.merge_floats(m, n))

@@ -1,0 +1,207 @@
+"""TSV-M, Iso-C and Iso-CTS on tall LIN tensors in row chunks (issue 17 §3, methods/spectral_tall.py), their memory,
+and the plan at 70B x 8.
+
+The chunked path sums the whole path's fp64 Grams chunk by chunk and takes each factor from them (thin_svd's and
+polar_'s Gram routes), so it is NOT promised bitwise equal to the whole-tensor path: both are held to test_methods'
+bound against the fp64 reference, SOLVE_C·κ·u with κ the rule's sensitivity (reference.py). Where the whole path
+would take LAPACK (a Gram route's condition fails), the tall path keeps the Gram route and says so in its stats.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import reference as ref
+from lowmem_merge import merge, stream
+from lowmem_merge.budget import RUNTIME_BYTES, piece_bytes
+from lowmem_merge.demo import LlamaShape, build_example
+from lowmem_merge.info import TensorClass, TensorInfo
+from lowmem_merge.io.checkpoint import open_checkpoint
+from lowmem_merge.methods import REGISTRY, tall
+from lowmem_merge.methods.drive import drive
+from lowmem_merge.plan import make_plan
+from lowmem_merge.stream import make_pieces
+from test_memory import estimate, peak_rss
+from test_merge import load_model
+from test_methods import SOLVE_C, U32, rel_err
+from test_tall import _case, run_rows
+
+RULES = ["tsv", "iso_c", "iso_cts"]
+REFERENCE = {"tsv": lambda ds, p: ref.tsv_matrix(ds, p.scale),
+             "iso_c": lambda ds, p: ref.iso_c_matrix(ds, p.scale),
+             "iso_cts": lambda ds, p: ref.iso_cts_matrix(ds, p.common_fraction, p.scale)}
+SENSITIVITY = {"tsv": lambda ds, p: ref.tsv_sensitivity(ds),
+               "iso_c": lambda ds, p: ref.iso_c_sensitivity(ds),
+               "iso_cts": lambda ds, p: ref.iso_cts_sensitivity(ds, p.common_fraction)}
+PARAMS = {"tsv": [{}, {"scale": 0.5}], "iso_c": [{"scale": 1.5}], "iso_cts": [{}, {"common_fraction": 0.5}]}
+
+
+@pytest.fixture(autouse=True)
+def small_tall(monkeypatch):
+    monkeypatch.setattr(tall, "TALL_MIN_ELEMS", 0)   # these small tall matrices count as tall
+
+
+def _graded(case: str) -> list[torch.Tensor]:
+    """Two tall 90x8 experts whose top k = 4 singular values reach 5e-4·σ1: TSV's Gram route is unproven there
+    (GRAM_COND = 1e3), Iso-C's polar route still proven (σ_min of the sum above σ1/1e5)."""
+    values = torch.tensor([1.0, 0.7, 0.5, 5e-4, 4e-4, 3e-4, 2e-4, 1e-4], dtype=torch.float64)
+    out = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        u, _ = torch.linalg.qr(torch.randn(90, 8, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+        out.append(((u * values) @ v.T).float())
+    return out
+
+
+def _bound(name: str, params: object, deltas64: list[torch.Tensor]) -> float:
+    return SOLVE_C * SENSITIVITY[name](deltas64, params) * U32
+
+
+@pytest.mark.parametrize("case", ["tall", "bf16", "heterogeneous", "zero_expert", "graded"])
+@pytest.mark.parametrize("name,kwargs", [(n, k) for n in RULES for k in PARAMS[n]],
+                         ids=[f"{n}-{k}" for n in RULES for k in PARAMS[n]])
+def test_row_chunks_and_whole_tensor_both_match_the_fp64_reference(name: str, kwargs: dict, case: str) -> None:
+    """Chunks of 7 rows (the last one short) and of 32, and the whole tensor, each within the rule's bound."""
+    deltas = _graded(case) if case == "graded" else _case(case)
+    params = REGISTRY[name].Params(**kwargs)
+    deltas64 = [d.double() for d in deltas]
+    want = REFERENCE[name](deltas64, params)
+    tol = _bound(name, params, deltas64)
+    for chunk in (7, 32):
+        assert rel_err(run_rows(name, params, deltas, chunk), want) <= tol, chunk
+    assert rel_err(run_rows(name, params, deltas, None), want) <= tol
+
+
+def _tall_stats(name: str, deltas: list[torch.Tensor]) -> dict[str, float]:
+    cls = REGISTRY[name]
+    params = cls.Params()
+    m, n = deltas[0].shape
+    info = TensorInfo("lm_head.weight", (m, n), TensorClass.LIN)
+    pre = cls.prepass_for(params)(len(deltas), params)
+    for round_ in range(pre.rounds):
+        for t, d in enumerate(deltas):
+            pre.observe(round_, info, t, d)
+        pre.end_round(round_)
+    state = pre.state()
+    return drive(cls, params, info, len(deltas), lambda pass_, t: deltas[t], state)[1]
+
+
+def test_an_unproven_gram_route_is_reported() -> None:
+    """Where the whole path would take LAPACK, the chunks keep the Gram route and count it (stats)."""
+    assert _tall_stats("tsv", _graded("graded"))["gram_unproven"] >= 1
+    assert _tall_stats("tsv", _case("tall"))["gram_unproven"] == 0
+    assert _tall_stats("iso_c", _case("tall"))["gram_unproven"] == 0
+
+
+SHAPE = LlamaShape(hidden=64, intermediate=128, layers=1, vocab=1200, heads=2, kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> tuple[Path, list[Path]]:
+    return build_example(tmp_path_factory.mktemp("tall_spectral"), SHAPE, n_experts=3, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_stream_reads_the_tall_head_in_its_rounds_and_matches_the_reference(example, tmp_path, monkeypatch,
+                                                                           name: str) -> None:
+    """A real merge with the 1200x64 LM head in row chunks of 256 rows: the prepass rounds read that tensor only
+    (base and experts, once a round), and the head is within the fp64 bound."""
+    monkeypatch.setattr(stream, "CHUNK_ELEMS", 1 << 14)
+    base, experts = example
+    read = {}
+    for method in ("average", name):
+        read[method] = merge(base, experts, tmp_path / method, method, device="cpu").data["bytes_read"]
+    head = 4 * SHAPE.vocab * SHAPE.hidden
+    params = REGISTRY[name].Params()
+    rounds = REGISTRY[name].prepass_for(params).rounds
+    passes = REGISTRY[name].passes_for(params)
+    per_model = read["average"] // (1 + len(experts))
+    assert read[name] == (1 + passes * len(experts)) * per_model + rounds * (1 + len(experts)) * head
+    w0 = load_model(base)["lm_head.weight"].double()
+    deltas64 = [load_model(e)["lm_head.weight"].double() - w0 for e in experts]
+    got = load_model(tmp_path / name)["lm_head.weight"].double() - w0
+    want = REFERENCE[name](deltas64, params)
+    rounding = 2 * U32 * float(w0.norm() / want.norm())        # W0 + Δ* rounded to fp32, W0 subtracted in fp64
+    assert rel_err(got, want) <= _bound(name, params, deltas64) + rounding
+
+
+# ---- memory: a vocabulary large relative to hidden (test_memory.py's matrix case) ---------------------------------
+
+VOCAB = {"small": dict(hidden=256, intermediate=688, vocab=32000, heads=4, kv_heads=2),
+         "big": dict(hidden=256, intermediate=688, vocab=128000, heads=4, kv_heads=2)}
+
+
+@pytest.fixture(scope="module")
+def vocab_examples(tmp_path_factory) -> tuple[dict[str, tuple[Path, list[Path]]], int]:
+    """The two examples, and what the larger vocabulary adds to `average`'s peak."""
+    root = tmp_path_factory.mktemp("spectral_vocab")
+    examples = {size: build_example(root / size, LlamaShape(layers=1, **shape), n_experts=3, dtype=torch.bfloat16)
+                for size, shape in VOCAB.items()}
+    small, big = (peak_rss(examples[s], root / f"average_{s}", "average") for s in ("small", "big"))
+    return examples, big - small
+
+
+@pytest.mark.parametrize("method", RULES)
+def test_peak_rss_is_flat_in_the_vocabulary_and_under_the_estimate(vocab_examples, tmp_path, method):
+    """`lowmerge merge` subprocesses: the 128000x256 head in row chunks adds what `average` adds (its read buffers),
+    not the whole head's slots and factors; each peak is within `inspect`'s estimate."""
+    examples, average_growth = vocab_examples
+    peaks, bounds = {}, {}
+    for size, ex in examples.items():
+        peaks[size] = peak_rss(ex, tmp_path / size, method)
+        bounds[size] = estimate(ex, method)
+    print(f"{method}: vocab 32000 {peaks['small'] / 2**20:.0f} MiB (inspect {bounds['small'] / 2**20:.0f}), "
+          f"vocab 128000 {peaks['big'] / 2**20:.0f} MiB (inspect {bounds['big'] / 2**20:.0f}); average gains "
+          f"{average_growth / 2**20:.0f} MiB")
+    assert peaks["big"] - peaks["small"] <= average_growth + 48 * 2**20, (peaks, average_growth)
+    assert all(peaks[s] <= bounds[s] for s in peaks), (peaks, bounds)
+
+
+# ---- the plan at 70B x 8 (header-only, issue 17 §3) -----------------------------------------------------------
+
+SHAPE_70B = LlamaShape(hidden=8192, intermediate=28672, layers=1, vocab=128256, heads=64, kv_heads=8)
+MATRIX_TARGET = 8 * 10**9
+
+
+def _header_only(root: Path, shape: LlamaShape, n_experts: int) -> tuple[Path, list[Path]]:
+    """Sparse bf16 checkpoints: a real safetensors header, then the file truncated to its full size."""
+    dirs = [root / "base"] + [root / f"expert{t}" for t in range(n_experts)]
+    for d in dirs:
+        d.mkdir(parents=True)
+        header, offset = {}, 0
+        for name, _, s in shape.specs(torch.bfloat16):
+            size = 2 * torch.Size(s).numel()
+            header[name] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path = d / "model.safetensors"
+        with open(path, "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+        with open(path, "r+b") as f:
+            f.truncate(8 + len(text) + offset)
+        (d / "config.json").write_text(json.dumps(shape.config(torch.bfloat16)))
+    return dirs[0], dirs[1:]
+
+
+@pytest.mark.parametrize("method", RULES)
+def test_every_tensor_of_the_70b_plan_is_within_8_gb(tmp_path, method):
+    """hidden 8192, intermediate 28672, vocab 128256, base + 8 experts: the LM head and gate/up_proj in row chunks,
+    q/o_proj and down_proj whole with in-place polar factors; each piece, runtime included, within 8 GB."""
+    base, experts = _header_only(tmp_path, SHAPE_70B, 8)
+    cls = REGISTRY[method]
+    params = cls.Params()
+    with contextlib.ExitStack() as st:
+        plan = make_plan(st.enter_context(open_checkpoint(base)),
+                         [st.enter_context(open_checkpoint(e)) for e in experts])
+        need = {}
+        for p in make_pieces(plan, cls, params):
+            need[p.info.name] = max(need.get(p.info.name, 0), piece_bytes(plan, p, cls, params) + RUNTIME_BYTES)
+    over = {k: round(v / 2**30, 2) for k, v in need.items() if v > MATRIX_TARGET}
+    assert not over, over
+    assert any(name == "lm_head.weight" for name in need)
