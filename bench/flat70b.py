@@ -56,10 +56,13 @@ RULES = {
     "wudi_cfs": (None, []),
     "wudi": (None, ["steps=20"]),      # memory does not depend on the steps; 300 Adam steps per matrix take long
     "ace": (None, []),
+    "tsv": (None, []),
+    "iso_c": (None, []),
+    "iso_cts": (None, []),
 }
 TARGET = 1 << 30
 MATRIX_TARGET = 8 * 10**9
-MATRIX_RULES = {"actmat", "wudi_cfs", "wudi", "ace"}
+MATRIX_RULES = {"actmat", "wudi_cfs", "wudi", "ace", "tsv", "iso_c", "iso_cts"}
 
 
 def target(rule: str) -> int:
