@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .matrix_rule import MatrixRule, polar_, polar_floats
+from .matrix_rule import MatrixRule, one_buffer_floats, polar_, polar_floats
 from .spectral_tall import ChunkSum, IsoCGrams, RowMap
 from .tall import TallRowChunks
 from .tsv import ScaleParams
@@ -52,4 +52,5 @@ class IsoC(TallRowChunks, MatrixRule):
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        return batch * m * n + polar_floats(m, n)   # S, overwritten by Δ*, and one polar factor's temporaries
+        # S (the result, overwritten by Δ*) and one polar factor's temporaries: ``one_buffer_floats``
+        return one_buffer_floats(batch * m * n + polar_floats(m, n), batch * m * n)

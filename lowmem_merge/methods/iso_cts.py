@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .matrix_rule import (BLOCK, EIGH_FLOATS, GRAM_COND, MatrixRule, SlotBuffers, _lapack_svd, lapack_floats,
-                          side_gram, thin_svd, thin_svd_floats)
+from .matrix_rule import (BLOCK, EIGH_FLOATS, GRAM_COND, MatrixRule, SlotBuffers, _lapack_svd, _right_of_r,
+                          lapack_floats, one_buffer_floats, reorthonormalize_, side_gram, thin_svd,
+                          thin_svd_floats)
 from .spectral_tall import ChunkSum, CtsSystem, IsoCtsGrams
 from .tall import TallRowChunks
 
@@ -56,7 +57,8 @@ def left_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
     thin_svd's Gram route on the left Gram x·xᵀ, under its condition (σ_top ≥ σ_max / GRAM_COND, so the top triplets
     are as accurate as there); the trailing eigenvectors are orthonormal to fp64 rounding whatever their σ, which is
-    all the complement needs. Otherwise LAPACK, whose thin U is m×m here."""
+    all the complement needs. Otherwise LAPACK: on x when square, else on the m×m R factor of xᵀ (U is its right
+    factor; Vh = Σ⁻¹ Uᵀ x), as ``thin_svd``'s route 2."""
     if top == 0:   # no common space: Q = I, and nothing to decompose
         return torch.eye(x.shape[0], dtype=x.dtype, device=x.device), x.new_zeros(0), x.new_zeros(0, x.shape[1])
     gram = side_gram(x, wide=True)               # fp64, x upcast BLOCK columns at a time
@@ -71,8 +73,17 @@ def left_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, tor
             vh[:, c:c + BLOCK] = (head @ x[:, c:c + BLOCK].double()).div_(s[:, None])
         return vecs.to(x.dtype), s.to(x.dtype), vh
     del vecs
-    u, s, vh = _lapack_svd(x)
-    return u, s[:top], vh[:top]
+    if x.shape[0] == x.shape[1]:
+        u, s, vh = _lapack_svd(x)
+        return u, s[:top], vh[:top]
+    v, s = _right_of_r(x)      # every left vector from the SVD of the R factor of xᵀ (matrix_rule._reduced_svd)
+    inv = torch.where(s[:top] > 0, 1 / s[:top].double().clamp(min=1e-300), torch.zeros((), dtype=torch.float64))
+    vh = x.new_empty(top, x.shape[1])
+    head = v[:, :top].T
+    for c in range(0, x.shape[1], BLOCK):
+        vh[:, c:c + BLOCK] = (head @ x[:, c:c + BLOCK].double()).mul_(inv[:, None])
+    reorthonormalize_(vh, wide=True)
+    return v.to(x.dtype), s[:top], vh
 
 
 class IsoCts(TallRowChunks, MatrixRule):
@@ -167,8 +178,8 @@ class IsoCts(TallRowChunks, MatrixRule):
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        """Peak over S's SVD (with the slots made before S is dropped), each expert's projected SVD, and the two
-        in-place polar factors; the result is the plan's (with Δ: never both at once)."""
+        """Peak over S's SVD (with the slots made before S is dropped), each expert's projected SVD (beside Δ), and
+        the two in-place polar factors (beside the result): ``one_buffer_floats``."""
         r = min(m, n)
         kc, p = subspace_sizes(r, n_experts, params.common_fraction)
         slots = batch * (m * r + r + r * n + (m * (m - kc) if m <= n else m * kc))     # Ū, s̄, V̄, Q or U_c
@@ -181,4 +192,4 @@ class IsoCts(TallRowChunks, MatrixRule):
             outputs = (m + n + 1) * kc
             project = 2 * m * n + thin_svd_floats(m, n, p)
         pass0 = batch * m * n + max(split, outputs + slots)    # S, its SVD; then its factors and the slots
-        return max(pass0, slots + project, slots + SlotBuffers.merge_floats(m, n))
+        return one_buffer_floats(max(pass0, slots + project, slots + SlotBuffers.merge_floats(m, n)), batch * m * n)

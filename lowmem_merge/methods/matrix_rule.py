@@ -99,9 +99,13 @@ def gram_route_floats(m: int, n: int) -> int:
 
 
 def lapack_floats(m: int, n: int) -> int:
-    """fp32 values LAPACK's thin SVD holds beside its input: a copy of it, U, S, Vh and the workspace."""
+    """fp32 values the LAPACK route (``_reduced_svd``) holds beside its input: for a square matrix LAPACK's copy of
+    it, U, Vh and its workspace; otherwise the larger of the QR steps reducing it to its k×k R factor and R's SVD
+    (R, LAPACK's copy, U, Vh, workspace), then R's right factor in fp64 and a block's products."""
     k = min(m, n)
-    return m * n + m * k + k + k * n + LAPACK_WORK * k * k
+    if m == n:
+        return (3 + LAPACK_WORK) * k * k + k
+    return max(6 * k * k, (4 + LAPACK_WORK) * k * k + k) + 4 * BLOCK * k
 
 
 def thin_svd_floats(m: int, n: int, top: int) -> int:
@@ -113,6 +117,14 @@ def thin_svd_floats(m: int, n: int, top: int) -> int:
 def polar_floats(m: int, n: int) -> int:
     """``polar_(x)`` beside x (in place): the larger route."""
     return max(gram_route_floats(m, n), lapack_floats(m, n))
+
+
+def one_buffer_floats(held: int, numel: int) -> int:
+    """What a spectral rule prices as its state, given ``held``: the most it holds beside Δ (while adding) or beside
+    its result (from finalize on). budget.piece_bytes counts both Δ and the result (2·numel fp32); TSV-M and Iso-C/CTS
+    hold one of them at a time (the stream frees Δ before finalize; Iso-C's result is its sum, overwritten), so the
+    plan's total is exact when the state is ``held`` less one numel."""
+    return max(held - numel, 0)
 
 
 def _lines(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,25 +170,100 @@ def thin_svd(x: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, tor
     smaller side, the other factor as X V / σ. Its error on a triplet grows like eps64·(σ_max/σ)³, so it is taken only
     when every σ used is ≥ σ_max / GRAM_COND, where it is below fp32 rounding (tests/test_methods.py checks
     factors and the polar factor against fp64 LAPACK). Route 2 otherwise (rank-deficient or ill-conditioned
-    matrices: LoRA sums, tails that Iso-C flattens): LAPACK in fp32, which now and then fails to converge on
-    clustered singular values (seen on Iso-CTS's slot matrices of a 6-layer model) and is then redone in fp64.
-    Memory: ``thin_svd_floats`` beside x (route 1 upcasts x BLOCK lines at a time, never whole).
+    matrices: LoRA sums, tails that Iso-C flattens): LAPACK in fp32 (``_reduced_svd``), which now and then fails to
+    converge on clustered singular values (seen on Iso-CTS's slot matrices of a 6-layer model) and is then redone in
+    fp64. Memory: ``thin_svd_floats`` beside x (route 1 upcasts x BLOCK lines at a time, never whole).
     """
     k = min(x.shape)
     top = k if top is None else min(top, k)
     found = _gram_svd(x, top)
     if found is not None:
         return found
-    u, s, vh = _lapack_svd(x)
-    return u[:, :top], s[:top], vh[:top]
+    return _reduced_svd(x, top)
 
 
 def _lapack_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Route 2 of ``thin_svd``: fp32 LAPACK, redone in fp64 where it fails to converge."""
+    """fp32 LAPACK's thin SVD, redone in fp64 where it fails to converge."""
     try:
         return torch.linalg.svd(x, full_matrices=False)
     except torch.linalg.LinAlgError:
         return tuple(f.to(x.dtype) for f in torch.linalg.svd(x.double(), full_matrices=False))
+
+
+def _tsqr(a: torch.Tensor) -> torch.Tensor:
+    """R (k, k) fp32 of a = Q R for a tall (L, k) matrix (a view), k rows of a added at a time: R of [R; rows]."""
+    k = a.shape[1]
+    r = None
+    for i in range(0, a.shape[0], max(k, BLOCK)):
+        rows = a[i:i + max(k, BLOCK)]
+        r = torch.linalg.qr(rows if r is None else torch.cat([r, rows]), mode="r")[1]
+    return r
+
+
+def _right_of_r(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V (k, k) fp64, σ (k) fp32) of the smaller side of a non-square x: x = P Σ Vᵀ (wide: V are x's left
+    vectors, as x = Rᵀ Qᵀ) from LAPACK's SVD of the R factor of x's longer side, never of x itself."""
+    wide = x.shape[0] < x.shape[1]
+    r = _tsqr(x.T if wide else x)
+    _, s, vh = _lapack_svd(r)
+    del r
+    return vh.T.double(), s
+
+
+def _reduced_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route 2 of ``thin_svd``: LAPACK, on x itself when square, else on the k×k R of its longer side (x = Q R), the
+    other factor then taken as x·V / σ (a direction with σ = 0 gets zero there: no defined vector). As accurate as
+    LAPACK on x (QR and SVD are backward stable; the division costs u32·σ_max/σ, below LAPACK's u32·σ_max/gap),
+    with k² instead of m·n of workspace. A zero x gets LAPACK's unit vectors, as the Gram route refuses it."""
+    m, n = x.shape
+    if m == n or not bool(x.any()):
+        u, s, vh = _lapack_svd(x)
+        return u[:, :top], s[:top], vh[:top]
+    v, s = _right_of_r(x)
+    v = v[:, :top]
+    inv = torch.where(s[:top] > 0, 1 / s[:top].double().clamp(min=1e-300), torch.zeros((), dtype=torch.float64))
+    if m < n:   # x = V Σ Zᵀ: U = V, Vh = Σ⁻¹ Vᵀ x
+        vh = x.new_empty(top, n)
+        for c in range(0, n, BLOCK):
+            vh[:, c:c + BLOCK] = (v.T @ x[:, c:c + BLOCK].double()).mul_(inv[:, None])
+        reorthonormalize_(vh, wide=True)
+        return v.to(x.dtype), s[:top], vh
+    u = x.new_empty(m, top)
+    for r in range(0, m, BLOCK):
+        u[r:r + BLOCK] = (x[r:r + BLOCK].double() @ v).mul_(inv)
+    reorthonormalize_(u, wide=False)
+    return u, s[:top], v.T.to(x.dtype).contiguous()
+
+
+def reorthonormalize_(y: torch.Tensor, wide: bool) -> None:
+    """Columns (rows, if wide) of y made orthonormal in place, in order (Cholesky QR: y ← y·R⁻¹ with YᵀY = RᵀR, fp64):
+    for a factor divided by σ (``_reduced_svd``), orthonormal only up to u32·σ_max/σ in its small-σ lines, which this
+    removes while leaving the leading (large-σ) lines as they are. Zero lines (σ = 0) stay zero."""
+    rows, cols = _lines(y)
+    idx = (rows if wide else cols).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return
+    gram = side_gram(y, wide)[idx][:, idx]
+    low, info = torch.linalg.cholesky_ex(gram)           # gram = L Lᵀ
+    del gram
+    if int(info) != 0:
+        return
+    if wide:      # y[idx] ← L⁻¹ y[idx]
+        for c in range(0, y.shape[1], BLOCK):
+            part = torch.linalg.solve_triangular(low, y[idx, c:c + BLOCK].double(), upper=False)
+            y[idx, c:c + BLOCK] = part.to(y.dtype)
+    else:         # y[:, idx] ← y[:, idx] L⁻ᵀ
+        for r in range(0, y.shape[0], BLOCK):
+            part = torch.linalg.solve_triangular(low.T, y[r:r + BLOCK, idx].double(), upper=True, left=False)
+            y[r:r + BLOCK, idx] = part.to(y.dtype)
+
+
+def _polish_polar_(x: torch.Tensor, wide: bool) -> None:
+    """x ← polar(x) in place through the Gram route, for an approximate polar factor (well conditioned)."""
+    rows, cols = _lines(x)
+    lines = rows if wide else cols
+    if bool(lines.any()):
+        _polar_gram_(x, wide, lines)
 
 
 def _gram_svd(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -211,7 +298,9 @@ def polar_(x: torch.Tensor) -> torch.Tensor:
     side: the FLOP floor of the rule, where LAPACK's SVD of an ill-conditioned matrix (TSV-M's and Iso-CTS's slot
     matrices) took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled slots) are left out and
     stay zero in the factor: they meet a zero weight (s̄ = 0) wherever the factor is used. Route 2 otherwise: LAPACK's
-    SVD, as ``thin_svd``'s, its U·Vh written over x. Memory: ``polar_floats`` beside x.
+    SVD, as ``thin_svd``'s: U·Vh of x written over it when square, else V Σ⁻¹ Vᵀ applied as in route 1 with V and σ
+    from the SVD of the k×k R factor of x's longer side (directions with σ = 0 left out, as the zero lines above).
+    Memory: ``polar_floats`` beside x.
     """
     rows, cols = _lines(x)
     # the Gram of the smaller side; a square one takes the side with unfilled slots (V̄'s rows, Ū's columns)
@@ -224,8 +313,14 @@ def polar_(x: torch.Tensor) -> torch.Tensor:
             out = x.new_zeros(k)
             out[:values.shape[0]] = values
             return out
-    u, s, vh = _lapack_svd(x)   # not thin_svd: its Gram route would repeat the eigh just rejected
-    torch.matmul(u, vh, out=x)
+    if x.shape[0] == x.shape[1]:
+        u, s, vh = _lapack_svd(x)   # not thin_svd: its Gram route would repeat the eigh just rejected
+        torch.matmul(u, vh, out=x)
+        return s
+    v, s = _right_of_r(x)           # the smaller side's vectors from R's SVD (``_reduced_svd``)
+    inv = torch.where(s > 0, 1 / s.double().clamp(min=1e-300), torch.zeros((), dtype=torch.float64))
+    _apply_root_(x, wide, (v * inv) @ v.T, None)      # polar = V Σ⁻¹ Vᵀ x (wide) or x V Σ⁻¹ Vᵀ
+    _polish_polar_(x, wide)                            # its small-σ lines are orthonormal to u32·σ_max/σ only
     return s
 
 
@@ -241,24 +336,28 @@ def _polar_gram_(x: torch.Tensor, wide: bool, lines: torch.Tensor) -> torch.Tens
         return None
     root = (vecs * evals.rsqrt()) @ vecs.T                # G^{-1/2}
     del vecs
-    idx = None if every else lines.nonzero().squeeze(1)
+    _apply_root_(x, wide, root, None if every else lines.nonzero().squeeze(1))
+    return evals.flip(0).sqrt().to(x.dtype)
+
+
+def _apply_root_(x: torch.Tensor, wide: bool, root: torch.Tensor, idx: torch.Tensor | None) -> None:
+    """x ← root·x (wide) or x·root in place, on the lines ``idx`` of the smaller side (all: None), BLOCK at a time."""
     if wide:
         for c in range(0, x.shape[1], BLOCK):
-            part = x[:, c:c + BLOCK] if every else x[idx, c:c + BLOCK]
+            part = x[:, c:c + BLOCK] if idx is None else x[idx, c:c + BLOCK]
             part = (root @ part.double()).to(x.dtype)
-            if every:
+            if idx is None:
                 x[:, c:c + BLOCK] = part
             else:
                 x[idx, c:c + BLOCK] = part
     else:
         for r in range(0, x.shape[0], BLOCK):
-            part = x[r:r + BLOCK] if every else x[r:r + BLOCK, idx]
+            part = x[r:r + BLOCK] if idx is None else x[r:r + BLOCK, idx]
             part = (part.double() @ root).to(x.dtype)
-            if every:
+            if idx is None:
                 x[r:r + BLOCK] = part
             else:
                 x[r:r + BLOCK, idx] = part
-    return evals.flip(0).sqrt().to(x.dtype)
 
 
 def polar_and_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .matrix_rule import MatrixRule, SlotBuffers, thin_svd, thin_svd_floats
+from .matrix_rule import MatrixRule, SlotBuffers, one_buffer_floats, thin_svd, thin_svd_floats
 from .spectral_tall import SlotRows, TsvGrams, TsvSystem
 from .tall import TallRowChunks
 
@@ -83,8 +83,9 @@ class Tsv(TallRowChunks, MatrixRule):
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        """The slots, plus the larger of one expert's thin SVD and the two in-place polar factors (the result is the
-        plan's, with Δ: never both at once)."""
+        """The slots, plus the larger of one expert's thin SVD (beside Δ) and the two in-place polar factors (beside
+        the result): ``one_buffer_floats``."""
         r = min(m, n)
-        k = r // n_experts
-        return batch * (m * r + r + r * n) + max(thin_svd_floats(m, n, k), SlotBuffers.merge_floats(m, n))
+        slots = batch * (m * r + r + r * n)
+        held = slots + max(thin_svd_floats(m, n, r // n_experts), SlotBuffers.merge_floats(m, n))
+        return one_buffer_floats(held, batch * m * n)
