@@ -205,3 +205,47 @@ def test_every_tensor_of_the_70b_plan_is_within_8_gb(tmp_path, method):
     over = {k: round(v / 2**30, 2) for k, v in need.items() if v > MATRIX_TARGET}
     assert not over, over
     assert any(name == "lm_head.weight" for name in need)
+
+
+# ---- memory of the whole-tensor LAPACK route (rank-deficient experts, a wide down_proj) --------------------------
+
+LOW_RANK = LlamaShape(hidden=1024, intermediate=4096, layers=1, vocab=1024, heads=8, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def low_rank_example(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """fp32 base + 3 experts whose every matrix differs from the base by an exact rank-4 product (merged LoRA
+    adapters): the Gram routes' conditions fail wherever more than 4 triplets (or a polar factor) are needed."""
+    from safetensors.torch import load_file, save_file
+    root = tmp_path_factory.mktemp("spectral_low_rank")
+    base, _ = build_example(root, LOW_RANK, n_experts=0, dtype=torch.float32)
+    weights = load_file(base / "model.safetensors")
+    experts = []
+    for t in range(3):
+        g = torch.Generator().manual_seed(100 + t)
+        out = {name: (w + 0.02 * torch.randn(w.shape[0], 4, generator=g) @ torch.randn(4, w.shape[1], generator=g)
+                      if w.dim() == 2 else w.clone()) for name, w in weights.items()}
+        d = root / f"expert{t}"
+        d.mkdir()
+        save_file(out, d / "model.safetensors")
+        (d / "config.json").write_text((base / "config.json").read_text())
+        experts.append(d)
+    return base, experts
+
+
+@pytest.mark.parametrize("method", RULES)
+def test_the_lapack_route_of_a_wide_matrix_stays_under_the_estimate(low_rank_example, tmp_path, monkeypatch, method):
+    """`lowmerge merge` subprocess on rank-4 experts: down_proj (1024x4096, whole) takes the LAPACK route (checked
+    here in process), on the 1024x1024 R factor of its transpose; the run's peak stays within `inspect`'s estimate,
+    which prices that route beside one of Δ or the result (matrix_rule.one_buffer_floats)."""
+    from lowmem_merge.methods.matrix_rule import _gram_svd
+    from safetensors.torch import load_file
+    base, experts = low_rank_example
+    name = "model.layers.0.mlp.down_proj.weight"
+    delta = load_file(experts[0] / "model.safetensors")[name] - load_file(base / "model.safetensors")[name]
+    assert _gram_svd(delta, min(delta.shape) // len(experts)) is None        # TSV's per-expert route: LAPACK
+    peak = peak_rss(low_rank_example, tmp_path / method, method)
+    bound = estimate(low_rank_example, method)
+    print(f"{method}: rank-4 experts, down_proj 1024x4096 by LAPACK: {peak / 2**20:.0f} MiB "
+          f"(inspect {bound / 2**20:.0f})")
+    assert peak <= bound, (peak, bound)
