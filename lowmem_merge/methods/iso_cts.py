@@ -28,7 +28,8 @@ from ..errors import ConfigError
 from .matrix_rule import (BLOCK, EIGH_FLOATS, GRAM_COND, MatrixRule, SlotBuffers, _lapack_svd, _right_of_r,
                           lapack_floats, one_buffer_floats, reorthonormalize_, side_gram, thin_svd,
                           thin_svd_floats)
-from .spectral_tall import ChunkSum, CtsSystem, IsoCtsGrams
+from .cts_tall import CtsSystem, IsoCtsGrams
+from .spectral_tall import ChunkSum
 from .tall import TallRowChunks
 
 
