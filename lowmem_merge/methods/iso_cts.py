@@ -135,7 +135,7 @@ class IsoCts(TallRowChunks, MatrixRule):
             self._slots.put(e, t * p, u[:, :p], s[:p], vh[:p])
 
     def _add_rows(self, t: int, x: torch.Tensor, pass_: int) -> None:
-        """Tall path: pass 0 sums S[rows]; pass 1 fills Y[rows] (spectral_tall.CtsSystem) from U_c[rows] and Δt."""
+        """Tall path: pass 0 sums S[rows]; pass 1 fills Y[rows] (cts_tall.CtsSystem) from U_c[rows] and Δt."""
         if pass_ == 0:
             self._chunk.add(t, x)
             return
@@ -191,6 +191,6 @@ class IsoCts(TallRowChunks, MatrixRule):
         else:
             split = thin_svd_floats(m, n, kc)
             outputs = (m + n + 1) * kc
-            project = 2 * m * n + thin_svd_floats(m, n, p)
+            project = 2 * m * n + kc * n + thin_svd_floats(m, n, p)
         pass0 = batch * m * n + max(split, outputs + slots)    # S, its SVD; then its factors and the slots
         return one_buffer_floats(max(pass0, slots + project, slots + SlotBuffers.merge_floats(m, n)), batch * m * n)

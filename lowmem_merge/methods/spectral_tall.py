@@ -47,30 +47,27 @@ def top_eigen(gram: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor,
 
 def inverse_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(G^{-1/2} (n, n) fp64, σ (n) descending fp64, proven) of a fp64 Gram, over its nonzero lines only (zero rows and
-    columns of the result for the others, as polar_and_values leaves out unfilled slots), with its route condition
-    σ_min ≥ σ_max / POLAR_COND. Frees nothing of ``gram``; holds EIGH_F64 + 1 n×n fp64 at its peak."""
+    columns of the result for the others, as polar_ leaves out unfilled slots), with its route condition
+    σ_min ≥ σ_max / POLAR_COND. G^{-1/2} is written over ``gram`` (returned): 2 + EIGH_F64 n×n fp64 at the peak."""
     n = gram.shape[0]
     lines = gram.diagonal() != 0
-    root = gram.new_zeros(n, n)
     values = gram.new_zeros(n)
     if not bool(lines.any()):
-        return root, values, True
-    sub = gram[lines][:, lines] if not bool(lines.all()) else gram
-    evals, vecs = torch.linalg.eigh(sub)         # ascending
-    del sub
+        return gram, values, True
+    every = bool(lines.all())
+    evals, vecs = torch.linalg.eigh(gram if every else gram[lines][:, lines])   # ascending
     proven = float(evals[0]) > float(evals[-1]) / POLAR_COND ** 2
     live = evals > float(evals[-1]) * n * _EPS64
     inv = torch.where(live, evals.clamp(min=_EPS64).rsqrt(), torch.zeros_like(evals))
-    part = (vecs * inv) @ vecs.T
-    del vecs
-    if bool(lines.all()):
-        root = part
+    if every:
+        torch.matmul(vecs * inv, vecs.T, out=gram)
     else:
         idx = lines.nonzero().squeeze(1)
-        root[idx[:, None], idx[None, :]] = part
-    del part
+        gram.zero_()
+        gram[idx[:, None], idx[None, :]] = (vecs * inv) @ vecs.T
+    del vecs
     values[:evals.shape[0]] = evals.clamp(min=0).flip(0).sqrt().where(live.flip(0), evals.new_zeros(()))
-    return root, values, proven
+    return gram, values, proven
 
 
 def apply_left(root: torch.Tensor, x: torch.Tensor) -> None:
@@ -233,12 +230,12 @@ class TsvGrams(SpectralPrepass):
 
     @classmethod
     def piece_bytes(cls, whole: TensorInfo, piece: TensorInfo, n_experts: int, params: Any) -> int:
-        """Round 0: T fp64 Grams, then each one's eigh beside the others and the V_t kept (fp64 n×r in all);
+        """Round 0: T fp64 Grams, then each one's eigh beside the others, the V_t kept (fp64 n×r in all) and V̄;
         polar(V̄): V̄ (fp32), its Gram, eigh and root; round 1 and merge: V_t, M (fp64 r×n), ŪᵀŪ and its eigh.
         Per chunk: Δ's fp64 copy, Ū rows (fp32 and fp64) and the product."""
         n, rows = whole.shape[-1], piece.shape[0]
         r = n
-        round0 = 8 * (n_experts * n * n + EIGH_F64 * n * n + n * r)
+        round0 = 8 * (n_experts * n * n + EIGH_F64 * n * n + n * r) + 4 * r * n
         vbar = 8 * n * r + 4 * r * n + 8 * (2 + EIGH_F64) * r * r
         final = 8 * (n * r + r * n) + 4 * r * n + 8 * (2 + EIGH_F64) * r * r
         return int(max(round0, vbar, final)) + (8 + 4 + 8 + 8) * rows * n
