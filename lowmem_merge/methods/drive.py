@@ -27,6 +27,7 @@ def drive(method: type[MergeMethod], params: Any, info: TensorInfo, n_experts: i
             m.add(t, d, pass_)
             if added is not None:
                 added(d)
+            del d       # not held through finalize: the plan prices Δ and the result, never both at once
     return m.finalize(), m.stats()
 
 
