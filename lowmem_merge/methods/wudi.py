@@ -35,7 +35,7 @@ from .covariance import rows_first
 from .matrix_rule import MatrixRule
 from .tall import ExpertGrams, TallRowChunks, TallState
 
-ROW_BLOCK_ELEMS = 1 << 23   # fp32 values of one row block's buffer (32 MiB): a block of a 70B down_proj is 292 rows
+ROW_BLOCK_ELEMS = 1 << 23   # fp32 values of one row block's buffer (32 MiB): a block of a 70B down_proj is 293 rows
 
 
 @dataclasses.dataclass(frozen=True)
