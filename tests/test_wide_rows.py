@@ -98,6 +98,21 @@ def test_ace_row_blocks_are_within_the_rules_bound(monkeypatch, case, branch):
     assert rel_err(blocked, whole.double()) <= 2 * bound
 
 
+@pytest.mark.parametrize("name", ["wudi", "ace"])
+def test_a_batch_of_wide_matrices_is_merged_matrix_by_matrix(monkeypatch, name):
+    """A (2, 16, 200) mixture-of-experts weight in row blocks: each matrix as the rule merges it alone (ace: the
+    batch's result buffer, each matrix's Δ* computed in its N's memory and copied)."""
+    monkeypatch.setattr(wudi, "ROW_BLOCK_ELEMS", SMALL_BLOCK)
+    ds = [torch.stack(pair) for pair in zip(deltas((16, 200), SCALES["heterogeneous"], seed=4),
+                                            deltas((16, 200), SCALES["homogeneous"], seed=5))]
+    params = {"steps": 20} if name == "wudi" else {}
+    got, _ = merge(name, ds, **params)
+    assert got.shape == (2, 16, 200)
+    for e in range(2):
+        alone, _ = merge(name, [d[e].clone() for d in ds], **params)
+        assert torch.equal(got[e], alone)
+
+
 def test_ace_refinement_takes_lapack_when_the_top_k_is_ill_conditioned(monkeypatch) -> None:
     """Rank-1 experts on a 12 x 40 matrix: F has rank ≤ 4 < k = ⌊0.6·12⌋ = 7, so σ_k = 0 < σ_1/GRAM_COND refuses the
     Gram route and LAPACK's SVD adds the top k, as the whole path did; Δ* − Δ_pre then has k singular values, all
