@@ -11,7 +11,17 @@ LIN, per (m, n) matrix:
             F = Δ_pre + R = U S Vᵀ, k = ⌊k_frac·min(m, n)⌋, Δ* = Δ_pre + mean(S[:k]) U[:, :k] V[:, :k]ᵀ;
             k = 0 skips the refinement (the reference gives NaN there: a documented deviation).
 Other tensors: mean of Δt. T = 1 does not return the expert (centring and the prior 1cᵀ).
-Memory: n² + 3mn per matrix in the heterogeneous branch (n² + mn otherwise) plus the temporaries of one step.
+Memory: n² + 3mn per matrix in the heterogeneous branch (n² + mn otherwise) plus the temporaries of one step
+(W̃t; issue 17 §3: a 70B down_proj, n = 28672, must not hold a second n×n or m×n buffer beside them):
+    pass 1, 2m < n: A_acc += w W̃ᵀW̃ without Ŝt, and N's and R1's rows from row blocks of W̃W̃ᵀ and ΔW̃ᵀ (m×m), as
+            (W̃[rows]W̃ᵀ)W̃ = W̃[rows]Ŝt; otherwise through Ŝt, fewer FLOPs there;
+    finalize: R in R1's memory, A in A_acc's, its LU in place (torch writes lu_factor_ex's out= over Aᵀ), Δ_pre in N's
+            memory from row blocks of N; F's top k from the fp64 Gram of its smaller side gathered in blocks, when
+            σ_k ≥ σ_1/GRAM_COND (``thin_svd``'s Gram route and condition), and U_k V_kᵀ = U_k diag(1/σ) U_kᵀ F (or
+            F V_k diag(1/σ) V_kᵀ when m ≥ n) added in blocks, never U or Vᵀ whole; otherwise LAPACK's SVD of F.
+The homogeneous branch with 2m ≥ n runs today's whole-matrix operations, the solve split by rows (bitwise on this
+CPU, though BLAS may round a block otherwise); elsewhere (r_t as ‖W̃t‖F², the rows-first products, F's Gram summed
+by blocks, the refinement in fp64) within the rule's tolerance of the fp64 reference (tests/test_wide_rows.py).
 Tall matrices (m ≥ 3n: an LM head) run in row chunks from three per-tensor prepass rounds (ace_tall.py).
 """
 from __future__ import annotations
@@ -25,8 +35,10 @@ import torch
 
 from ..errors import ConfigError
 from .ace_tall import AceGrams, RowSums, heterogeneity
-from .matrix_rule import MatrixRule, svd_floats, thin_svd
+from .covariance import rows_first
+from .matrix_rule import GRAM_COND, MatrixRule, _lapack_svd
 from .tall import TallRowChunks, TallState
+from .wudi import block_rows, row_blocks
 
 _TINY = 1e-12  # the reference's guards
 
@@ -92,18 +104,37 @@ class Ace(TallRowChunks, MatrixRule):
             return
         if self._acc is None:
             self._start(d)
-        eps = self.params.eps
         for x, acc in zip(d, self._acc):  # x: (m, n)
             centred = x - x.mean(0)                           # W̃t, (m, n)
+            if rows_first(*x.shape):
+                self._add_rows_first(acc, x, centred)
+                continue
             gram = centred.T @ centred                         # Ŝt, (n, n)
-            r = float(gram.diagonal().sum()) + _TINY
-            w, eps_t = (1.0 / r, eps / r) if acc.flag else (1.0, eps)
+            w, eps_t = self._weight(acc, float(gram.diagonal().sum()) + _TINY)
             acc.a.add_(gram, alpha=w)
-            acc.e += eps_t
             acc.nn.addmm_(centred, gram, alpha=w).add_(centred, alpha=eps_t)
             if acc.flag:
                 acc.r1.addmm_(x, gram, alpha=w)
                 acc.sum.add_(x)
+
+    def _weight(self, acc: _Stats, r: float) -> tuple[float, float]:
+        """(w_t, ε_t) for r_t = tr Ŝt + 1e-12, and E += ε_t."""
+        w, eps_t = (1.0 / r, self.params.eps / r) if acc.flag else (1.0, self.params.eps)
+        acc.e += eps_t
+        return w, eps_t
+
+    def _add_rows_first(self, acc: _Stats, x: torch.Tensor, centred: torch.Tensor) -> None:
+        """Pass 1 for one wide matrix (2m < n) without its n×n Ŝt: W̃[rows]Ŝt = (W̃[rows]W̃ᵀ)W̃, Δ[rows]Ŝt alike."""
+        w, eps_t = self._weight(acc, float(torch.linalg.vector_norm(centred)) ** 2 + _TINY)
+        acc.a.addmm_(centred.T, centred, alpha=w)
+        m = x.shape[0]
+        for rows in row_blocks(m, m):
+            acc.nn[rows].addmm_(centred[rows] @ centred.T, centred, alpha=w)   # (rows, m) @ (m, n)
+            if acc.flag:
+                acc.r1[rows].addmm_(x[rows] @ centred.T, centred, alpha=w)
+        acc.nn.add_(centred, alpha=eps_t)
+        if acc.flag:
+            acc.sum.add_(x)
 
     def _start(self, like: torch.Tensor) -> None:
         """Pass 1 begins: γ and the branch of every matrix from the norms of pass 0."""
@@ -123,6 +154,8 @@ class Ace(TallRowChunks, MatrixRule):
             rows, self._rows = self._rows, None
             return system.merged(*rows.finish()).unsqueeze(0)
         acc_all, self._acc = self._acc, None
+        if len(acc_all) == 1:                                  # a plain matrix: Δ* in N's memory
+            return self._finalize_one(acc_all.pop(), self._means[0]).unsqueeze(0)
         m, n = self.info.shape[-2:]
         merged = acc_all[0].nn.new_empty(len(acc_all), m, n)
         for e, mean in enumerate(self._means):
@@ -131,6 +164,7 @@ class Ace(TallRowChunks, MatrixRule):
         return merged
 
     def _finalize_one(self, acc: _Stats, mean_norm: float) -> torch.Tensor:
+        """Δ* (m, n) in N's memory; takes the matrix's statistics (A_acc becomes A's LU, R1 becomes R, then F)."""
         m, n = acc.nn.shape
         c = acc.a.mean(0)                                      # row mean of the unregularized Σ Σ̃t, (n,)
         if acc.flag:
@@ -139,21 +173,81 @@ class Ace(TallRowChunks, MatrixRule):
         refine = None
         if acc.flag:
             refine = acc.r1.addmm_(acc.sum, acc.a, alpha=-1.0 / self.n_experts)  # R = R1 − SΔ Σ̄_reg
-            acc.sum = None
-        acc.a.add_(c)                                          # + 1 cᵀ: every row gets cᵀ
-        # Δ_pre A = N  ⇔  Aᵀ Δ_preᵀ = Nᵀ, by LU
-        solution, info = torch.linalg.solve_ex(acc.a.T, acc.nn.T)
-        pre = solution.T if int(info) == 0 else acc.nn @ torch.linalg.pinv(acc.a)
-        acc.nn = None
+            acc.sum = acc.r1 = None
+        a, pre, acc.a, acc.nn = acc.a.add_(c), acc.nn, None, None   # A = Σ_t Σt_reg + 1 cᵀ: every row gets cᵀ
+        _solve_rows(a, pre)
+        del a
         k = math.floor(self.params.k_frac * min(m, n))
         if refine is None or k == 0:
             return pre
-        u, s, vh = thin_svd(refine.add_(pre), top=k)  # F = Δ_pre + R
-        return pre.addmm_(u[:, :k], vh[:k], alpha=float(s[:k].mean()))
+        f = refine.add_(pre)                                   # F = Δ_pre + R
+        if not _add_top_gram(pre, f, k):
+            u, s, vh = _lapack_svd(f)
+            pre.addmm_(u[:, :k], vh[:k], alpha=float(s[:k].mean()))
+        return pre
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        stats = batch * (n * n + 3 * m * n)                    # A_acc, N, R1, SΔ (heterogeneous branch)
-        add = m * n + n * n                                    # W̃t and Ŝt
-        finish = 2 * n * n + 2 * m * n + svd_floats(m, n)      # Aᵀ's LU and copy, Δ_pre, SVD of F
-        return stats + batch * m * n + max(add, finish)        # + the result
+        """The larger of pass 1 (every matrix's statistics and one W̃t's temporaries) and one matrix's finalize
+        beside the others' statistics: its solve (A's LU, N, R and a row block) or its refinement (Δ_pre, F and
+        the SVD's temporaries; A and SΔ are freed by then). The heterogeneous branch, the larger."""
+        stats = n * n + 3 * m * n                              # A_acc, N, R1, SΔ of one matrix
+        add = m * n + (block_rows(m, m) * m if rows_first(m, n) else n * n)   # W̃t, and a block of W̃W̃ᵀ or Ŝt
+        solve = n * n + 2 * m * n + 2 * block_rows(m, n) * n   # a row block of Nᵀ's solution and its copy back
+        k = math.floor(params.k_frac * min(m, n))
+        finish = max(stats, solve, 2 * m * n + _refine_floats(m, n, k))
+        result = batch * m * n if batch > 1 else 0             # a plain matrix's result is N's memory
+        return result + max(batch * stats + add, (batch - 1) * stats + finish)
+
+
+def _solve_rows(a: torch.Tensor, nn: torch.Tensor) -> None:
+    """N ← N A⁻¹ (Δ_pre) in place, A (n, n) factored in its own memory: Aᵀ's LU by LAPACK over the Fortran-ordered
+    view Aᵀ, then one row block of N at a time (Aᵀ Δ_pre[rows]ᵀ = N[rows]ᵀ). A singular A (an exactly zero pivot) is
+    rebuilt from its factors for the pseudo-inverse, as the reference's pinv fallback."""
+    lu = a.T
+    pivots = torch.empty(a.shape[0], dtype=torch.int32, device=a.device)
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    torch.linalg.lu_factor_ex(lu, out=(lu, pivots, info))
+    if int(info) != 0:
+        perm, lower, upper = torch.lu_unpack(lu, pivots)
+        nn.copy_(nn @ torch.linalg.pinv((perm @ lower @ upper).T))
+        return
+    for rows in row_blocks(*nn.shape):
+        nn[rows] = torch.linalg.lu_solve(lu, pivots, nn[rows].T).T
+
+
+def _add_top_gram(pre: torch.Tensor, f: torch.Tensor, k: int) -> bool:
+    """Δ_pre += mean(σ[:k]) U_k V_kᵀ of F (m, n), from the fp64 Gram of F's smaller side gathered in blocks of its
+    lines, as ``thin_svd``'s Gram route: only when σ_k ≥ σ_1 / GRAM_COND (False, untouched, otherwise)."""
+    wide = f.shape[0] < f.shape[1]
+    side, out = (f.T, pre.T) if wide else (f, pre)            # (lines, s): U_k V_kᵀ = side P with P = V diag(1/σ) Vᵀ
+    s = side.shape[1]
+    gram = side.new_zeros(s, s, dtype=torch.float64)
+    for rows in row_blocks(*side.shape):
+        part = side[rows].double()
+        gram.addmm_(part.T, part)
+    evals, vecs = torch.linalg.eigh(gram)                     # ascending
+    del gram
+    values = evals.flip(0)[:k].clamp(min=0).sqrt()
+    if not float(values[-1]) > float(values[0]) / GRAM_COND:
+        return False
+    top = vecs[:, s - k:].flip(1)                             # (s, k), a copy: vecs is freed
+    del vecs
+    proj = (top / values) @ top.T                             # (s, s) fp64
+    del top
+    scale = float(values.mean())
+    for rows in row_blocks(*side.shape):
+        out[rows].add_((side[rows].double() @ proj).mul_(scale).to(out.dtype))
+    return True
+
+
+def _refine_floats(m: int, n: int, k: int) -> int:
+    """fp32-sized values of the refinement beside Δ_pre and F: the larger of the Gram route (the fp64 Gram, eigh's
+    eigenvectors and workspace, then V_k and P, and a block's fp64 copy, product and cast) and LAPACK's fp32 SVD
+    (U, S, Vh, a copy of F and gesdd's workspace of about 7·min(m, n)²)."""
+    s, lines = min(m, n), max(m, n)
+    eigh = 2 * s * s + 2 * s * s + 4 * s * s                  # Gram, eigenvectors, syevd's 2s² doubles
+    project = 2 * s * s + 4 * s * k + 2 * s * s               # eigenvectors, V_k and V_k/σ, P
+    gram = max(eigh, project) + 5 * block_rows(lines, s) * s
+    lapack = s * (m + n) + s + m * n + 7 * s * s
+    return max(gram, lapack) if k else 0

@@ -3,7 +3,8 @@
 LIN, per (m, n) matrix, w_t = 1/‖Δt‖F²: minimize L(τ) = Σ_t w_t ‖(τ − Δt) Δtᵀ‖F² with torch.optim.Adam (lr, betas
 (0.9, 0.999), eps 1e-8, no weight decay) for ``steps`` steps from τ⁰ = Σ_t Δt. Other tensors: mean of Δt.
 Streaming, exact: ∇L = 2(τA − B) with A = Σ w ΔᵀΔ (n×n) and B = Σ w Δ(ΔᵀΔ) (m×n), accumulated in one pass with
-S = Σ Δ, so Adam never sees the experts again: memory n² + 2mn plus Adam's m×n grad and two moments, whatever T.
+S = Σ Δ, so Adam never sees the experts again: memory n² + 2mn plus a row block's Adam gradient and moments,
+whatever T.
 L(τ) = tr(τAτᵀ) − 2 tr(τBᵀ) + Σ w ‖ΔᵀΔ‖F² is reported before and after (stats loss_before, loss_after; summed over
 the matrices of a batched tensor). An expert whose Δt is exactly zero at a matrix has no weight there (1/0).
 The trajectory equals the reference's mathematically, not bitwise: Adam divides by √v̂ + 1e-8, which amplifies
@@ -12,6 +13,13 @@ Tall matrices (m ≥ 3n: an LM head) run in row chunks (tall.py): each row of τ
 the whole A, and Adam is elementwise, so a per-tensor prepass gathers every expert's fp32 Gram G_t, the first chunk
 forms w_t and A, and each chunk descends on its rows with B[rows] = Σ w_t Δt[rows] G_t. Within the tolerance of the
 whole-tensor path (the Gram sums run in another order), not bitwise; the losses are not reported there.
+Inside a matrix, Adam runs in row blocks of about ROW_BLOCK_ELEMS values (issue 17 §3: a 70B down_proj): the
+gradient's rows are 2(τ[rows]A − B[rows]) and Adam is elementwise, so each block takes its full ``steps`` with only
+its own gradient and moments, and the matrix holds A, B and τ plus one block's temporaries. B = Σ w (ΔΔᵀ)Δ is
+gathered in the same row blocks when rows go first. The same trajectory per row, but not always bitwise the
+whole-matrix path: BLAS picks its kernel by shape, so a block's product may round otherwise (measured on this CPU:
+bitwise for most small splits, not for 300×2000 ones); within the rule's tolerance (tests/test_wide_rows.py). A
+matrix of up to ROW_BLOCK_ELEMS values is one block, today's path op for op.
 """
 from __future__ import annotations
 
@@ -26,6 +34,8 @@ from ..info import TensorInfo
 from .covariance import rows_first
 from .matrix_rule import MatrixRule
 from .tall import ExpertGrams, TallRowChunks, TallState
+
+ROW_BLOCK_ELEMS = 1 << 23   # fp32 values of one row block's buffer (32 MiB): a block of a 70B down_proj is 293 rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +94,15 @@ class Wudi(TallRowChunks, MatrixRule):
             w = 1.0 / (norm * norm)
             if rows_first(m, n):
                 self._a[e].addmm_(x.T, x, alpha=w)
-                outer = x @ x.T  # (m, m); ‖ΔΔᵀ‖F = ‖ΔᵀΔ‖F
-                self._b[e].addmm_(outer, x, alpha=w)
+                for rows in row_blocks(m, m):
+                    outer = x[rows] @ x.T  # (rows, m): these rows of ΔΔᵀ; ‖ΔΔᵀ‖F = ‖ΔᵀΔ‖F
+                    self._b[e][rows].addmm_(outer, x, alpha=w)
+                    self._const[e] += w * float(torch.linalg.matrix_norm(outer)) ** 2
             else:
                 outer = x.T @ x  # (n, n)
                 self._a[e].add_(outer, alpha=w)
                 self._b[e].addmm_(x, outer, alpha=w)
-            self._const[e] += w * float(torch.linalg.matrix_norm(outer)) ** 2
+                self._const[e] += w * float(torch.linalg.matrix_norm(outer)) ** 2
 
     def _add_rows(self, t: int, x: torch.Tensor) -> None:
         """τ[rows] += Δt[rows], B[rows] += w_t Δt[rows] G_t (tall path)."""
@@ -117,10 +129,15 @@ class Wudi(TallRowChunks, MatrixRule):
         return tau
 
     def _descend(self, tau: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """``steps`` Adam steps on τ (m, n) in place, gradient 2(τA − B).
+        """``steps`` Adam steps on τ (m, n) in place, gradient 2(τA − B), one row block after the other."""
+        for rows in row_blocks(*tau.shape):
+            self._descend_rows(tau[rows], a, b[rows])
+
+    def _descend_rows(self, tau: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``steps`` Adam steps on rows τ (r, n) of τ in place, with B's same rows b (r, n).
 
         torch.optim.Adam's single-tensor update (lr, betas (0.9, 0.999), eps 1e-8, no weight decay), op for op, so
-        the trajectory is bitwise torch's; written out because torch's step allocates √v and √v/c₂ as two more m×n
+        the trajectory is bitwise torch's; written out because torch's step allocates √v and √v/c₂ as two more
         temporaries, where here the gradient's buffer takes the denominator once the moments have used it.
         """
         beta1, beta2, eps, lr = 0.9, 0.999, 1e-8, self.params.lr
@@ -134,14 +151,38 @@ class Wudi(TallRowChunks, MatrixRule):
 
     @staticmethod
     def _loss(tau: torch.Tensor, a: torch.Tensor, b: torch.Tensor, const: float) -> float:
-        """tr(τAτᵀ) − 2 tr(τBᵀ) + Σ w ‖ΔᵀΔ‖F², in fp64 scalars from fp32 products."""
-        return float((tau @ a).mul_(tau).sum(dtype=torch.float64) - 2 * (tau * b).sum(dtype=torch.float64)) + const
+        """tr(τAτᵀ) − 2 tr(τBᵀ) + Σ w ‖ΔᵀΔ‖F², in fp64 scalars from fp32 products of one row block at a time."""
+        total = 0.0
+        for rows in row_blocks(*tau.shape):
+            t, part = tau[rows], b[rows]
+            total += float((t @ a).mul_(t).sum(dtype=torch.float64) - 2 * (t * part).sum(dtype=torch.float64))
+        return total + const
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        add = n * n                              # the Gram ΔᵀΔ, or ΔΔᵀ when that is smaller
-        descend = 3 * m * n                      # grad (then Adam's denominator) and the two moments
-        return batch * (n * n + 2 * m * n) + max(add, descend + m * n)  # + τA for the loss
+        """A, B and τ of every matrix, and the larger temporary of one matrix: its Gram ΔᵀΔ (n²), or a row block of
+        ΔΔᵀ when rows go first; Adam's gradient and two moments of one row block (τ[rows]A for the loss is one)."""
+        add = block_rows(m, m) * m if rows_first(m, n) else n * n
+        descend = 3 * block_rows(m, n) * n
+        return batch * (n * n + 2 * m * n) + max(add, descend)
+
+
+def block_rows(m: int, n: int) -> int:
+    """Rows of the largest of ``row_blocks(m, n)``."""
+    return -(-m // _block_count(m, n))
+
+
+def row_blocks(m: int, n: int) -> list[slice]:
+    """The rows of an (m, n) matrix in near-equal blocks of at most about ROW_BLOCK_ELEMS values, each of ≥ 2 rows
+    when m ≥ 2 (a one-row product would take torch's matrix-vector path)."""
+    count = _block_count(m, n)
+    size, extra = divmod(m, count)
+    starts = [i * size + min(i, extra) for i in range(count + 1)]
+    return [slice(lo, hi) for lo, hi in zip(starts, starts[1:])]
+
+
+def _block_count(m: int, n: int) -> int:
+    return max(1, min(m // 2, -(-m * n // ROW_BLOCK_ELEMS)))
 
 
 def _weighted(grams: list[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], list[float], torch.Tensor]:

@@ -1,0 +1,233 @@
+"""wudi and ace on wide and square matrices in row blocks (issue 17 §3: a 70B down_proj, 8192 x 28672).
+
+Row blocks against one block (today's whole-matrix operations) and against the fp64 references, with the bounds of
+tests/test_methods.py (its module doc): the blocks are the same rule, not always bitwise the whole products (BLAS
+picks its kernel by shape). The 70B plan from headers only, and a measured run whose peak RSS stays under
+`inspect`'s estimate.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import reference as ref
+from lowmem_merge.budget import RUNTIME_BYTES, piece_bytes
+from lowmem_merge.demo import LlamaShape, build_example
+from lowmem_merge.info import TensorClass, TensorInfo
+from lowmem_merge.methods import REGISTRY
+from lowmem_merge.methods import ace, wudi
+from lowmem_merge.methods.covariance import rows_first
+from lowmem_merge.methods.drive import drive
+from lowmem_merge.inspect import describe_plan
+from lowmem_merge.io.checkpoint import open_checkpoint
+from lowmem_merge.plan import make_plan
+from lowmem_merge.stream import make_pieces
+from test_memory import estimate, peak_rss
+from test_methods import SOLVE_C, U32, rel_err, system_condition
+
+SHAPES = {"wide": (16, 200), "wide_gram": (24, 40), "square": (30, 30)}   # 2m < n: rows first; 2m ≥ n: through Ŝt
+SCALES = {"homogeneous": [1.0, 1.0, 1.0], "heterogeneous": [1e-2, 1.0, 10.0]}
+SMALL_BLOCK = 64          # values per row block: every matrix above in several blocks
+
+
+def deltas(shape: tuple[int, int], scales: list[float], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [s * torch.randn(shape, generator=g) for s in scales]
+
+
+def merge(name: str, ds: list[torch.Tensor], **params: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """One LIN matrix driven as the stream drives it; each Δ poisoned with NaN once added."""
+    info = TensorInfo("w", tuple(ds[0].shape), TensorClass.LIN)
+    return drive(REGISTRY[name], REGISTRY[name].Params(**params), info, len(ds), lambda p, t: ds[t].clone(),
+                 added=lambda d: d.fill_(float("nan")))
+
+
+def blocked_and_whole(monkeypatch, name: str, ds: list[torch.Tensor], **params: object) -> tuple:
+    m, n = ds[0].shape
+    monkeypatch.setattr(wudi, "ROW_BLOCK_ELEMS", SMALL_BLOCK)
+    assert len(wudi.row_blocks(m, n)) > 2 and len(wudi.row_blocks(m, m)) > 2
+    blocked = merge(name, ds, **params)
+    monkeypatch.setattr(wudi, "ROW_BLOCK_ELEMS", 1 << 30)
+    assert len(wudi.row_blocks(m, n)) == 1
+    return blocked, merge(name, ds, **params)
+
+
+@pytest.mark.parametrize("m,n", [(1, 5), (2, 9), (7, 3), (300, 2000), (8192, 28672)])
+@pytest.mark.parametrize("elems", [SMALL_BLOCK, 1 << 23])
+def test_row_blocks_cover_every_row_once_in_blocks_of_at_least_two(monkeypatch, m, n, elems):
+    monkeypatch.setattr(wudi, "ROW_BLOCK_ELEMS", elems)
+    blocks = wudi.row_blocks(m, n)
+    assert [i for b in blocks for i in range(m)[b]] == list(range(m))
+    sizes = [b.stop - b.start for b in blocks]
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) == wudi.block_rows(m, n)
+    assert min(sizes) >= min(2, m) and max(sizes) <= max(2, -(-elems // n))
+
+
+@pytest.mark.parametrize("case", SHAPES)
+def test_wudi_row_blocks_follow_the_whole_trajectory(monkeypatch, case):
+    ds = deltas(SHAPES[case], SCALES["homogeneous"])
+    steps = 50
+    (blocked, s_blocked), (whole, s_whole) = blocked_and_whole(monkeypatch, "wudi", ds, steps=steps)
+    want = ref.wudi_matrix([d.double() for d in ds], 1e-5, steps)
+    bound = (SOLVE_C * steps + len(ds) + 2) * U32      # test_methods' wudi bound, against the fp64 trajectory
+    assert rel_err(blocked, want) <= bound and rel_err(whole, want) <= bound
+    assert rel_err(blocked, whole.double()) <= bound
+    assert s_blocked["loss_after"] < s_blocked["loss_before"]
+    for key in s_whole:                                 # the losses: fp64 sums of fp32 products, by block or whole
+        assert s_blocked[key] == pytest.approx(s_whole[key], rel=1e-5)
+    assert s_whole["loss_before"] == pytest.approx(float(ref.wudi_loss(sum(d.double() for d in ds),
+                                                                         [d.double() for d in ds])), rel=1e-5)
+
+
+@pytest.mark.parametrize("branch", SCALES)
+@pytest.mark.parametrize("case", SHAPES)
+def test_ace_row_blocks_are_within_the_rules_bound(monkeypatch, case, branch):
+    ds = deltas(SHAPES[case], SCALES[branch])
+    (blocked, stats), (whole, _) = blocked_and_whole(monkeypatch, "ace", ds)
+    p = REGISTRY["ace"].Params()
+    d64 = [d.double() for d in ds]
+    assert stats["branch"] == float(ref.ace_gamma(d64) > p.tau) == float(branch == "heterogeneous")
+    bound = SOLVE_C * system_condition("ace", p, d64) * U32
+    want = ref.ace_matrix(d64, p.eps, p.tau, p.k_frac)
+    assert rel_err(blocked, want) <= bound and rel_err(whole, want) <= bound
+    assert rel_err(blocked, whole.double()) <= 2 * bound
+
+
+@pytest.mark.parametrize("name", ["wudi", "ace"])
+def test_a_batch_of_wide_matrices_is_merged_matrix_by_matrix(monkeypatch, name):
+    """A (2, 16, 200) mixture-of-experts weight in row blocks: each matrix as the rule merges it alone (ace: the
+    batch's result buffer, each matrix's Δ* computed in its N's memory and copied)."""
+    monkeypatch.setattr(wudi, "ROW_BLOCK_ELEMS", SMALL_BLOCK)
+    ds = [torch.stack(pair) for pair in zip(deltas((16, 200), SCALES["heterogeneous"], seed=4),
+                                            deltas((16, 200), SCALES["homogeneous"], seed=5))]
+    params = {"steps": 20} if name == "wudi" else {}
+    got, _ = merge(name, ds, **params)
+    assert got.shape == (2, 16, 200)
+    for e in range(2):
+        alone, _ = merge(name, [d[e].clone() for d in ds], **params)
+        assert torch.equal(got[e], alone)
+
+
+def test_ace_refinement_takes_lapack_when_the_top_k_is_ill_conditioned(monkeypatch) -> None:
+    """Rank-1 experts on a 12 x 40 matrix: F has rank ≤ 4 < k = ⌊0.6·12⌋ = 7, so σ_k = 0 < σ_1/GRAM_COND refuses the
+    Gram route and LAPACK's SVD adds the top k, as the whole path did; Δ* − Δ_pre then has k singular values, all
+    mean(σ[:k]) (§11.2 item 7; its directions beyond F's rank are LAPACK's choice)."""
+    g = torch.Generator().manual_seed(3)
+    ds = [s * torch.randn(12, 1, generator=g) @ torch.randn(1, 40, generator=g) for s in (1e-2, 10.0)]
+    calls = []
+    monkeypatch.setattr(ace, "_lapack_svd", lambda f: calls.append(f.shape) or torch.linalg.svd(f, full_matrices=False))
+    got, stats = merge("ace", ds, k_frac=0.6)
+    flag, pre, f = ref.ace_parts([d.double() for d in ds], 1e-2, 0.3)
+    assert flag and stats["branch"] == 1.0 and calls == [(12, 40)]
+    sigma = torch.linalg.svdvals(f)
+    assert float(sigma[6]) < 1e-6 * float(sigma[0])
+    values = torch.linalg.svdvals(got.double() - pre)
+    assert torch.allclose(values[:7], sigma[:7].mean().expand(7), rtol=1e-4)
+    assert float(values[7]) <= 1e-4 * float(values[0])
+
+
+def test_ace_factors_a_in_its_own_memory() -> None:
+    """_solve_rows: A's buffer holds the LU factors of Aᵀ afterwards (no n×n copy), and N holds N A⁻¹."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(50, 50, generator=g) + 10 * torch.eye(50)
+    nn = torch.randn(20, 50, generator=g)
+    want_lu, _ = torch.linalg.lu_factor(a.T)
+    want = nn.double() @ torch.linalg.inv(a.double())
+    kappa = float(torch.linalg.cond(a.double()))
+    ptr = a.data_ptr()
+    ace._solve_rows(a, nn)
+    assert a.data_ptr() == ptr and torch.equal(a.T, want_lu)
+    assert rel_err(nn, want) <= SOLVE_C * kappa * U32
+
+
+def test_ace_singular_a_takes_the_pseudo_inverse() -> None:
+    """eps = 0 and zero task vectors: A = 0 is singular, rebuilt from its factors for pinv, and Δ* = 0."""
+    ds = [torch.zeros(16, 200), torch.zeros(16, 200)]
+    got, _ = merge("ace", ds, eps=0.0)
+    assert torch.equal(got, torch.zeros(16, 200))
+
+
+# ---- 70B x 8 from headers only ----------------------------------------------------------------------------------
+
+SEVENTY_B = LlamaShape(hidden=8192, intermediate=28672, layers=1, vocab=128256, heads=64, kv_heads=8)
+
+
+def header_only(root: Path, shape: LlamaShape, n_experts: int) -> tuple[Path, list[Path]]:
+    """Sparse bf16 checkpoints: a real safetensors header, the data a hole of the full size (nothing is read)."""
+    dirs = [root / "base"] + [root / f"expert{t}" for t in range(n_experts)]
+    for d in dirs:
+        d.mkdir(parents=True)
+        header, offset = {}, 0
+        for name, _, s in shape.specs(torch.bfloat16):
+            size = 2 * torch.Size(s).numel()
+            header[name] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        with open(d / "model.safetensors", "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            f.truncate(8 + len(text) + offset)
+        (d / "config.json").write_text(json.dumps(shape.config(torch.bfloat16)))
+    return dirs[0], dirs[1:]
+
+
+@pytest.fixture(scope="module")
+def seventy_b(tmp_path_factory) -> tuple[Path, list[Path]]:
+    return header_only(tmp_path_factory.mktemp("seventy_b"), SEVENTY_B, 8)
+
+
+@pytest.mark.parametrize("name", ["wudi", "ace"])
+def test_70b_down_proj_holds_only_the_rules_statistics(name):
+    """down_proj (8192 x 28672): A (n²) and B, τ (wudi) or N, R1, SΔ (ace) in fp32, plus one W̃t (ace) and row
+    blocks; the n×n Gram, Adam's m×n buffers, a copy of A for its LU and the fp64 copy of F are gone."""
+    m, n = 8192, 28672
+    assert rows_first(m, n)
+    params = REGISTRY[name].Params()
+    held = REGISTRY[name].state_bytes(TensorInfo("down_proj", (m, n), TensorClass.LIN), 8, params)
+    floor = 4 * (n * n + 2 * m * n) if name == "wudi" else 4 * (n * n + 4 * m * n)
+    assert floor <= held <= floor + (300 << 20), (held - floor) / 2**20
+
+
+def test_70b_plan_of_every_other_tensor_fits_8_gb(seventy_b):
+    """Every piece except down_proj within 8 GB, runtime included (issue 17 §3's target)."""
+    base, experts = seventy_b
+    with contextlib.ExitStack() as stack:
+        plan = make_plan(stack.enter_context(open_checkpoint(base)),
+                         [stack.enter_context(open_checkpoint(e)) for e in experts])
+        for name in ("wudi", "ace"):
+            cls = REGISTRY[name]
+            pieces = [p for p in make_pieces(plan, cls, cls.Params()) if "down_proj" not in p.info.name]
+            assert len(pieces) > 5
+            for piece in pieces:
+                assert piece_bytes(plan, piece, cls, cls.Params()) + RUNTIME_BYTES <= 8e9, piece.info.name
+
+
+@pytest.mark.xfail(strict=True, reason="budget.py adds 4.5 GB of per-piece buffers at 8192 x 28672 (Δ and the result "
+                   "in fp32, four bf16 pieces, the read-ahead) to the rule's own 5.3 GB (wudi) or 7.1 GB (ace)")
+@pytest.mark.parametrize("name", ["wudi", "ace"])
+def test_70b_plan_fits_8_gb(seventy_b, name):
+    base, experts = seventy_b
+    assert describe_plan(base, experts)["methods"][name]["peak_bytes"] <= 8e9
+
+
+# ---- a measured run ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_n(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """down_proj 256 x 4096: A (n²) is 64 MiB in fp32 (before the row blocks ace peaked at 459 MiB here, 61 MiB more
+    than now)."""
+    shape = LlamaShape(hidden=256, intermediate=4096, layers=1, vocab=2048, heads=4, kv_heads=2)
+    return build_example(tmp_path_factory.mktemp("big_n"), shape, n_experts=3, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("method,params", [("wudi", ("steps=3",)), ("ace", ("tau=0",))])
+def test_peak_rss_of_a_big_n_merge_is_under_inspects_estimate(big_n, tmp_path, method, params):
+    peak = peak_rss(big_n, tmp_path / method, method, *params)
+    bound = estimate(big_n, method, *params)
+    print(f"{method}: {peak / 2**20:.0f} MiB measured, inspect {bound / 2**20:.0f} MiB")
+    assert peak <= bound
