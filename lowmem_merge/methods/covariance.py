@@ -7,7 +7,9 @@ Per (out, in) = (m, n) matrix it keeps two fp64 sums over experts and one scalar
 and solves Δ* = N (A + (s + r)·I)⁻¹ (``spd_solve``: fp32 Cholesky refined by fp64 residuals, fp64 where fp32 cannot
 converge), r being an extra ridge of the rule; a zero total ridge means the pseudo-inverse, reached without eigh.
 fp64 sums because rounding A and N to fp32 alone moves Δ* by ~κ·u32, 5e-3 on LoRA experts (issue 17).
-Memory is 2·(n² + m·n) fp32-sized values per matrix plus temporaries, whatever the number of experts.
+Memory is 2·(n² + m·n) fp32-sized values per matrix plus temporaries, whatever the number of experts. Where n² fp64
+values exceed 1 GiB (a 13B+ down_proj), the sums and the solve are tiled (tiled_sums.py, tiled_spd.py): A packed,
+~n²/2 fp64 values, factored in place in fp64, and Δ* written over N: n²/2 + m·n fp64 values in all.
 
 A LIN tensor with more than two dims (mixture-of-experts weights stored (E, out, in), ALGORITHMS.md §13) is a batch of
 independent matrices: each gets its own weights, statistics and ridge. A plain matrix is a batch of one.

@@ -6,6 +6,7 @@ peaked at 19.4 GB. Smaller n keeps covariance.GramSums (bitwise as before).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,8 @@ from .tiled_spd import SOLVE_TEMPS, PackedLower, TiledSpdSystem
 
 TILED_MIN_BYTES = 1 << 30   # n = 11585; 7B's n = 11008 keeps the dense path
 TILE = 1024                 # tile side: GEMMs of 1024 are efficient, and the packing wastes n·TILE/2 values
-K_ROW_VALUES = 1 << 24      # rows of ΔΔᵀ formed at once (rows-first products): about this many fp64 values
+K_ROW_VALUES = 1 << 23      # rows of ΔΔᵀ formed at once (rows-first products): about this many fp64 values; each
+                            # block converts Δ to fp64 twice more (column block by column block)
 
 
 def is_tiled(n: int) -> bool:
@@ -24,14 +26,14 @@ def is_tiled(n: int) -> bool:
 
 
 def tiled_state_bytes(shape: tuple[int, ...], rows_first: bool) -> int:
-    """Peak bytes: A packed and N of every matrix, plus the largest temporaries of one step. Adding (rows first):
-    rows of ΔΔᵀ, two fp64 column blocks of Δ and the products' tiles; (columns first) a column block of ΔᵀΔ (n, b),
-    two fp64 column blocks and an (m, b) product. Factoring: a tile's Schur complement and factor, and a stripe
-    while A is rebuilt after a failed tile. Solving: a row block's fp64 temporaries and its fp32 copy."""
+    """Peak bytes beyond the fp32 result: A packed and N of every matrix, plus the largest temporaries of one step,
+    less the result (B·m·n fp32), which lives in N's storage here while budget.piece_bytes counts it beside Δ.
+    Temporaries adding (rows first): rows of ΔΔᵀ, two fp64 column blocks of Δ and the products' tiles; (columns
+    first) a column block of ΔᵀΔ (n, b), two fp64 column blocks and an (m, b) product. Factoring: a tile's Schur
+    complement and factor, and a stripe while A is rebuilt after a failed tile. Solving: a row block's fp64
+    temporaries and its fp32 copy."""
     *lead, m, n = shape
-    batch = 1
-    for d in lead:
-        batch *= d
+    batch = math.prod(lead)
     b = min(TILE, n)
     if rows_first:
         k = min(m, _k_rows(m))
@@ -41,7 +43,7 @@ def tiled_state_bytes(shape: tuple[int, ...], rows_first: bool) -> int:
     factoring = 8 * (3 * b * b + b * n)
     r = min(m, row_block(n))
     solving = 8 * SOLVE_TEMPS * r * n + 4 * r * n
-    return batch * (PackedLower.nbytes(n, TILE) + 8 * m * n) + max(adding, factoring, solving)
+    return batch * (PackedLower.nbytes(n, TILE) + 4 * m * n) + max(adding, factoring, solving)
 
 
 def _k_rows(m: int) -> int:
