@@ -200,7 +200,9 @@ def test_materialized_lora_experts_on_the_tiled_path_within_1e_4(tiny_tiles, tmp
 def _plan70(root: Path, rule: str) -> dict[str, int]:
     """inspect's bytes per tensor kind (the largest piece of each, runtime included) on the header-only 70B model
     with base + 8 experts (two layers: every layer plans alike)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    repo = str(Path(__file__).resolve().parent.parent)
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
     from bench.flat70b import header_only
     shape = LlamaShape(hidden=8192, intermediate=28672, layers=2, vocab=128256, heads=64, kv_heads=8)
     base, experts = header_only(root, shape, 8)

@@ -19,7 +19,7 @@ import torch
 
 from .spd_solve import CONVERGED, EPS64, FLOOR, MAX_STEPS, row_block
 
-SOLVE_TEMPS = 5             # (rows, n) fp64 temporaries of a refined row block: X₀, X, the next X, its change, a product
+SOLVE_TEMPS = 5   # (rows, n) fp64 temporaries of a refined row block: X₀, X, the next X, its change, a product
 
 
 class PackedLower:

@@ -51,7 +51,7 @@ def _k_rows(m: int) -> int:
 
 
 class TiledGramSums:
-    """covariance.GramSums for a large n: the same ``add``/``traces``/``solve`` and ``A is None`` until the first add."""
+    """covariance.GramSums for a large n: the same ``add``, ``traces`` and ``solve``; ``A`` is None until an add."""
 
     def __init__(self, shape: tuple[int, ...], rows_first: bool) -> None:
         self.m, self.n = shape[-2], shape[-1]
