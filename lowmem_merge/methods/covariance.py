@@ -7,7 +7,9 @@ Per (out, in) = (m, n) matrix it keeps two fp64 sums over experts and one scalar
 and solves Δ* = N (A + (s + r)·I)⁻¹ (``spd_solve``: fp32 Cholesky refined by fp64 residuals, fp64 where fp32 cannot
 converge), r being an extra ridge of the rule; a zero total ridge means the pseudo-inverse, reached without eigh.
 fp64 sums because rounding A and N to fp32 alone moves Δ* by ~κ·u32, 5e-3 on LoRA experts (issue 17).
-Memory is 2·(n² + m·n) fp32-sized values per matrix plus temporaries, whatever the number of experts.
+Memory is 2·(n² + m·n) fp32-sized values per matrix plus temporaries, whatever the number of experts. Where n² fp64
+values exceed 1 GiB (a 13B+ down_proj), the sums and the solve are tiled (tiled_sums.py, tiled_spd.py): A packed,
+~n²/2 fp64 values, factored in place in fp64, and Δ* written over N: n²/2 + m·n fp64 values in all.
 
 A LIN tensor with more than two dims (mixture-of-experts weights stored (E, out, in), ALGORITHMS.md §13) is a batch of
 independent matrices: each gets its own weights, statistics and ridge. A plain matrix is a batch of one.
@@ -33,8 +35,9 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .matrix_rule import MatrixRule, as_matrices
-from .spd_solve import SpdSystem, row_block, solve_spd_right
+from .spd_solve import SpdSystem, merge_stats, row_block, solve_spd_right
 from .tall import ExpertGrams, TallRowChunks, TallState
+from .tiled_sums import TiledGramSums, is_tiled, tiled_state_bytes
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -52,6 +55,8 @@ def covariance_state_bytes(shape: tuple[int, ...]) -> int:
     only where fp32 cannot converge) and a row block's fp64 temporaries.
     """
     *lead, m, n = shape
+    if is_tiled(n):
+        return tiled_state_bytes(shape, rows_first(m, n))
     batch = math.prod(lead)
     adding = 8 * (m * n + min(n * n, m * m if rows_first(m, n) else n * n))
     solving = 4 * batch * m * n + (4 + 8) * n * n + 8 * 4 * min(m, row_block(n)) * n
@@ -85,7 +90,7 @@ class CovarianceMethod(TallRowChunks, MatrixRule):
     def __init__(self, info: TensorInfo, n_experts: int, params: Any, state: Any = None, **setup: Any) -> None:
         super().__init__(info, n_experts, params, state, **setup)
         self._tall: TallState | None = state if self._mean is None else None  # a chunk of a tall tensor
-        self._sums = GramSums(info.shape) if self._mean is None and self._tall is None else None
+        self._sums = make_sums(info.shape) if self._mean is None and self._tall is None else None
         self._rows: torch.Tensor | None = None  # this chunk's N rows, (rows, n) fp64, on the tall path
         self._factors: CoreSums | None = None  # LoRA experts of a plain matrix, while every expert is one
 
@@ -202,6 +207,12 @@ class TallSystem:
         self.m, self.spd, self.ridge = m, spd, ridge
 
 
+def make_sums(shape: tuple[int, ...]) -> GramSums | TiledGramSums:
+    """The dense sums, or the tiled ones where the n×n fp64 statistic is large (tiled_sums.py)."""
+    m, n = shape[-2], shape[-1]
+    return TiledGramSums(shape, rows_first(m, n)) if is_tiled(n) else GramSums(shape)
+
+
 class GramSums:
     """Running fp64 A and N of one LIN tensor; ``add`` reads Δt (fp32) and keeps no reference to it."""
 
@@ -253,17 +264,9 @@ class GramSums:
                 continue
             ridge = self.shift[e] + extra
             _, one = solve_spd_right(self.A[e], self.N[e], ridge, out=out[e])
-            _merge_stats(stats, one, ridge)
+            merge_stats(stats, one, ridge)
         self.A = self.N = None
         return out, stats
-
-
-def _merge_stats(stats: dict[str, float], one: dict[str, float], ridge: float) -> None:
-    stats["cond_est"] = max(stats["cond_est"], one["cond_est"])
-    stats["ridge"] = max(stats["ridge"], ridge)
-    stats["steps"] = max(stats["steps"], one["steps"])
-    stats["fp64_factor"] += one["fp64_factor"]
-    stats["pinv"] += one["pinv"]
 
 
 def eigh_pinv(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -334,6 +337,6 @@ class CoreSums:
         extra = ridges([float(core.trace())])
         ridge = shift + (extra[0] if extra else 0.0)
         merged, one = solve_spd_right(core, nq, ridge, full_dim=self.n)
-        _merge_stats(stats, one, ridge)
+        merge_stats(stats, one, ridge)
         self.items = []
         return merged @ q.T.float(), stats

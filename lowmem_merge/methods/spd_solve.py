@@ -84,6 +84,16 @@ class SpdSystem:
         return out
 
 
+def merge_stats(stats: dict[str, float], one: dict[str, float], ridge: float) -> None:
+    """Fold one matrix's solve stats into a tensor's: the worst condition and step count, the largest ridge, how many
+    matrices took an fp64 factor or the pseudo-inverse."""
+    stats["cond_est"] = max(stats["cond_est"], one["cond_est"])
+    stats["ridge"] = max(stats["ridge"], ridge)
+    stats["steps"] = max(stats["steps"], one["steps"])
+    stats["fp64_factor"] += one["fp64_factor"]
+    stats["pinv"] += one["pinv"]
+
+
 def _factors(a: torch.Tensor, factors: list[torch.Tensor], stats: dict[str, float]):
     """The fp32 factor if there is one, then the fp64 factor (made once, on demand)."""
     if factors and factors[0].dtype == torch.float32:

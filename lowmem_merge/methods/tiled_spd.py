@@ -1,0 +1,153 @@
+"""X·S = N for a symmetric PSD S = A + ridge·I too large to hold twice: A's lower triangle packed in row stripes of
+tiles, factored in place by a blocked Cholesky in fp64, and solved for row blocks of N over the factor (issue 17 §3:
+a 70B down_proj has n = 28672, where A alone is 6.6 GB whole and spd_solve's fp32 factor and fp64 factor add 9.9 GB).
+
+The semantics are spd_solve.SpdSystem's: the ridge; a singular S (ridge under pinv's cut-off n·eps64·‖S‖) solved as
+the pseudo-inverse through the floor c = FLOOR·‖A‖F and iterated Tikhonov; the same stats. Two differences, both for
+memory. The factor is fp64 from the start (an fp32 attempt would need A kept beside it until it converged), so no
+copy of A exists and A does not survive the factorization. And the refinement needs only the factor: with
+F = A + shift·I = L·Lᵀ and S = F − extra·I, X·S = N reads X = N·F⁻¹ + extra·X·F⁻¹, iterated from X₀ = N·F⁻¹; in exact
+arithmetic that is spd_solve's X += (N − X·S)·F⁻¹ step for step (on an eigenvalue λ of A the error shrinks by
+c/(λ + c) per step). Where S is not singular, extra = 0 and X₀ is the answer: a backward-stable fp64 Cholesky solve,
+error ~κ·n·u64, far below the κ·u32 that the dense path is held to.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spd_solve import CONVERGED, EPS64, FLOOR, MAX_STEPS, row_block
+
+SOLVE_TEMPS = 5   # (rows, n) fp64 temporaries of a refined row block: X₀, X, the next X, its change, a product
+
+
+class PackedLower:
+    """The lower triangle of a symmetric (n, n) fp64 matrix as row stripes: stripe j holds rows edges[j]:edges[j+1],
+    columns 0:edges[j+1]. Its diagonal tile is held whole (symmetric while A is summed, lower triangular once
+    factored); about n²/2 + n·tile/2 values instead of n²."""
+
+    def __init__(self, n: int, tile: int, device: torch.device | None = None) -> None:
+        self.n = n
+        self.edges = list(range(0, n, tile)) + [n]
+        self.stripes = [torch.zeros(e - s, e, dtype=torch.float64, device=device) for s, e in self.spans()]
+
+    @staticmethod
+    def nbytes(n: int, tile: int) -> int:
+        return 8 * sum((min(s + tile, n) - s) * min(s + tile, n) for s in range(0, n, tile))
+
+    def spans(self) -> list[tuple[int, int]]:
+        return list(zip(self.edges, self.edges[1:]))
+
+    def diag(self, j: int) -> torch.Tensor:
+        return self.stripes[j][:, self.edges[j]:]
+
+    def trace(self) -> float:
+        return sum(float(self.diag(j).diagonal().sum()) for j in range(len(self.stripes)))
+
+    def frobenius(self) -> float:
+        """‖A‖F of the whole symmetric matrix (each off-diagonal tile stands for itself and its transpose)."""
+        total = 0.0
+        for j, stripe in enumerate(self.stripes):
+            total += 2 * float(stripe[:, :self.edges[j]].square().sum()) + float(self.diag(j).square().sum())
+        return math.sqrt(total)
+
+    def add_diagonal(self, value: float) -> None:
+        for j in range(len(self.stripes)):
+            self.diag(j).diagonal().add_(value)
+
+
+def factor_in_place(a: PackedLower) -> int:
+    """Left-looking blocked Cholesky over the stripes: a becomes L (fp64, lower). Returns -1, or the stripe whose
+    diagonal tile was not positive definite (``unfactor`` then gives A back)."""
+    for j, stripe in enumerate(a.stripes):
+        start = a.edges[j]
+        for k, (ks, ke) in enumerate(a.spans()[:j]):
+            block = stripe[:, ks:ke]                                  # L[j, k] = (A[j, k] − L[j, :k]·L[k, :k]ᵀ)·L_kk⁻ᵀ
+            if ks:
+                block.sub_(stripe[:, :ks] @ a.stripes[k][:, :ks].T)
+            block.copy_(torch.linalg.solve_triangular(a.diag(k).T, block, upper=True, left=False))
+        schur = a.diag(j) - stripe[:, :start] @ stripe[:, :start].T if start else a.diag(j).clone()
+        chol, info = torch.linalg.cholesky_ex(schur)
+        if int(info) != 0:
+            return j
+        a.diag(j).copy_(chol)
+    return -1
+
+
+def unfactor(a: PackedLower, failed: int) -> None:
+    """A back in stripes 0..failed as L·Lᵀ after ``factor_in_place`` stopped at ``failed`` (whose diagonal tile still
+    holds A's; later stripes were never touched). Rounding: ~u64·‖A‖, far under the floor added next."""
+    for i in range(failed, -1, -1):      # bottom up: the stripes above still hold L
+        stripe = a.stripes[i]
+        done = a.edges[i] if i == failed else a.edges[i + 1]
+        rebuilt = stripe.new_empty(stripe.shape[0], done)
+        for k, (ks, ke) in enumerate(a.spans()[:i + 1]):
+            if ks < done:
+                rebuilt[:, ks:ke] = stripe[:, :ke] @ a.stripes[k][:, :ke].T    # L[k, c] = 0 for c ≥ ke
+        stripe[:, :done] = rebuilt
+
+
+def apply_inverse(a: PackedLower, rows: torch.Tensor) -> torch.Tensor:
+    """rows ← rows·F⁻¹ in place for F = L·Lᵀ (a factored): Z·Lᵀ = rows forward over the stripes, then X·L = Z
+    backward. rows: (r, n) fp64."""
+    for j, (s, e) in enumerate(a.spans()):
+        block = rows[:, s:e]
+        if s:
+            block.sub_(rows[:, :s] @ a.stripes[j][:, :s].T)
+        block.copy_(torch.linalg.solve_triangular(a.diag(j).T, block, upper=True, left=False))
+    for j in range(len(a.stripes) - 1, -1, -1):
+        s, e = a.edges[j], a.edges[j + 1]
+        block = rows[:, s:e]
+        block.copy_(torch.linalg.solve_triangular(a.diag(j), block, upper=False, left=False))
+        if s:
+            rows[:, :s].sub_(block @ a.stripes[j][:, :s])
+    return rows
+
+
+class TiledSpdSystem:
+    """S = a + ridge·I shifted and factored in place once (a is the caller's, consumed), then solved for row sets."""
+
+    def __init__(self, a: PackedLower, ridge: float) -> None:
+        norm = a.frobenius()
+        singular = ridge <= a.n * EPS64 * (norm + ridge)    # pinv of S would cut eigenvalues here
+        shift = max(ridge, FLOOR * norm) if singular else ridge
+        a.add_diagonal(shift)
+        failed = factor_in_place(a)
+        if failed >= 0:      # not positive definite even in fp64 (A was not PSD): add the floor once more
+            unfactor(a, failed)
+            a.add_diagonal(FLOOR * a.frobenius())      # part of S from here on, as in spd_solve
+            if factor_in_place(a) >= 0:
+                raise torch.linalg.LinAlgError("the covariance statistic is not positive semi-definite")
+        self.a = a
+        self.extra = shift - ridge          # X·S = X·F − extra·X
+        diag = torch.cat([a.diag(j).diagonal() for j in range(len(a.stripes))])
+        self.stats = {"cond_est": float(diag.max() / diag.min()) ** 2, "steps": 0.0, "fp64_factor": 1.0,
+                      "pinv": float(singular)}
+
+    def solve(self, nn: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """X (m, n) into ``out`` (fp32, or fp64) with X·S = nn (m, n) fp64, overwritten. ``out`` may be nn's own
+        storage read as fp32 (its first half): each row block is written behind the rows still to be read (the first
+        through an fp32 copy, as it overlaps its own rows)."""
+        block = row_block(self.a.n)
+        for start in range(0, nn.shape[0], block):
+            x = self._rows(nn[start:start + block]).to(out.dtype)
+            out[start:start + x.shape[0]].copy_(x)
+        return out
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """X for one row block: X₀ = rows·F⁻¹ (in place), then X ← X₀ + extra·X·F⁻¹ until the change is below
+        CONVERGED or stops halving (the rounding of N and S)."""
+        x0 = apply_inverse(self.a, rows)
+        if not self.extra:
+            return x0
+        x, previous = x0.clone(), math.inf
+        for step in range(1, MAX_STEPS + 1):
+            nxt = apply_inverse(self.a, x.clone()).mul_(self.extra).add_(x0)
+            size = float(torch.linalg.vector_norm(nxt - x)) / max(float(torch.linalg.vector_norm(nxt)), 1e-300)
+            x = nxt
+            self.stats["steps"] = max(self.stats["steps"], float(step))
+            if size <= CONVERGED or size > 0.5 * previous:
+                break
+            previous = size
+        return x
