@@ -6,8 +6,9 @@
 2. A 70B-shaped slice with real random bf16 data (one full layer at 8192/28672, the 128256x8192 embedding and LM
    head, base + 3 experts: ~6 GB a model), merged by every rule in its own `lowmerge merge` subprocess; each
    measured peak RSS (the report's VmHWM) must sit under `inspect`'s estimate and under 1 GB (8 GB for the matrix
-   rules actmat, wudi_cfs, wudi, ace: their tall LIN tensors in row chunks, the others whole). `--hidden` etc.
-   shrink the slice where the matrix rules' O(m·n²) products would take hours on a small CPU.
+   rules actmat, wudi_cfs, wudi, ace, tsv, iso_c, iso_cts: their tall LIN tensors in row chunks, a down_proj-like
+   matrix whole, its n×n statistic packed in tiles or worked in row blocks). `--hidden` etc. shrink the slice where
+   the matrix rules' O(m·n²) products would take hours on a small CPU.
 
 Not in CI: the slice is ~24 GB on disk (check `df -h`; the files are deleted afterwards) and every rule reads it
 once per pass. Appends its tables to bench/RESULTS.md.

@@ -146,7 +146,8 @@ def vocab_examples(tmp_path_factory) -> tuple[dict[str, tuple[Path, list[Path]]]
     return examples, big - small
 
 
-@pytest.mark.parametrize("method", RULES)
+# one rule per memory test in the default run (the suite's 10-minute budget); `make test-slow` runs the others
+@pytest.mark.parametrize("method", [m if m == "tsv" else pytest.param(m, marks=pytest.mark.slow) for m in RULES])
 def test_peak_rss_is_flat_in_the_vocabulary_and_under_the_estimate(vocab_examples, tmp_path, method):
     """`lowmerge merge` subprocesses: the 128000x256 head in row chunks adds what `average` adds (its read buffers),
     not the whole head's slots and factors; each peak is within `inspect`'s estimate."""
@@ -233,7 +234,7 @@ def low_rank_example(tmp_path_factory) -> tuple[Path, list[Path]]:
     return base, experts
 
 
-@pytest.mark.parametrize("method", RULES)
+@pytest.mark.parametrize("method", [m if m == "iso_cts" else pytest.param(m, marks=pytest.mark.slow) for m in RULES])
 def test_the_lapack_route_of_a_wide_matrix_stays_under_the_estimate(low_rank_example, tmp_path, monkeypatch, method):
     """`lowmerge merge` subprocess on rank-4 experts: down_proj (1024x4096, whole) takes the LAPACK route (checked
     here in process), on the 1024x1024 R factor of its transpose; the run's peak stays within `inspect`'s estimate,
