@@ -23,7 +23,6 @@ import datetime
 import json
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from lowmem_merge.demo import LlamaShape, build_example  # noqa: E402
+from lowmem_merge.demo import LlamaShape, build_example, write_header_only  # noqa: E402
 from lowmem_merge.budget import RUNTIME_BYTES, largest_piece, piece_bytes  # noqa: E402
 from lowmem_merge.inspect import describe_plan  # noqa: E402
 from lowmem_merge.io.checkpoint import open_checkpoint  # noqa: E402
@@ -68,26 +67,9 @@ MATRIX_RULES = {"actmat", "wudi_cfs", "wudi", "ace", "tsv", "iso_c", "iso_cts"}
 
 def target(rule: str) -> int:
     return MATRIX_TARGET if rule in MATRIX_RULES else TARGET
+
+
 WORK = REPO / "bench" / "_work" / "flat70b"
-
-
-def header_only(root: Path, shape: LlamaShape, n_experts: int) -> tuple[Path, list[Path]]:
-    """Sparse bf16 checkpoints: a real safetensors header, the data left as a hole of the full size."""
-    dirs = [root / "base"] + [root / f"expert{t}" for t in range(n_experts)]
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        header, offset = {}, 0
-        for name, _, s in shape.specs(torch.bfloat16):
-            size = 2 * torch.Size(s).numel()
-            header[name] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + size]}
-            offset += size
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        with open(d / "model.safetensors", "wb") as f:
-            f.write(struct.pack("<Q", len(text)) + text)
-            f.truncate(8 + len(text) + offset)
-        (d / "config.json").write_text(json.dumps(shape.config(torch.bfloat16), indent=2) + "\n")
-    return dirs[0], dirs[1:]
 
 
 def experts_for(rule: str, experts: list[Path]) -> list[Path]:
@@ -146,7 +128,7 @@ def main() -> None:
     shape70 = LlamaShape(hidden=8192, intermediate=28672, layers=80, vocab=128256, heads=64, kv_heads=8)
     root = WORK / "header"
     shutil.rmtree(root, ignore_errors=True)
-    base, experts = header_only(root, shape70, 8)
+    base, experts = write_header_only(root, shape70, 8)
     lines += ["`inspect` on the header-only 70B model, base + 8 experts (1.3 TB per read, sparse files):\n",
               "| rule | planned peak | set by | LM head alone | target |", "|---|---|---|---|---|"]
     for rule in rules:

@@ -103,6 +103,27 @@ def build_example(root: Path, shape: LlamaShape = LlamaShape(), n_experts: int =
     return dirs[0], dirs[1:]
 
 
+def write_header_only(root: Path, shape: LlamaShape, n_experts: int) -> tuple[Path, list[Path]]:
+    """A base and ``n_experts`` of ``shape`` as sparse bf16 checkpoints: a real safetensors header, the data a hole
+    of the full size. ``lowmerge inspect`` plans a merge of models of any size from them and reads nothing else
+    (bench/flat70b.py and the 70B plan tests)."""
+    dirs = [root / "base"] + [root / f"expert{t}" for t in range(n_experts)]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        header, offset = {}, 0
+        for name, _, s in shape.specs(torch.bfloat16):
+            size = 2 * torch.Size(s).numel()
+            header[name] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        with open(d / "model.safetensors", "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+            f.truncate(8 + len(text) + offset)
+        (d / "config.json").write_text(json.dumps(shape.config(torch.bfloat16), indent=2) + "\n")
+    return dirs[0], dirs[1:]
+
+
 def _writable(directory: Path) -> None:
     """Make DIRECTORY, or refuse in one line (a file in the way, no permission) before building anything."""
     try:

@@ -19,7 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lowmem_merge.demo import LlamaShape, build_example
+from lowmem_merge.demo import LlamaShape, build_example, write_header_only
 
 TINY = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
 
@@ -90,3 +90,29 @@ def start_merge(root: Path, out: str, *args: str, limit: int | None = None) -> s
 def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     stdout, stderr = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+SEVENTY_B = LlamaShape(hidden=8192, intermediate=28672, layers=1, vocab=128256, heads=64, kv_heads=8)
+
+
+def plan_70b(root: Path, rule: str, n_experts: int = 8) -> dict[str, int]:
+    """inspect's bytes per tensor kind (``down_proj``, ``lm_head.weight``, ...: the largest piece of each, runtime
+    included) for ``rule`` with its default parameters on a header-only 70B model (one layer: every layer plans
+    alike) with base + ``n_experts`` (issue 17 §3)."""
+    import contextlib
+
+    from lowmem_merge.budget import RUNTIME_BYTES, piece_bytes
+    from lowmem_merge.io.checkpoint import open_checkpoint
+    from lowmem_merge.methods import REGISTRY
+    from lowmem_merge.plan import make_plan
+    from lowmem_merge.stream import make_pieces
+    if not (root / "base").is_dir():
+        write_header_only(root, SEVENTY_B, n_experts)
+    cls, need = REGISTRY[rule], {}
+    with contextlib.ExitStack() as stack:
+        plan = make_plan(stack.enter_context(open_checkpoint(root / "base")),
+                         [stack.enter_context(open_checkpoint(root / f"expert{t}")) for t in range(n_experts)])
+        for p in make_pieces(plan, cls, cls.Params()):
+            kind = p.info.name.split(".")[-2] if ".layers." in p.info.name else p.info.name
+            need[kind] = max(need.get(kind, 0), piece_bytes(plan, p, cls, cls.Params()) + RUNTIME_BYTES)
+    return need

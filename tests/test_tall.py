@@ -134,8 +134,15 @@ def test_stream_reads_the_tall_head_once_more_and_matches_the_reference(example,
     """A real merge with the 1200x64 LM head in row chunks of 256 rows: the prepass rounds read that tensor only
     (base and experts, once a round), and the head is within the fp64 bound."""
     monkeypatch.setattr(stream, "CHUNK_ELEMS", 1 << 14)
-    base, experts = example
     kwargs = {"steps": 20} if name == "wudi" else {}      # the fp64 reference's Adam forms m x m products
+    check_streamed_head(example, tmp_path, name, kwargs, REFERENCE[name], bound)
+
+
+def check_streamed_head(example: tuple[Path, list[Path]], tmp_path: Path, name: str, kwargs: dict,
+                        reference, bound) -> None:
+    """Merge ``example`` (SHAPE) with ``name``: the prepass rounds read the LM head only (base and experts, once a
+    round), and the merged head is within ``bound(name, params, deltas64)`` of ``reference(deltas64, params)``."""
+    base, experts = example
     read = {}
     for method in ("average", name):
         report = merge(base, experts, tmp_path / method, method, device="cpu", **(kwargs if method == name else {}))
@@ -149,7 +156,7 @@ def test_stream_reads_the_tall_head_once_more_and_matches_the_reference(example,
     w0 = load_model(base)["lm_head.weight"].double()
     deltas64 = [load_model(e)["lm_head.weight"].double() - w0 for e in experts]
     got = load_model(tmp_path / name)["lm_head.weight"].double() - w0
-    want = REFERENCE[name](deltas64, params)
+    want = reference(deltas64, params)
     rounding = 2 * U32 * float(w0.norm() / want.norm())        # W0 + Δ* rounded to fp32, W0 subtracted in fp64
     assert rel_err(got, want) <= bound(name, params, deltas64) + rounding
 

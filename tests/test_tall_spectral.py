@@ -8,27 +8,21 @@ would take LAPACK (a Gram route's condition fails), the tall path keeps the Gram
 """
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import reference as ref
-from lowmem_merge import merge, stream
-from lowmem_merge.budget import RUNTIME_BYTES, piece_bytes
+from lowmem_merge import stream
 from lowmem_merge.demo import LlamaShape, build_example
 from lowmem_merge.info import TensorClass, TensorInfo
-from lowmem_merge.io.checkpoint import open_checkpoint
 from lowmem_merge.methods import REGISTRY, tall
 from lowmem_merge.methods.drive import drive
-from lowmem_merge.plan import make_plan
-from lowmem_merge.stream import make_pieces
+from conftest import plan_70b
 from test_memory import estimate, peak_rss
-from test_merge import load_model
 from test_methods import SOLVE_C, U32, rel_err
-from test_tall import _case, run_rows
+from test_tall import SHAPE, _case, check_streamed_head, run_rows
 
 RULES = ["tsv", "iso_c", "iso_cts"]
 REFERENCE = {"tsv": lambda ds, p: ref.tsv_matrix(ds, p.scale),
@@ -98,9 +92,6 @@ def test_an_unproven_gram_route_is_reported() -> None:
     assert _tall_stats("iso_c", _case("tall"))["gram_unproven"] == 0
 
 
-SHAPE = LlamaShape(hidden=64, intermediate=128, layers=1, vocab=1200, heads=2, kv_heads=1)
-
-
 @pytest.fixture(scope="module")
 def example(tmp_path_factory) -> tuple[Path, list[Path]]:
     return build_example(tmp_path_factory.mktemp("tall_spectral"), SHAPE, n_experts=3, dtype=torch.float32)
@@ -112,22 +103,7 @@ def test_stream_reads_the_tall_head_in_its_rounds_and_matches_the_reference(exam
     """A real merge with the 1200x64 LM head in row chunks of 256 rows: the prepass rounds read that tensor only
     (base and experts, once a round), and the head is within the fp64 bound."""
     monkeypatch.setattr(stream, "CHUNK_ELEMS", 1 << 14)
-    base, experts = example
-    read = {}
-    for method in ("average", name):
-        read[method] = merge(base, experts, tmp_path / method, method, device="cpu").data["bytes_read"]
-    head = 4 * SHAPE.vocab * SHAPE.hidden
-    params = REGISTRY[name].Params()
-    rounds = REGISTRY[name].prepass_for(params).rounds
-    passes = REGISTRY[name].passes_for(params)
-    per_model = read["average"] // (1 + len(experts))
-    assert read[name] == (1 + passes * len(experts)) * per_model + rounds * (1 + len(experts)) * head
-    w0 = load_model(base)["lm_head.weight"].double()
-    deltas64 = [load_model(e)["lm_head.weight"].double() - w0 for e in experts]
-    got = load_model(tmp_path / name)["lm_head.weight"].double() - w0
-    want = REFERENCE[name](deltas64, params)
-    rounding = 2 * U32 * float(w0.norm() / want.norm())        # W0 + Δ* rounded to fp32, W0 subtracted in fp64
-    assert rel_err(got, want) <= _bound(name, params, deltas64) + rounding
+    check_streamed_head(example, tmp_path, name, {}, REFERENCE[name], _bound)
 
 
 # ---- memory: a vocabulary large relative to hidden (test_memory.py's matrix case) ---------------------------------
@@ -165,47 +141,17 @@ def test_peak_rss_is_flat_in_the_vocabulary_and_under_the_estimate(vocab_example
 
 # ---- the plan at 70B x 8 (header-only, issue 17 §3) -----------------------------------------------------------
 
-SHAPE_70B = LlamaShape(hidden=8192, intermediate=28672, layers=1, vocab=128256, heads=64, kv_heads=8)
 MATRIX_TARGET = 8 * 10**9
-
-
-def _header_only(root: Path, shape: LlamaShape, n_experts: int) -> tuple[Path, list[Path]]:
-    """Sparse bf16 checkpoints: a real safetensors header, then the file truncated to its full size."""
-    dirs = [root / "base"] + [root / f"expert{t}" for t in range(n_experts)]
-    for d in dirs:
-        d.mkdir(parents=True)
-        header, offset = {}, 0
-        for name, _, s in shape.specs(torch.bfloat16):
-            size = 2 * torch.Size(s).numel()
-            header[name] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + size]}
-            offset += size
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        path = d / "model.safetensors"
-        with open(path, "wb") as f:
-            f.write(len(text).to_bytes(8, "little") + text)
-        with open(path, "r+b") as f:
-            f.truncate(8 + len(text) + offset)
-        (d / "config.json").write_text(json.dumps(shape.config(torch.bfloat16)))
-    return dirs[0], dirs[1:]
 
 
 @pytest.mark.parametrize("method", RULES)
 def test_every_tensor_of_the_70b_plan_is_within_8_gb(tmp_path, method):
     """hidden 8192, intermediate 28672, vocab 128256, base + 8 experts: the LM head and gate/up_proj in row chunks,
     q/o_proj and down_proj whole with in-place polar factors; each piece, runtime included, within 8 GB."""
-    base, experts = _header_only(tmp_path, SHAPE_70B, 8)
-    cls = REGISTRY[method]
-    params = cls.Params()
-    with contextlib.ExitStack() as st:
-        plan = make_plan(st.enter_context(open_checkpoint(base)),
-                         [st.enter_context(open_checkpoint(e)) for e in experts])
-        need = {}
-        for p in make_pieces(plan, cls, params):
-            need[p.info.name] = max(need.get(p.info.name, 0), piece_bytes(plan, p, cls, params) + RUNTIME_BYTES)
+    need = plan_70b(tmp_path, method)
     over = {k: round(v / 2**30, 2) for k, v in need.items() if v > MATRIX_TARGET}
     assert not over, over
-    assert any(name == "lm_head.weight" for name in need)
+    assert "lm_head.weight" in need
 
 
 # ---- memory of the whole-tensor LAPACK route (rank-deficient experts, a wide down_proj) --------------------------

@@ -12,25 +12,19 @@ changes X by ≤ CONVERGED, and each further step would shrink what is left by c
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import reference as ref
-from lowmem_merge.budget import RUNTIME_BYTES, piece_bytes
 from lowmem_merge.demo import LlamaShape, build_example
 from lowmem_merge.info import TensorClass, TensorInfo
-from lowmem_merge.io.checkpoint import open_checkpoint
 from lowmem_merge.methods import REGISTRY, tiled_sums
 from lowmem_merge.methods.covariance import covariance_state_bytes
 from lowmem_merge.methods.drive import drive
 from lowmem_merge.methods.spd_solve import CONVERGED
 from lowmem_merge.methods.tiled_spd import PackedLower, TiledSpdSystem, factor_in_place, unfactor
-from lowmem_merge.plan import make_plan
-from lowmem_merge.stream import make_pieces
+from conftest import plan_70b
 from test_methods import SOLVE_C, U32, rel_err, system_condition
 
 U64 = torch.finfo(torch.float64).eps / 2
@@ -197,32 +191,12 @@ def test_materialized_lora_experts_on_the_tiled_path_within_1e_4(tiny_tiles, tmp
 
 # ---- the plan and the memory ---------------------------------------------------------------------------------
 
-def _plan70(root: Path, rule: str) -> dict[str, int]:
-    """inspect's bytes per tensor kind (the largest piece of each, runtime included) on the header-only 70B model
-    with base + 8 experts (two layers: every layer plans alike)."""
-    repo = str(Path(__file__).resolve().parent.parent)
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    from bench.flat70b import header_only
-    shape = LlamaShape(hidden=8192, intermediate=28672, layers=2, vocab=128256, heads=64, kv_heads=8)
-    base, experts = header_only(root, shape, 8)
-    cls = REGISTRY[rule]
-    with contextlib.ExitStack() as stack:
-        plan = make_plan(stack.enter_context(open_checkpoint(base)),
-                         [stack.enter_context(open_checkpoint(e)) for e in experts])
-        need: dict[str, int] = {}
-        for p in make_pieces(plan, cls, cls.Params()):
-            kind = p.info.name.split(".")[-2] if ".layers." in p.info.name else p.info.name
-            need[kind] = max(need.get(kind, 0), piece_bytes(plan, p, cls, cls.Params()) + RUNTIME_BYTES)
-    return need
-
-
 @pytest.mark.parametrize("rule", ["actmat", "wudi_cfs"])
 def test_70b_down_proj_plans_packed_statistics(tmp_path, rule: str) -> None:
     """down_proj (8192x28672) plans A packed and N, no n×n matrix: 22.3 GiB before the tiled path, 8.5 GiB now
     (9.14e9 bytes: A 3.4e9, N beyond the fp32 result it becomes 0.94e9, temporaries 0.2e9, the stream's buffers for a
     whole 470 MB bf16 tensor 4.3e9, the runtime 0.24e9)."""
-    need = _plan70(tmp_path, rule)
+    need = plan_70b(tmp_path, rule)
     m, n = 8192, 28672
     state = covariance_state_bytes((m, n))
     assert state <= PackedLower.nbytes(n, tiled_sums.TILE) + 4 * m * n + 0.05 * 8 * n * n   # temporaries: 3.3 %
@@ -235,7 +209,7 @@ def test_70b_down_proj_plans_packed_statistics(tmp_path, rule: str) -> None:
                                        "4.3e9 of stream buffers for a whole 470 MB tensor")
 @pytest.mark.parametrize("rule", ["actmat", "wudi_cfs"])
 def test_70b_plan_within_8_gb(tmp_path, rule: str) -> None:
-    assert max(_plan70(tmp_path, rule).values()) <= 8e9
+    assert max(plan_70b(tmp_path, rule).values()) <= 8e9
 
 
 @pytest.mark.slow

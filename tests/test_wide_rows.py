@@ -7,26 +7,20 @@ picks its kernel by shape). The 70B plan from headers only, and a measured run w
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
 import reference as ref
-from lowmem_merge.budget import RUNTIME_BYTES, piece_bytes
-from lowmem_merge.demo import LlamaShape, build_example
+from lowmem_merge.demo import LlamaShape, build_example, write_header_only
 from lowmem_merge.info import TensorClass, TensorInfo
 from lowmem_merge.methods import REGISTRY
 from lowmem_merge.methods import ace, wudi
 from lowmem_merge.methods.covariance import rows_first
 from lowmem_merge.methods.drive import drive
 from lowmem_merge.inspect import describe_plan
-from lowmem_merge.io.checkpoint import open_checkpoint
-from lowmem_merge.plan import make_plan
-from lowmem_merge.stream import make_pieces
+from conftest import SEVENTY_B, plan_70b
 from test_memory import estimate, peak_rss
 from test_methods import SOLVE_C, U32, rel_err, system_condition
 
@@ -154,31 +148,9 @@ def test_ace_singular_a_takes_the_pseudo_inverse() -> None:
 
 # ---- 70B x 8 from headers only ----------------------------------------------------------------------------------
 
-SEVENTY_B = LlamaShape(hidden=8192, intermediate=28672, layers=1, vocab=128256, heads=64, kv_heads=8)
-
-
-def header_only(root: Path, shape: LlamaShape, n_experts: int) -> tuple[Path, list[Path]]:
-    """Sparse bf16 checkpoints: a real safetensors header, the data a hole of the full size (nothing is read)."""
-    dirs = [root / "base"] + [root / f"expert{t}" for t in range(n_experts)]
-    for d in dirs:
-        d.mkdir(parents=True)
-        header, offset = {}, 0
-        for name, _, s in shape.specs(torch.bfloat16):
-            size = 2 * torch.Size(s).numel()
-            header[name] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + size]}
-            offset += size
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        with open(d / "model.safetensors", "wb") as f:
-            f.write(struct.pack("<Q", len(text)) + text)
-            f.truncate(8 + len(text) + offset)
-        (d / "config.json").write_text(json.dumps(shape.config(torch.bfloat16)))
-    return dirs[0], dirs[1:]
-
-
 @pytest.fixture(scope="module")
 def seventy_b(tmp_path_factory) -> tuple[Path, list[Path]]:
-    return header_only(tmp_path_factory.mktemp("seventy_b"), SEVENTY_B, 8)
+    return write_header_only(tmp_path_factory.mktemp("seventy_b"), SEVENTY_B, 8)
 
 
 @pytest.mark.parametrize("name", ["wudi", "ace"])
@@ -195,16 +167,10 @@ def test_70b_down_proj_holds_only_the_rules_statistics(name):
 
 def test_70b_plan_of_every_other_tensor_fits_8_gb(seventy_b):
     """Every piece except down_proj within 8 GB, runtime included (issue 17 §3's target)."""
-    base, experts = seventy_b
-    with contextlib.ExitStack() as stack:
-        plan = make_plan(stack.enter_context(open_checkpoint(base)),
-                         [stack.enter_context(open_checkpoint(e)) for e in experts])
-        for name in ("wudi", "ace"):
-            cls = REGISTRY[name]
-            pieces = [p for p in make_pieces(plan, cls, cls.Params()) if "down_proj" not in p.info.name]
-            assert len(pieces) > 5
-            for piece in pieces:
-                assert piece_bytes(plan, piece, cls, cls.Params()) + RUNTIME_BYTES <= 8e9, piece.info.name
+    root = seventy_b[0].parent
+    for name in ("wudi", "ace"):
+        need = plan_70b(root, name)
+        assert len(need) > 5 and all(v <= 8e9 for k, v in need.items() if k != "down_proj"), need
 
 
 @pytest.mark.xfail(strict=True, reason="budget.py adds 4.5 GB of per-piece buffers at 8192 x 28672 (Δ and the result "
