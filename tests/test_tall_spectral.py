@@ -20,7 +20,7 @@ from lowmem_merge.info import TensorClass, TensorInfo
 from lowmem_merge.methods import REGISTRY, tall
 from lowmem_merge.methods.drive import drive
 from conftest import plan_70b
-from test_memory import estimate, peak_rss
+from test_memory import estimate, matrix_vocab, peak_rss  # noqa: F401 (matrix_vocab: a fixture)
 from test_methods import SOLVE_C, U32, rel_err
 from test_tall import SHAPE, _case, check_streamed_head, run_rows
 
@@ -108,26 +108,12 @@ def test_stream_reads_the_tall_head_in_its_rounds_and_matches_the_reference(exam
 
 # ---- memory: a vocabulary large relative to hidden (test_memory.py's matrix case) ---------------------------------
 
-VOCAB = {"small": dict(hidden=256, intermediate=688, vocab=32000, heads=4, kv_heads=2),
-         "big": dict(hidden=256, intermediate=688, vocab=128000, heads=4, kv_heads=2)}
-
-
-@pytest.fixture(scope="module")
-def vocab_examples(tmp_path_factory) -> tuple[dict[str, tuple[Path, list[Path]]], int]:
-    """The two examples, and what the larger vocabulary adds to `average`'s peak."""
-    root = tmp_path_factory.mktemp("spectral_vocab")
-    examples = {size: build_example(root / size, LlamaShape(layers=1, **shape), n_experts=3, dtype=torch.bfloat16)
-                for size, shape in VOCAB.items()}
-    small, big = (peak_rss(examples[s], root / f"average_{s}", "average") for s in ("small", "big"))
-    return examples, big - small
-
-
 # one rule per memory test in the default run (the suite's 10-minute budget); `make test-slow` runs the others
 @pytest.mark.parametrize("method", [m if m == "tsv" else pytest.param(m, marks=pytest.mark.slow) for m in RULES])
-def test_peak_rss_is_flat_in_the_vocabulary_and_under_the_estimate(vocab_examples, tmp_path, method):
+def test_peak_rss_is_flat_in_the_vocabulary_and_under_the_estimate(matrix_vocab, tmp_path, method):
     """`lowmerge merge` subprocesses: the 128000x256 head in row chunks adds what `average` adds (its read buffers),
     not the whole head's slots and factors; each peak is within `inspect`'s estimate."""
-    examples, average_growth = vocab_examples
+    examples, average_growth = matrix_vocab
     peaks, bounds = {}, {}
     for size, ex in examples.items():
         peaks[size] = peak_rss(ex, tmp_path / size, method)
