@@ -44,8 +44,22 @@ def piece_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any
     if piece.info.cls not in MERGED:
         return request_bytes(plan.base, piece.info.name, piece.rows)
     stored = request_bytes(plan.base, piece.info.name, piece.rows)
+    phases = stream.alone_bytes(method, params, piece, plan.n_experts)
+    if phases is not None:
+        return alone_piece_bytes(piece, phases, stored, prefetch)
     return state_bytes(plan, piece, method, params) + 8 * piece.info.numel \
         + 4 * stored + max(prefetch, stored) + prefetch
+
+
+def alone_piece_bytes(piece: Piece, phases: tuple[int, int], stored: int, prefetch: int) -> int:
+    """A piece merged alone (stream.alone_bytes: nothing read ahead, the writer idle before it), the larger of its
+    two phases. Adding: the rule's bytes, Δ in fp32 and the base piece, and the expert's piece as read while it
+    becomes Δ (a transposed one with Δ's contiguous copy). Finishing: the rule's bytes (the result among them), the
+    base piece and the output piece (cast once the rule's statistics are freed). The pool's idle buffers in both."""
+    adding, finishing = phases
+    numel = piece.info.numel
+    converting = 4 * numel if piece.info.transposed else 0
+    return max(adding + 4 * numel + 2 * stored + converting, finishing + 2 * stored) + prefetch
 
 
 def state_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any) -> int:

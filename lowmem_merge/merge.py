@@ -348,7 +348,8 @@ def _stream(mp: MergePlan, outdir: OutputDir, shards: list[Shard],
         state = run_prepass(ctx, mp.pieces)
         t1 = time.perf_counter()
         quantizer = mp.quantizer
-        stats = run_merge(ctx, todo, state, quantizer.writer(writer.write, pool.give) if quantizer else writer.write)
+        stats = run_merge(ctx, todo, state, quantizer.writer(writer.write, pool.give) if quantizer else writer.write,
+                          writer.wait_idle)
         timings.update(prepass=t1 - t0, merge=time.perf_counter() - t1)
         return stats, done[0]
     stats, bytes_read = write_shards(outdir, shards, write, release=pool.give)

@@ -61,10 +61,11 @@ def _split(info: TensorInfo, target: str, chunkable: bool, chunk_elems: int) -> 
 
 
 class Prefetcher:
-    """Reads ``requests`` (checkpoint, tensor name, rows) in order on a background thread.
+    """Reads ``requests`` (checkpoint, tensor name, rows[, held]) in order on a background thread.
 
     At most ``budget`` bytes wait in the queue (always at least one tensor), and the reader checks the budget
-    before it reads, so the memory held ahead of the merge is bounded whatever the timing.
+    before it reads, so the memory held ahead of the merge is bounded whatever the timing. A request marked held is
+    read only once the consumer has taken everything before it and waits for it: nothing is read ahead of it.
     """
 
     def __init__(self, requests: Iterable[tuple[Expert, str, tuple[int, int] | None]], pool: BufferPool,
@@ -74,17 +75,19 @@ class Prefetcher:
         self._budget = budget
         self._cond = threading.Condition()
         self._stop = False
+        self._waiting = False          # the consumer waits in next() for an empty queue
         self._thread = threading.Thread(target=self._run, args=(iter(requests), pool), name="lowmerge-reader",
                                         daemon=True)
         self._thread.start()
 
     def _run(self, requests: Iterator, pool: BufferPool) -> None:
         try:
-            for ckpt, name, rows in requests:
+            for ckpt, name, rows, *held in requests:
                 size = request_bytes(ckpt, name, rows)
+                ready = (lambda: not self._items and self._waiting) if held and held[0] else \
+                    (lambda: not self._items or self._queued + size <= self._budget)
                 with self._cond:
-                    self._cond.wait_for(lambda: self._stop or not self._items
-                                        or self._queued + size <= self._budget)
+                    self._cond.wait_for(lambda: self._stop or ready())
                     if self._stop:
                         return
                 item = ckpt.read(name, rows, pool.take)
@@ -100,7 +103,10 @@ class Prefetcher:
 
     def next(self) -> tuple[Expert, torch.Tensor | LowRank]:
         with self._cond:
+            self._waiting = True
+            self._cond.notify_all()
             self._cond.wait_for(lambda: bool(self._items))
+            self._waiting = False
             (ckpt, item), size = self._items.popleft()
             self._queued -= size
             self._cond.notify_all()
@@ -145,6 +151,17 @@ class StreamContext:
     calib: Any = None                        # a calibrated rule's walker (calib.Calibration): each tensor's state,
                                              # and each merged tensor handed back to it
     deltas: bool = False                     # write Δ* itself, not W0 + Δ* (--output-format peft, adapter_out.py)
+
+
+def alone_bytes(method: type[MergeMethod], params: Any, piece: Piece, n_experts: int) -> tuple[int, int] | None:
+    """The rule's (adding, finishing) bytes where ``piece`` is merged alone (MergeMethod.phase_bytes: a whole tensor
+    of a rule that gives them, not on a per-tensor prepass' path); None for every other piece."""
+    if piece.rows is not None or piece.info.cls not in MERGED:
+        return None
+    pre = method.prepass_for(params)
+    if pre is not None and pre.scope == "tensor" and pre.covers(params, piece.info):
+        return None
+    return method.phase_bytes(piece.info, n_experts, params)
 
 
 def piece_reads(plan: Plan, piece: Piece, passes: int) -> Iterator[tuple[Expert, str, tuple[int, int] | None]]:
@@ -358,21 +375,28 @@ def run_prepass(ctx: StreamContext, pieces: list[Piece]) -> Any:
 
 def _merge_reads(ctx: StreamContext, groups: list[list[Piece]], contexts: list[StreamContext],
                  rounds: list[int]) -> Iterator:
-    """Every read of run_merge, in the order it consumes them: per tensor, its prepass rounds, then its pieces."""
+    """Every read of run_merge, in the order it consumes them: per tensor, its prepass rounds, then its pieces;
+    each marked held (read only when asked for) if it belongs to a piece merged alone or is the first read after
+    one (not read while it finalizes)."""
+    after_alone = False
     for group, pctx, n_rounds in zip(groups, contexts, rounds):
+        reads = []
         if group[0].info.cls in MERGED:
-            for _ in range(n_rounds):
-                for p in group:
-                    yield from piece_reads(ctx.plan, p, 1)
+            reads = [(r, False) for _ in range(n_rounds) for p in group for r in piece_reads(ctx.plan, p, 1)]
         for p in group:
-            yield from piece_reads(ctx.plan, p, ctx.method.passes_for(pctx.params))
+            alone = alone_bytes(pctx.method, pctx.params, p, ctx.plan.n_experts) is not None
+            reads += [(r, alone) for r in piece_reads(ctx.plan, p, ctx.method.passes_for(pctx.params))]
+        for (ckpt, name, rows), held in reads:
+            yield ckpt, name, rows, held or after_alone
+            after_alone = held
 
 
-def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
-              write: Callable[[str, torch.Tensor], None]) -> dict[str, dict[str, float]]:
+def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any, write: Callable[[str, torch.Tensor], None],
+              settle: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
     """Merge and ``write`` every piece in order; returns per-tensor statistics the method reported.
 
     ``state`` is the model-wide prepass's; a per-tensor prepass runs over each tensor's pieces just before them.
+    ``settle()`` returns once every piece written so far is out of memory: called before a piece merged alone.
     """
     groups = tensor_groups(pieces)
     contexts = [_tensor_context(ctx, g[0].info) for g in groups]
@@ -382,7 +406,7 @@ def run_merge(ctx: StreamContext, pieces: list[Piece], state: Any,
     try:
         for group, pctx, n_rounds in zip(groups, contexts, rounds):
             with compute_threads(pctx, group[0].info):
-                _merge_group(ctx, pctx, group, state, n_rounds, fetch, write, stats)
+                _merge_group(ctx, pctx, group, state, n_rounds, fetch, write, settle, stats)
     finally:
         fetch.close()
     return stats
@@ -399,7 +423,7 @@ def _tensor_context(ctx: StreamContext, info: TensorInfo) -> StreamContext:
 
 
 def _merge_group(ctx: StreamContext, pctx: StreamContext, group: list[Piece], state: Any, rounds: int,
-                 fetch: Prefetcher, write: Callable[[str, torch.Tensor], None],
+                 fetch: Prefetcher, write: Callable[[str, torch.Tensor], None], settle: Callable[[], None],
                  stats: dict[str, dict[str, float]]) -> None:
     """One output tensor: its per-tensor prepass rounds (if any), then each of its pieces merged and written."""
     info = group[0].info
@@ -414,6 +438,8 @@ def _merge_group(ctx: StreamContext, pctx: StreamContext, group: list[Piece], st
     if ctx.calib is not None and info.cls in MERGED:
         tensor_state = ctx.calib.state_for(info)
     for piece in group:
+        if alone_bytes(pctx.method, pctx.params, piece, ctx.plan.n_experts) is not None:
+            settle()                             # the plan counts no earlier output beside this piece
         _, x = fetch.next()
         ctx.progress(x.nbytes)
         out_dtype = ctx.plan.out_dtype[piece.target]

@@ -173,9 +173,9 @@ def test_70b_plan_of_every_other_tensor_fits_8_gb(seventy_b):
         assert len(need) > 5 and all(v <= 8e9 for k, v in need.items() if k != "down_proj"), need
 
 
-@pytest.mark.xfail(strict=True, reason="budget.py adds 4.5 GB of per-piece buffers at 8192 x 28672 (Δ and the result "
-                   "in fp32, four bf16 pieces, the read-ahead) to the rule's own 5.3 GB (wudi) or 7.1 GB (ace)")
-@pytest.mark.parametrize("name", ["wudi", "ace"])
+@pytest.mark.parametrize("name", ["wudi", pytest.param("ace", marks=pytest.mark.xfail(
+    strict=True, reason="ace holds 7.1 GB of its own at 8192 x 28672 (A_acc, N, R1, SΔ and W̃t in fp32) and gives no "
+                        "phases: 11.6e9 bytes with the stream's buffers for a whole tensor"))])
 def test_70b_plan_fits_8_gb(seventy_b, name):
     base, experts = seventy_b
     assert describe_plan(base, experts)["methods"][name]["peak_bytes"] <= 8e9

@@ -160,6 +160,15 @@ class ShardWriter:
         self._queue.put((self._shard_of[name], part.contiguous().cpu()))
         self._drain_finished()
 
+    def wait_idle(self) -> None:
+        """Return once every tensor given so far is written and its buffer released (the stream calls it before a
+        piece whose plan counts no output beside it); raise the writer's error if any."""
+        written = threading.Event()
+        self._queue.put(written)
+        written.wait()
+        self._raise_pending()
+        self._drain_finished()
+
     def close(self) -> None:
         """Wait until every queued byte is written and every shard recorded; raise the writer's error if any."""
         self._queue.put(None)
@@ -192,6 +201,9 @@ class ShardWriter:
         written = 0
         try:
             while (item := self._queue.get()) is not None:
+                if isinstance(item, threading.Event):  # wait_idle: everything before it is written
+                    item.set()
+                    continue
                 if self._error is not None:
                     continue                         # keep draining so the producer never blocks
                 shard, part = item
@@ -218,8 +230,9 @@ class ShardWriter:
         except BaseException as e:  # stored and re-raised in the caller's thread; the queue is drained
             where = self.out_dir / (current.partial if current else "")
             self._error = output_error(e, where) if isinstance(e, OSError) else e
-            while self._queue.get() is not None:
-                pass
+            while (item := self._queue.get()) is not None:
+                if isinstance(item, threading.Event):
+                    item.set()
         finally:
             if f is not None:
                 try:

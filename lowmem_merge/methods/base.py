@@ -160,6 +160,16 @@ class MergeMethod:
         return 4 * info.numel
 
     @classmethod
+    def phase_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> tuple[int, int] | None:
+        """(adding, finishing) for one whole tensor, or None (the default). adding: what the rule holds while an
+        expert is added (its statistics and one add's temporaries; Δ is the stream's); finishing: from finalize on
+        (what is left of them, the solve's temporaries and the fp32 result). A rule that gives them has such a
+        tensor merged alone, which a statistic far larger than the tensor's reads is worth: the stream reads
+        nothing ahead of it and lets the writer finish first (stream.alone_bytes), so the plan counts neither.
+        None: state_bytes beside Δ, the result, the read-ahead and the writer's pieces (budget.piece_bytes)."""
+        return None
+
+    @classmethod
     def mergekit_schema(cls) -> Mergekit | None:
         """This class's own mergekit schema: a subclass (task_arithmetic of average) is another mergekit method."""
         return cls.__dict__.get("mergekit")

@@ -37,7 +37,7 @@ from ..info import TensorClass, TensorInfo
 from .matrix_rule import MatrixRule, as_matrices
 from .spd_solve import SpdSystem, merge_stats, row_block, solve_spd_right
 from .tall import ExpertGrams, TallRowChunks, TallState
-from .tiled_sums import TiledGramSums, is_tiled, tiled_state_bytes
+from .tiled_sums import TiledGramSums, is_tiled, tiled_phase_bytes, tiled_state_bytes
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -58,9 +58,26 @@ def covariance_state_bytes(shape: tuple[int, ...]) -> int:
     if is_tiled(n):
         return tiled_state_bytes(shape, rows_first(m, n))
     batch = math.prod(lead)
+    adding, solving = _dense_temps(m, n, batch)
+    return 8 * batch * (n * n + m * n) + max(adding, solving)
+
+
+def covariance_phase_bytes(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(adding, finishing) as MergeMethod.phase_bytes: covariance_state_bytes' terms, each phase on its own."""
+    *lead, m, n = shape
+    if is_tiled(n):
+        return tiled_phase_bytes(shape, rows_first(m, n))
+    batch = math.prod(lead)
+    held = 8 * batch * (n * n + m * n)
+    adding, solving = _dense_temps(m, n, batch)
+    return held + adding, held + solving
+
+
+def _dense_temps(m: int, n: int, batch: int) -> tuple[int, int]:
+    """The dense path's largest temporaries adding (Δ's fp64 copy and its Gram product) and solving (the result)."""
     adding = 8 * (m * n + min(n * n, m * m if rows_first(m, n) else n * n))
     solving = 4 * batch * m * n + (4 + 8) * n * n + 8 * 4 * min(m, row_block(n)) * n
-    return 8 * batch * (n * n + m * n) + max(adding, solving)
+    return adding, solving
 
 
 class CovarianceGrams(ExpertGrams):
@@ -186,6 +203,9 @@ class CovarianceMethod(TallRowChunks, MatrixRule):
             return 4 * info.numel
         return covariance_state_bytes(info.shape)
 
+    @classmethod
+    def phase_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> tuple[int, int] | None:
+        return covariance_phase_bytes(info.shape) if info.cls == TensorClass.LIN else None
 
     def _weights(self, norms_sq: list[float]) -> list[float]:
         """w_t per matrix from ‖Δt‖F² per matrix; 0 leaves the expert out of that matrix."""

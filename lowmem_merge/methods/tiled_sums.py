@@ -26,14 +26,20 @@ def is_tiled(n: int) -> bool:
 
 
 def tiled_state_bytes(shape: tuple[int, ...], rows_first: bool) -> int:
-    """Peak bytes beyond the fp32 result: A packed and N of every matrix, plus the largest temporaries of one step,
-    less the result (B·m·n fp32), which lives in N's storage here while budget.piece_bytes counts it beside Δ.
-    Temporaries adding (rows first): rows of ΔΔᵀ, two fp64 column blocks of Δ and the products' tiles; (columns
-    first) a column block of ΔᵀΔ (n, b), two fp64 column blocks and an (m, b) product. Factoring: a tile's Schur
-    complement and factor, and a stripe while A is rebuilt after a failed tile. Solving: a row block's fp64
-    temporaries and its fp32 copy."""
+    """The larger phase less the result (B·m·n fp32), which lives in N's storage here while budget.piece_bytes
+    counts it beside Δ."""
     *lead, m, n = shape
-    batch = math.prod(lead)
+    return max(tiled_phase_bytes(shape, rows_first)) - 4 * math.prod(lead) * m * n
+
+
+def tiled_phase_bytes(shape: tuple[int, ...], rows_first: bool) -> tuple[int, int]:
+    """(adding, finishing) as MergeMethod.phase_bytes: A packed and N (fp64) of every matrix, plus the largest
+    temporaries of the phase; the result is written over N. Adding (rows first): rows of ΔΔᵀ, two fp64 column
+    blocks of Δ and the products' tiles; (columns first) a column block of ΔᵀΔ (n, b), two fp64 column blocks and
+    an (m, b) product. Finishing: factoring (a tile's Schur complement and factor, and a stripe while A is rebuilt
+    after a failed tile) or solving (a row block's fp64 temporaries and its fp32 copy)."""
+    *lead, m, n = shape
+    held = math.prod(lead) * (PackedLower.nbytes(n, TILE) + 8 * m * n)
     b = min(TILE, n)
     if rows_first:
         k = min(m, _k_rows(m))
@@ -43,7 +49,7 @@ def tiled_state_bytes(shape: tuple[int, ...], rows_first: bool) -> int:
     factoring = 8 * (3 * b * b + b * n)
     r = min(m, row_block(n))
     solving = 8 * SOLVE_TEMPS * r * n + 4 * r * n
-    return batch * (PackedLower.nbytes(n, TILE) + 4 * m * n) + max(adding, factoring, solving)
+    return held + adding, held + max(factoring, solving)
 
 
 def _k_rows(m: int) -> int:

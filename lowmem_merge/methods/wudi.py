@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..info import TensorInfo
+from ..info import TensorClass, TensorInfo
 from .covariance import rows_first
 from .matrix_rule import MatrixRule
 from .tall import ExpertGrams, TallRowChunks, TallState
@@ -162,9 +162,22 @@ class Wudi(TallRowChunks, MatrixRule):
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
         """A, B and τ of every matrix, and the larger temporary of one matrix: its Gram ΔᵀΔ (n²), or a row block of
         ΔΔᵀ when rows go first; Adam's gradient and two moments of one row block (τ[rows]A for the loss is one)."""
+        return max(cls._phase_floats(batch, m, n))
+
+    @staticmethod
+    def _phase_floats(batch: int, m: int, n: int) -> tuple[int, int]:
         add = block_rows(m, m) * m if rows_first(m, n) else n * n
         descend = 3 * block_rows(m, n) * n
-        return batch * (n * n + 2 * m * n) + max(add, descend)
+        return batch * (n * n + 2 * m * n) + add, batch * (n * n + 2 * m * n) + descend
+
+    @classmethod
+    def phase_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> tuple[int, int] | None:
+        """A, B and S with one add's temporary; then A, B and τ (S's memory, the result) with a row block's Adam."""
+        if info.cls != TensorClass.LIN:
+            return None
+        *lead, m, n = info.shape
+        adding, finishing = cls._phase_floats(math.prod(lead), m, n)
+        return 4 * adding, 4 * finishing
 
 
 def block_rows(m: int, n: int) -> int:
