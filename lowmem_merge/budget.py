@@ -18,6 +18,10 @@ from .stream import MERGED, PREFETCH_BYTES, Piece, make_pieces, request_bytes
 RUNTIME_BYTES = 230 << 20   # Python, torch and lowmerge loaded, measured on Linux x86-64 (torch 2.13 CPU)
 TOKENIZER_RUNTIME_BYTES = 160 << 20   # transformers and the models' tokenizers, when vocabularies are matched by
                                       # token (bench/vocab.py: +114-116 MiB peak with 32000-token vocabularies)
+COMPUTE_BYTES = 64 << 20    # beside a piece merged alone: what a process holds once it has run large GEMMs and
+                            # factorizations and RUNTIME_BYTES (at import) does not: MKL's cached GEMM buffers and
+                            # LAPACK's workspaces. An actmat merge solving a whole 8000x512 lm_head peaked 29 MiB over
+                            # the two phases without it, 13 MiB less with MKL_DISABLE_FAST_MM=1 (torch 2.13 CPU, MKL)
 SHRINK_STEPS = 6            # row chunks down to CHUNK_ELEMS / 64 (64K elements) and read-ahead to 1 MiB
 DEVICE_HEADROOM = 0.9       # of the device memory free at the start: the CUDA context and allocator need the rest
 
@@ -55,11 +59,12 @@ def alone_piece_bytes(piece: Piece, phases: tuple[int, int], stored: int, prefet
     """A piece merged alone (stream.alone_bytes: nothing read ahead, the writer idle before it), the larger of its
     two phases. Adding: the rule's bytes, Δ in fp32 and the base piece, and the expert's piece as read while it
     becomes Δ (a transposed one with Δ's contiguous copy). Finishing: the rule's bytes (the result among them), the
-    base piece and the output piece (cast once the rule's statistics are freed). The pool's idle buffers in both."""
+    base piece and the output piece (cast once the rule's statistics are freed). The pool's idle buffers and
+    COMPUTE_BYTES in both."""
     adding, finishing = phases
     numel = piece.info.numel
     converting = 4 * numel if piece.info.transposed else 0
-    return max(adding + 4 * numel + 2 * stored + converting, finishing + 2 * stored) + prefetch
+    return max(adding + 4 * numel + 2 * stored + converting, finishing + 2 * stored) + prefetch + COMPUTE_BYTES
 
 
 def state_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any) -> int:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lowmem_merge.budget import alone_piece_bytes
+from lowmem_merge.budget import COMPUTE_BYTES, alone_piece_bytes
 from lowmem_merge.device import BufferPool
 from lowmem_merge.info import TensorClass, TensorInfo
 from lowmem_merge.io.checkpoint import open_checkpoint
@@ -124,6 +124,6 @@ def test_a_whole_lin_tensor_is_merged_alone_and_priced_by_its_phases(rule: str) 
     assert alone_bytes(cls, params, Piece(norm, norm.name, None), 3) is None
     stored, pool = 2 * info.numel, 64 << 20
     price = alone_piece_bytes(whole, (adding, finishing), stored, pool)
-    assert price == max(adding + 4 * info.numel + 2 * stored, finishing + 2 * stored) + pool
+    assert price == max(adding + 4 * info.numel + 2 * stored, finishing + 2 * stored) + pool + COMPUTE_BYTES
     old = cls.state_bytes(info, 3, params) + 8 * info.numel + 4 * stored + max(pool, stored) + pool
     assert price < old

@@ -194,15 +194,15 @@ def test_materialized_lora_experts_on_the_tiled_path_within_1e_4(tiny_tiles, tmp
 @pytest.mark.parametrize("rule", ["actmat", "wudi_cfs"])
 def test_70b_down_proj_plans_packed_statistics(tmp_path, rule: str) -> None:
     """down_proj (8192x28672) plans A packed and N, no n×n matrix: 22.3 GiB before the tiled path, 8.5 GiB with
-    the stream's buffers for a whole tensor beside Δ and the result, 7.69e9 bytes merged alone (A 3.4e9, N 1.9e9
+    the stream's buffers for a whole tensor beside Δ and the result, 7.76e9 bytes merged alone (A 3.4e9, N 1.9e9
     with the fp32 result in its storage, temporaries 0.2e9, Δ 0.94e9, the base and the expert's bf16 pieces
-    0.94e9, the runtime 0.24e9)."""
+    0.94e9, the runtime 0.24e9 and 0.07e9 of MKL and LAPACK buffers beside it)."""
     need = plan_70b(tmp_path, rule)
     m, n = 8192, 28672
     adding, finishing = covariance_phase_bytes((m, n))
     held = PackedLower.nbytes(n, tiled_sums.TILE) + 8 * m * n
     assert held <= min(adding, finishing) <= max(adding, finishing) <= held + 0.05 * 8 * n * n  # temporaries: 3.3 %
-    assert need["down_proj"] <= 7.7e9
+    assert need["down_proj"] <= 7.8e9
     assert max(need.values()) == need["down_proj"]
 
 

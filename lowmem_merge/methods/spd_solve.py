@@ -117,9 +117,10 @@ def _note_cond(chol: torch.Tensor, stats: dict[str, float]) -> None:
 
 def _apply(factor: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """r·F⁻¹ in fp64 for F = L·Lᵀ: two triangular solves on rᵀ in the factor's precision."""
-    rhs = r.T.to(factor.dtype)
-    rhs = torch.linalg.solve_triangular(factor, rhs, upper=False)
-    return torch.linalg.solve_triangular(factor.T, rhs, upper=True).T.double()
+    rhs = r.T.to(factor.dtype, copy=True)                       # (n, rows), column-major as LAPACK takes it
+    torch.linalg.solve_triangular(factor, rhs, upper=False, out=rhs)
+    torch.linalg.solve_triangular(factor.T, rhs, upper=True, out=rhs)
+    return rhs.T.double()
 
 
 def _refined(a: torch.Tensor, extra: float, factor: torch.Tensor, rows: torch.Tensor, stats: dict[str, float],
@@ -128,12 +129,14 @@ def _refined(a: torch.Tensor, extra: float, factor: torch.Tensor, rows: torch.Te
     x = _apply(factor, rows)
     previous = math.inf
     for step in range(1, MAX_STEPS + 1):
-        residual = rows - x @ a
+        residual = torch.addmm(rows, x, a, alpha=-1.0)         # N − X·F, in one buffer
         if extra:
             residual.add_(x, alpha=extra)
         correction = _apply(factor, residual)
+        del residual
         x.add_(correction)
         size = float(correction.norm()) / max(float(x.norm()), 1e-300)
+        del correction
         stats["steps"] = max(stats["steps"], float(step))
         if size <= CONVERGED:
             return x, True
