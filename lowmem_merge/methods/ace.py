@@ -11,17 +11,23 @@ LIN, per (m, n) matrix:
             F = Δ_pre + R = U S Vᵀ, k = ⌊k_frac·min(m, n)⌋, Δ* = Δ_pre + mean(S[:k]) U[:, :k] V[:, :k]ᵀ;
             k = 0 skips the refinement (the reference gives NaN there: a documented deviation).
 Other tensors: mean of Δt. T = 1 does not return the expert (centring and the prior 1cᵀ).
-Memory: n² + 3mn per matrix in the heterogeneous branch (n² + mn otherwise) plus the temporaries of one step
-(W̃t; issue 17 §3: a 70B down_proj, n = 28672, must not hold a second n×n or m×n buffer beside them):
-    pass 1, 2m < n: A_acc += w W̃ᵀW̃ without Ŝt, and N's and R1's rows from row blocks of W̃W̃ᵀ and ΔW̃ᵀ (m×m), as
-            (W̃[rows]W̃ᵀ)W̃ = W̃[rows]Ŝt; otherwise through Ŝt, fewer FLOPs there;
-    finalize: R in R1's memory, A in A_acc's, its LU in place (torch writes lu_factor_ex's out= over Aᵀ), Δ_pre in N's
-            memory from row blocks of N; F's top k from the fp64 Gram of its smaller side gathered in blocks, when
-            σ_k ≥ σ_1/GRAM_COND (``thin_svd``'s Gram route and condition), and U_k V_kᵀ = U_k diag(1/σ) U_kᵀ F (or
-            F V_k diag(1/σ) V_kᵀ when m ≥ n) added in blocks, never U or Vᵀ whole; otherwise LAPACK's SVD of F.
-The homogeneous branch with 2m ≥ n runs today's whole-matrix operations, the solve split by rows (bitwise on this
-CPU, though BLAS may round a block otherwise); elsewhere (r_t as ‖W̃t‖F², the rows-first products, F's Gram summed
-by blocks, the refinement in fp64) within the rule's tolerance of the fp64 reference (tests/test_wide_rows.py).
+Memory: A_acc, N, R1, SΔ per matrix in the heterogeneous branch (A_acc, N otherwise) plus the temporaries of one
+step (W̃t; issue 17 §3: a 70B down_proj, n = 28672, m = 8192, must fit 8 GB with the stream's buffers), in two phases
+(``phase_bytes``: a whole LIN tensor is merged alone, the stream reading nothing ahead of it):
+    pass 1, 2m < n: A_acc's lower triangle packed in fp32 stripes of TILE rows (n²/2 + n·TILE/2), summed from W̃ᵀW̃
+            stripe by stripe without Ŝt; N's rows from row blocks of W̃W̃ᵀ (m×m) as (W̃[rows]W̃ᵀ)W̃ = W̃[rows]Ŝt, and
+            if flag R1's from that same product, Δ[rows]Ŝt = W̃[rows]Ŝt + 1 (Ŝt μt)ᵀ with Ŝt μt = W̃ᵀ(W̃ μt);
+            otherwise A_acc whole and through Ŝt, fewer FLOPs there;
+    finalize: c and R (in R1's memory) from A_acc's stripes, SΔ freed, then A unpacked stripe by stripe into a fresh
+            n×n whose pages are touched as it fills (at most n² and one stripe); its LU in place (torch writes
+            lu_factor_ex's out= over Aᵀ), Δ_pre in N's memory from row blocks of N; F's top k from the fp64 Gram
+            of its smaller side gathered in blocks, when σ_k ≥ σ_1/GRAM_COND (``thin_svd``'s Gram route and
+            condition), and U_k V_kᵀ = U_k diag(1/σ) U_kᵀ F (or F V_k diag(1/σ) V_kᵀ when m ≥ n) added in blocks,
+            never U or Vᵀ whole; otherwise LAPACK's SVD of F.
+Bitwise as before where 2m ≥ n, and where 2m < n in the homogeneous branch with n ≤ TILE (A_acc one stripe, the
+same call); the solve is split by rows (bitwise on this CPU, though BLAS may round a block otherwise). Elsewhere
+(A_acc by stripes, R1 from N's product, r_t as ‖W̃t‖F², F's Gram summed by blocks, the refinement in fp64) within
+the rule's tolerance of the fp64 reference (tests/test_wide_rows.py).
 Tall matrices (m ≥ 3n: an LM head) run in row chunks from three per-tensor prepass rounds (ace_tall.py).
 """
 from __future__ import annotations
