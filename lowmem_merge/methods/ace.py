@@ -12,12 +12,12 @@ LIN, per (m, n) matrix:
             k = 0 skips the refinement (the reference gives NaN there: a documented deviation).
 Other tensors: mean of Δt. T = 1 does not return the expert (centring and the prior 1cᵀ).
 Memory: A_acc, N, R1, SΔ per matrix in the heterogeneous branch (A_acc, N otherwise) plus the temporaries of one
-step (W̃t; issue 17 §3: a 70B down_proj, n = 28672, m = 8192, must fit 8 GB with the stream's buffers), in two phases
+step (issue 17 §3: a 70B down_proj, n = 28672, m = 8192, must fit 8 GB with the stream's buffers), in two phases
 (``phase_bytes``: a whole LIN tensor is merged alone, the stream reading nothing ahead of it):
-    pass 1, 2m < n: A_acc's lower triangle packed in fp32 stripes of TILE rows (n²/2 + n·TILE/2), summed from W̃ᵀW̃
-            stripe by stripe without Ŝt; N's rows from row blocks of W̃W̃ᵀ (m×m) as (W̃[rows]W̃ᵀ)W̃ = W̃[rows]Ŝt, and
+    pass 1, 2m < n: W̃t centred in Δt's own memory (SΔ takes Δt first); A_acc's lower triangle packed in fp32
+            stripes of TILE rows (n²/2 + n·TILE/2), summed from W̃ᵀW̃ stripe by stripe without Ŝt; N's rows from row blocks of W̃W̃ᵀ (m×m) as (W̃[rows]W̃ᵀ)W̃ = W̃[rows]Ŝt, and
             if flag R1's from that same product, Δ[rows]Ŝt = W̃[rows]Ŝt + 1 (Ŝt μt)ᵀ with Ŝt μt = W̃ᵀ(W̃ μt);
-            otherwise A_acc whole and through Ŝt, fewer FLOPs there;
+            otherwise W̃t a copy, A_acc whole and through Ŝt, fewer FLOPs there;
     finalize: c and R (in R1's memory) from A_acc's stripes, SΔ freed, then A unpacked stripe by stripe into a fresh
             n×n whose pages are touched as it fills (at most n² and one stripe); its LU in place (torch writes
             lu_factor_ex's out= over Aᵀ), Δ_pre in N's memory from row blocks of N; F's top k from the fp64 Gram
@@ -116,10 +116,10 @@ class Ace(TallRowChunks, MatrixRule):
             self._start(d)
         for x, acc in zip(d, self._acc):  # x: (m, n)
             mu = x.mean(0)                                     # μt, (n,)
-            centred = x - mu                                   # W̃t, (m, n)
             if rows_first(*x.shape):
-                self._add_rows_first(acc, x, centred, mu)
+                self._add_rows_first(acc, x, mu)
                 continue
+            centred = x - mu                                   # W̃t, (m, n)
             gram = centred.T @ centred                         # Ŝt, (n, n)
             w, eps_t = self._weight(acc, float(gram.diagonal().sum()) + _TINY)
             acc.a.add_(gram, alpha=w)
@@ -134,10 +134,14 @@ class Ace(TallRowChunks, MatrixRule):
         acc.e += eps_t
         return w, eps_t
 
-    def _add_rows_first(self, acc: _Stats, x: torch.Tensor, centred: torch.Tensor, mu: torch.Tensor) -> None:
-        """Pass 1 for one wide matrix (2m < n) without its n×n Ŝt: A_acc's packed stripes, and W̃[rows]Ŝt =
-        (W̃[rows]W̃ᵀ)W̃. When flagged that one product gives R1's rows too: Δ[rows]Ŝt = W̃[rows]Ŝt + 1 (Ŝt μt)ᵀ with
-        Ŝt μt = W̃ᵀ(W̃ μt), half the FLOPs of a second product."""
+    def _add_rows_first(self, acc: _Stats, x: torch.Tensor, mu: torch.Tensor) -> None:
+        """Pass 1 for one wide matrix (2m < n) without its n×n Ŝt, W̃t centred in Δt's own memory (the caller's,
+        read no more; SΔ takes Δt first): A_acc's packed stripes, and W̃[rows]Ŝt = (W̃[rows]W̃ᵀ)W̃. When flagged that
+        one product gives R1's rows too: Δ[rows]Ŝt = W̃[rows]Ŝt + 1 (Ŝt μt)ᵀ with Ŝt μt = W̃ᵀ(W̃ μt), half the FLOPs
+        of a second product."""
+        if acc.flag:
+            acc.sum.add_(x)
+        centred = x.sub_(mu)                                   # W̃t, (m, n), over Δt
         w, eps_t = self._weight(acc, float(torch.linalg.vector_norm(centred)) ** 2 + _TINY)
         acc.a.add_gram_(centred, w)
         m = x.shape[0]
@@ -147,7 +151,6 @@ class Ace(TallRowChunks, MatrixRule):
                 part = (centred[rows] @ centred.T) @ centred   # W̃[rows]Ŝt, (rows, n)
                 acc.nn[rows].add_(part, alpha=w)
                 acc.r1[rows].add_(part.add_(spread), alpha=w)
-            acc.sum.add_(x)
         else:
             for rows in row_blocks(m, m):
                 acc.nn[rows].addmm_(centred[rows] @ centred.T, centred, alpha=w)   # (rows, m) @ (m, n)
@@ -226,14 +229,14 @@ class Ace(TallRowChunks, MatrixRule):
     @staticmethod
     def _phase_floats(batch: int, m: int, n: int, params: Any) -> tuple[int, int]:
         """fp32 values of (adding, finishing), the heterogeneous branch (the larger). Adding: every matrix's
-        statistics (A_acc, packed when rows go first; N, R1, SΔ) and one W̃t with a row block of W̃W̃ᵀ and W̃Ŝt, or
-        with Ŝt. Finishing: the result (a batch's own buffer; a plain matrix's is N's memory) and the statistics of
+        statistics (A_acc, packed when rows go first; N, R1, SΔ) and one add's temporaries: a row block of W̃W̃ᵀ and
+        W̃Ŝt (W̃t is centred in Δt's memory), or W̃t and Ŝt. Finishing: the result (a batch's own buffer; a plain matrix's is N's memory) and the statistics of
         the matrices still to come beside one matrix's finalize: its statistics while c and R are formed, A unpacked
         beside N and R, A's LU with N, R and a row block of the solve, or the refinement (Δ_pre, F and its
         temporaries; A and SΔ are freed by then)."""
         wide = rows_first(m, n)
         stats = (PackedLower.nbytes(n, TILE, 4) // 4 if wide else n * n) + 3 * m * n
-        add = m * n + (max(block_rows(m, m) * m, block_rows(m, n) * (m + n)) if wide else n * n)
+        add = max(block_rows(m, m) * m, block_rows(m, n) * (m + n)) if wide else m * n + n * n
         unpack = PackedLower.unpack_floats(n, TILE) + 2 * m * n if wide else 0
         solve = n * n + 2 * m * n + 2 * block_rows(m, n) * n   # a row block of Nᵀ's solution and its copy back
         k = math.floor(params.k_frac * min(m, n))
