@@ -10,6 +10,9 @@ F = A + shift·I = L·Lᵀ and S = F − extra·I, X·S = N reads X = N·F⁻¹ 
 arithmetic that is spd_solve's X += (N − X·S)·F⁻¹ step for step (on an eigenvalue λ of A the error shrinks by
 c/(λ + c) per step). Where S is not singular, extra = 0 and X₀ is the answer: a backward-stable fp64 Cholesky solve,
 error ~κ·n·u64, far below the κ·u32 that the dense path is held to.
+
+ACE (ace.py) sums its A_acc in a PackedLower of fp32 (``add_gram_``), takes its column sums and x·A from the stripes,
+and unpacks it for its non-symmetric LU; none of that uses the solver here.
 """
 from __future__ import annotations
 
@@ -84,9 +87,10 @@ class PackedLower:
 
     def unpack(self) -> torch.Tensor:
         """The whole (n, n) matrix; the stripes are consumed (self holds none afterwards). One stripe is returned as
-        is. Otherwise each stripe is freed once copied into a fresh matrix whose pages are touched only as it is
-        filled (rows and columns 0:e_j after stripe j), so the process holds about (n² + e_j²)/2 values after
-        stripe j: at most n² and one stripe (``unpack_floats``)."""
+        is. Otherwise each stripe is freed once copied into a fresh matrix whose pages the CPU commits only as they
+        are written (a mapping of its own: device.tune_malloc), rows and columns 0:e_j after stripe j, so the process
+        holds about (n² + e_j²)/2 values after stripe j: at most n² and one stripe (``unpack_floats``; measured
+        n² + 1.0 stripe at n = 8192). A CUDA allocation is whole at once: n² and every stripe there."""
         stripes, self.stripes = self.stripes, []
         if len(stripes) == 1:
             return stripes.pop()
@@ -101,7 +105,7 @@ class PackedLower:
 
     @staticmethod
     def unpack_floats(n: int, tile: int) -> int:
-        """Values held at most while ``unpack`` runs (besides the caller's other buffers)."""
+        """Values held at most while ``unpack`` runs on the CPU (besides the caller's other buffers)."""
         return n * n + (tile * n if n > tile else 0)
 
 
