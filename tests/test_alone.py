@@ -110,7 +110,7 @@ def test_wait_idle_raises_the_writers_error(tmp_path: Path) -> None:
     writer.abort()
 
 
-@pytest.mark.parametrize("rule", ["actmat", "wudi_cfs", "wudi"])
+@pytest.mark.parametrize("rule", ["actmat", "wudi_cfs", "wudi", "ace"])
 def test_a_whole_lin_tensor_is_merged_alone_and_priced_by_its_phases(rule: str) -> None:
     """The rules that give phase_bytes have a whole LIN tensor merged alone; its price is the larger phase with
     Δ, the base piece and the expert's piece as read (or the output), below the price of a piece that is not."""

@@ -11,17 +11,23 @@ LIN, per (m, n) matrix:
             F = Δ_pre + R = U S Vᵀ, k = ⌊k_frac·min(m, n)⌋, Δ* = Δ_pre + mean(S[:k]) U[:, :k] V[:, :k]ᵀ;
             k = 0 skips the refinement (the reference gives NaN there: a documented deviation).
 Other tensors: mean of Δt. T = 1 does not return the expert (centring and the prior 1cᵀ).
-Memory: n² + 3mn per matrix in the heterogeneous branch (n² + mn otherwise) plus the temporaries of one step
-(W̃t; issue 17 §3: a 70B down_proj, n = 28672, must not hold a second n×n or m×n buffer beside them):
-    pass 1, 2m < n: A_acc += w W̃ᵀW̃ without Ŝt, and N's and R1's rows from row blocks of W̃W̃ᵀ and ΔW̃ᵀ (m×m), as
-            (W̃[rows]W̃ᵀ)W̃ = W̃[rows]Ŝt; otherwise through Ŝt, fewer FLOPs there;
-    finalize: R in R1's memory, A in A_acc's, its LU in place (torch writes lu_factor_ex's out= over Aᵀ), Δ_pre in N's
-            memory from row blocks of N; F's top k from the fp64 Gram of its smaller side gathered in blocks, when
-            σ_k ≥ σ_1/GRAM_COND (``thin_svd``'s Gram route and condition), and U_k V_kᵀ = U_k diag(1/σ) U_kᵀ F (or
-            F V_k diag(1/σ) V_kᵀ when m ≥ n) added in blocks, never U or Vᵀ whole; otherwise LAPACK's SVD of F.
-The homogeneous branch with 2m ≥ n runs today's whole-matrix operations, the solve split by rows (bitwise on this
-CPU, though BLAS may round a block otherwise); elsewhere (r_t as ‖W̃t‖F², the rows-first products, F's Gram summed
-by blocks, the refinement in fp64) within the rule's tolerance of the fp64 reference (tests/test_wide_rows.py).
+Memory: A_acc, N, R1, SΔ per matrix in the heterogeneous branch (A_acc, N otherwise) plus the temporaries of one
+step (issue 17 §3: a 70B down_proj, n = 28672, m = 8192, must fit 8 GB with the stream's buffers), in two phases
+(``phase_bytes``: a whole LIN tensor is merged alone, the stream reading nothing ahead of it):
+    pass 1, 2m < n: W̃t centred in Δt's own memory (SΔ takes Δt first); A_acc's lower triangle packed in fp32
+            stripes of TILE rows (n²/2 + n·TILE/2), summed from W̃ᵀW̃ stripe by stripe without Ŝt; N's rows from row blocks of W̃W̃ᵀ (m×m) as (W̃[rows]W̃ᵀ)W̃ = W̃[rows]Ŝt, and
+            if flag R1's from that same product, Δ[rows]Ŝt = W̃[rows]Ŝt + 1 (Ŝt μt)ᵀ with Ŝt μt = W̃ᵀ(W̃ μt);
+            otherwise W̃t a copy, A_acc whole and through Ŝt, fewer FLOPs there;
+    finalize: c and R (in R1's memory) from A_acc's stripes, SΔ freed, then A unpacked stripe by stripe into a fresh
+            n×n whose pages are touched as it fills (at most n² and one stripe); its LU in place (torch writes
+            lu_factor_ex's out= over Aᵀ), Δ_pre in N's memory from row blocks of N; F's top k from the fp64 Gram
+            of its smaller side gathered in blocks, when σ_k ≥ σ_1/GRAM_COND (``thin_svd``'s Gram route and
+            condition), and U_k V_kᵀ = U_k diag(1/σ) U_kᵀ F (or F V_k diag(1/σ) V_kᵀ when m ≥ n) added in blocks,
+            never U or Vᵀ whole; otherwise LAPACK's SVD of F.
+Bitwise as before where 2m ≥ n, and where 2m < n in the homogeneous branch with n ≤ TILE (A_acc one stripe, the
+same call); the solve is split by rows (bitwise on this CPU, though BLAS may round a block otherwise). Elsewhere
+(A_acc by stripes, R1 from N's product, r_t as ‖W̃t‖F², F's Gram summed by blocks, the refinement in fp64) within
+the rule's tolerance of the fp64 reference (tests/test_wide_rows.py).
 Tall matrices (m ≥ 3n: an LM head) run in row chunks from three per-tensor prepass rounds (ace_tall.py).
 """
 from __future__ import annotations
@@ -34,13 +40,16 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..info import TensorClass, TensorInfo
 from .ace_tall import AceGrams, RowSums, heterogeneity
 from .covariance import rows_first
 from .matrix_rule import GRAM_COND, MatrixRule, _lapack_svd
 from .tall import TallRowChunks, TallState
+from .tiled_spd import PackedLower
 from .wudi import block_rows, row_blocks
 
 _TINY = 1e-12  # the reference's guards
+TILE = 1024    # A_acc's packed stripes (rows first): GEMMs of 1024 rows are efficient; the packing wastes n·TILE/2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +68,12 @@ class AceParams:
 
 
 class _Stats:
-    """One matrix's pass-1 accumulators."""
+    """One matrix's pass-1 accumulators; A_acc packed (its lower triangle in fp32 stripes) when rows go first."""
 
     def __init__(self, m: int, n: int, flag: bool, like: torch.Tensor) -> None:
         self.flag = flag
-        self.a = like.new_zeros(n, n)                          # A_acc = Σ Σ̃t
+        self.a: torch.Tensor | PackedLower = (PackedLower(n, TILE, like.device, like.dtype) if rows_first(m, n)
+                                              else like.new_zeros(n, n))   # A_acc = Σ Σ̃t
         self.e = 0.0                                           # E = Σ ε_t
         self.nn = like.new_zeros(m, n)                         # N = Σ W̃t Σ̃t + ε_t W̃t
         self.r1 = like.new_zeros(m, n) if flag else None       # R1 = Σ Δt Σ̃t
@@ -105,10 +115,11 @@ class Ace(TallRowChunks, MatrixRule):
         if self._acc is None:
             self._start(d)
         for x, acc in zip(d, self._acc):  # x: (m, n)
-            centred = x - x.mean(0)                           # W̃t, (m, n)
+            mu = x.mean(0)                                     # μt, (n,)
             if rows_first(*x.shape):
-                self._add_rows_first(acc, x, centred)
+                self._add_rows_first(acc, x, mu)
                 continue
+            centred = x - mu                                   # W̃t, (m, n)
             gram = centred.T @ centred                         # Ŝt, (n, n)
             w, eps_t = self._weight(acc, float(gram.diagonal().sum()) + _TINY)
             acc.a.add_(gram, alpha=w)
@@ -123,18 +134,27 @@ class Ace(TallRowChunks, MatrixRule):
         acc.e += eps_t
         return w, eps_t
 
-    def _add_rows_first(self, acc: _Stats, x: torch.Tensor, centred: torch.Tensor) -> None:
-        """Pass 1 for one wide matrix (2m < n) without its n×n Ŝt: W̃[rows]Ŝt = (W̃[rows]W̃ᵀ)W̃, Δ[rows]Ŝt alike."""
-        w, eps_t = self._weight(acc, float(torch.linalg.vector_norm(centred)) ** 2 + _TINY)
-        acc.a.addmm_(centred.T, centred, alpha=w)
-        m = x.shape[0]
-        for rows in row_blocks(m, m):
-            acc.nn[rows].addmm_(centred[rows] @ centred.T, centred, alpha=w)   # (rows, m) @ (m, n)
-            if acc.flag:
-                acc.r1[rows].addmm_(x[rows] @ centred.T, centred, alpha=w)
-        acc.nn.add_(centred, alpha=eps_t)
+    def _add_rows_first(self, acc: _Stats, x: torch.Tensor, mu: torch.Tensor) -> None:
+        """Pass 1 for one wide matrix (2m < n) without its n×n Ŝt, W̃t centred in Δt's own memory (the caller's,
+        read no more; SΔ takes Δt first): A_acc's packed stripes, and W̃[rows]Ŝt = (W̃[rows]W̃ᵀ)W̃. When flagged that
+        one product gives R1's rows too: Δ[rows]Ŝt = W̃[rows]Ŝt + 1 (Ŝt μt)ᵀ with Ŝt μt = W̃ᵀ(W̃ μt), half the FLOPs
+        of a second product."""
         if acc.flag:
             acc.sum.add_(x)
+        centred = x.sub_(mu)                                   # W̃t, (m, n), over Δt
+        w, eps_t = self._weight(acc, float(torch.linalg.vector_norm(centred)) ** 2 + _TINY)
+        acc.a.add_gram_(centred, w)
+        m = x.shape[0]
+        if acc.flag:
+            spread = centred.T @ (centred @ mu)                # Ŝt μt, (n,)
+            for rows in row_blocks(*x.shape):
+                part = (centred[rows] @ centred.T) @ centred   # W̃[rows]Ŝt, (rows, n)
+                acc.nn[rows].add_(part, alpha=w)
+                acc.r1[rows].add_(part.add_(spread), alpha=w)
+        else:
+            for rows in row_blocks(m, m):
+                acc.nn[rows].addmm_(centred[rows] @ centred.T, centred, alpha=w)   # (rows, m) @ (m, n)
+        acc.nn.add_(centred, alpha=eps_t)
 
     def _start(self, like: torch.Tensor) -> None:
         """Pass 1 begins: γ and the branch of every matrix from the norms of pass 0."""
@@ -164,18 +184,24 @@ class Ace(TallRowChunks, MatrixRule):
         return merged
 
     def _finalize_one(self, acc: _Stats, mean_norm: float) -> torch.Tensor:
-        """Δ* (m, n) in N's memory; takes the matrix's statistics (A_acc becomes A's LU, R1 becomes R, then F)."""
+        """Δ* (m, n) in N's memory; takes the matrix's statistics (A_acc becomes A's LU, R1 becomes R, then F). A
+        packed A_acc gives c and R from its stripes, SΔ is freed, and only then is it unpacked for the LU."""
         m, n = acc.nn.shape
-        c = acc.a.mean(0)                                      # row mean of the unregularized Σ Σ̃t, (n,)
+        packed = isinstance(acc.a, PackedLower)
+        c = acc.a.column_sums().div_(n) if packed else acc.a.mean(0)   # row mean of the unregularized Σ Σ̃t, (n,)
         if acc.flag:
             c.div_(mean_norm + _TINY)
-        acc.a.diagonal().add_(acc.e)                           # Σ_t Σt_reg
+        if packed:
+            acc.a.add_diagonal(acc.e)
+        else:
+            acc.a.diagonal().add_(acc.e)                       # Σ_t Σt_reg
         refine = None
-        if acc.flag:
-            refine = acc.r1.addmm_(acc.sum, acc.a, alpha=-1.0 / self.n_experts)  # R = R1 − SΔ Σ̄_reg
+        if acc.flag:                                           # R = R1 − SΔ Σ̄_reg
+            alpha = -1.0 / self.n_experts
+            refine = acc.a.mul_into_(acc.r1, acc.sum, alpha) if packed else acc.r1.addmm_(acc.sum, acc.a, alpha=alpha)
             acc.sum = acc.r1 = None
-        a, pre, acc.a, acc.nn = acc.a.add_(c), acc.nn, None, None   # A = Σ_t Σt_reg + 1 cᵀ: every row gets cᵀ
-        _solve_rows(a, pre)
+        a, pre, acc.a, acc.nn = acc.a.unpack() if packed else acc.a, acc.nn, None, None
+        _solve_rows(a.add_(c), pre)                            # A = Σ_t Σt_reg + 1 cᵀ: every row gets cᵀ
         del a
         k = math.floor(self.params.k_frac * min(m, n))
         if refine is None or k == 0:
@@ -188,16 +214,35 @@ class Ace(TallRowChunks, MatrixRule):
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        """The larger of pass 1 (every matrix's statistics and one W̃t's temporaries) and one matrix's finalize
-        beside the others' statistics: its solve (A's LU, N, R and a row block) or its refinement (Δ_pre, F and
-        the SVD's temporaries; A and SΔ are freed by then). The heterogeneous branch, the larger."""
-        stats = n * n + 3 * m * n                              # A_acc, N, R1, SΔ of one matrix
-        add = m * n + (block_rows(m, m) * m if rows_first(m, n) else n * n)   # W̃t, and a block of W̃W̃ᵀ or Ŝt
+        """The larger phase less the result, which budget.piece_bytes counts beside Δ (a plain matrix's is N's
+        memory, a batch's is in the finishing phase)."""
+        return max(cls._phase_floats(batch, m, n, params)) - batch * m * n
+
+    @classmethod
+    def phase_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> tuple[int, int] | None:
+        if info.cls != TensorClass.LIN:
+            return None
+        *lead, m, n = info.shape
+        adding, finishing = cls._phase_floats(math.prod(lead), m, n, params)
+        return 4 * adding, 4 * finishing
+
+    @staticmethod
+    def _phase_floats(batch: int, m: int, n: int, params: Any) -> tuple[int, int]:
+        """fp32 values of (adding, finishing), the heterogeneous branch (the larger). Adding: every matrix's
+        statistics (A_acc, packed when rows go first; N, R1, SΔ) and one add's temporaries: a row block of W̃W̃ᵀ and
+        W̃Ŝt (W̃t is centred in Δt's memory), or W̃t and Ŝt. Finishing: the result (a batch's own buffer; a plain matrix's is N's memory) and the statistics of
+        the matrices still to come beside one matrix's finalize: its statistics while c and R are formed, A unpacked
+        beside N and R, A's LU with N, R and a row block of the solve, or the refinement (Δ_pre, F and its
+        temporaries; A and SΔ are freed by then)."""
+        wide = rows_first(m, n)
+        stats = (PackedLower.nbytes(n, TILE, 4) // 4 if wide else n * n) + 3 * m * n
+        add = max(block_rows(m, m) * m, block_rows(m, n) * (m + n)) if wide else m * n + n * n
+        unpack = PackedLower.unpack_floats(n, TILE) + 2 * m * n if wide else 0
         solve = n * n + 2 * m * n + 2 * block_rows(m, n) * n   # a row block of Nᵀ's solution and its copy back
         k = math.floor(params.k_frac * min(m, n))
-        finish = max(stats, solve, 2 * m * n + _refine_floats(m, n, k))
-        result = batch * m * n if batch > 1 else 0             # a plain matrix's result is N's memory
-        return result + max(batch * stats + add, (batch - 1) * stats + finish)
+        finish = max(stats, unpack, solve, 2 * m * n + _refine_floats(m, n, k))
+        result = batch * m * n if batch > 1 else 0
+        return batch * stats + add, result + (batch - 1) * stats + finish
 
 
 def _solve_rows(a: torch.Tensor, nn: torch.Tensor) -> None:

@@ -6,8 +6,9 @@ Life of a method instance (one per output tensor, or per row chunk of it):
         for t in range(n_experts): m.add(t, delta_t, pass_)   # delta_t: (shape of info) fp32 on the device
     merged_delta = m.finalize()                     # Δ*, same shape, fp32; W* = W0 + Δ*
 ``methods.drive.drive`` is that loop, the only one: the stream, the tests and ``inspect --stats`` call it.
-The caller owns ``delta``: a method may read it during ``add`` but must not keep a reference to it (LoRA factors,
-given only to a method whose ``takes_factors`` says so, are the exception: they are small and the method keeps them).
+The caller owns ``delta``: a method may read it during ``add``, and overwrite it (ace centres it in place: the
+stream reads it no more and gives it back to its pool), but must not keep a reference to it (LoRA factors, given
+only to a method whose ``takes_factors`` says so, are the exception: they are small and the method keeps them).
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ F = A + shift·I = L·Lᵀ and S = F − extra·I, X·S = N reads X = N·F⁻¹ 
 arithmetic that is spd_solve's X += (N − X·S)·F⁻¹ step for step (on an eigenvalue λ of A the error shrinks by
 c/(λ + c) per step). Where S is not singular, extra = 0 and X₀ is the answer: a backward-stable fp64 Cholesky solve,
 error ~κ·n·u64, far below the κ·u32 that the dense path is held to.
+
+ACE (ace.py) sums its A_acc in a PackedLower of fp32 (``add_gram_``), takes its column sums and x·A from the stripes,
+and unpacks it for its non-symmetric LU; none of that uses the solver here.
 """
 from __future__ import annotations
 
@@ -23,18 +26,19 @@ SOLVE_TEMPS = 5   # (rows, n) fp64 temporaries of a refined row block: X₀, X, 
 
 
 class PackedLower:
-    """The lower triangle of a symmetric (n, n) fp64 matrix as row stripes: stripe j holds rows edges[j]:edges[j+1],
-    columns 0:edges[j+1]. Its diagonal tile is held whole (symmetric while A is summed, lower triangular once
-    factored); about n²/2 + n·tile/2 values instead of n²."""
+    """The lower triangle of a symmetric (n, n) matrix (fp64 here; ACE's A_acc in fp32) as row stripes: stripe j
+    holds rows edges[j]:edges[j+1], columns 0:edges[j+1]. Its diagonal tile is held whole (symmetric while A is
+    summed, lower triangular once factored); about n²/2 + n·tile/2 values instead of n²."""
 
-    def __init__(self, n: int, tile: int, device: torch.device | None = None) -> None:
+    def __init__(self, n: int, tile: int, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float64) -> None:
         self.n = n
         self.edges = list(range(0, n, tile)) + [n]
-        self.stripes = [torch.zeros(e - s, e, dtype=torch.float64, device=device) for s, e in self.spans()]
+        self.stripes = [torch.zeros(e - s, e, dtype=dtype, device=device) for s, e in self.spans()]
 
     @staticmethod
-    def nbytes(n: int, tile: int) -> int:
-        return 8 * sum((min(s + tile, n) - s) * min(s + tile, n) for s in range(0, n, tile))
+    def nbytes(n: int, tile: int, itemsize: int = 8) -> int:
+        return itemsize * sum((min(s + tile, n) - s) * min(s + tile, n) for s in range(0, n, tile))
 
     def spans(self) -> list[tuple[int, int]]:
         return list(zip(self.edges, self.edges[1:]))
@@ -55,6 +59,54 @@ class PackedLower:
     def add_diagonal(self, value: float) -> None:
         for j in range(len(self.stripes)):
             self.diag(j).diagonal().add_(value)
+
+    def add_gram_(self, x: torch.Tensor, alpha: float) -> None:
+        """A += alpha·xᵀx for x (m, n), one GEMM per stripe straight into it (half of xᵀx's FLOPs, no n×n temporary;
+        with one stripe the very call ``a.addmm_(x.T, x)`` on the whole matrix)."""
+        for stripe, (s, e) in zip(self.stripes, self.spans()):
+            stripe.addmm_(x[:, s:e].T, x[:, :e], alpha=alpha)
+
+    def column_sums(self) -> torch.Tensor:
+        """Σ_i A[i, :] (n,) of the whole symmetric matrix: a stripe's columns, and its left part's rows for the tiles
+        above the diagonal that it stands for."""
+        out = self.stripes[0].new_zeros(self.n)
+        for stripe, (s, e) in zip(self.stripes, self.spans()):
+            out[:e] += stripe.sum(0)
+            if s:
+                out[s:e] += stripe[:, :s].sum(1)
+        return out
+
+    def mul_into_(self, out: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        """out += alpha·x·A for x, out (m, n), tile stripe by stripe into out's columns (no m×n temporary): stripe j
+        gives A[rows_j, :e_j] and, transposed, the tiles above the diagonal A[:s_j, rows_j]."""
+        for stripe, (s, e) in zip(self.stripes, self.spans()):
+            out[:, :e].addmm_(x[:, s:e], stripe, alpha=alpha)
+            if s:
+                out[:, s:e].addmm_(x[:, :s], stripe[:, :s].T, alpha=alpha)
+        return out
+
+    def unpack(self) -> torch.Tensor:
+        """The whole (n, n) matrix; the stripes are consumed (self holds none afterwards). One stripe is returned as
+        is. Otherwise each stripe is freed once copied into a fresh matrix whose pages the CPU commits only as they
+        are written (a mapping of its own: device.tune_malloc), rows and columns 0:e_j after stripe j, so the process
+        holds about (n² + e_j²)/2 values after stripe j: at most n² and one stripe (``unpack_floats``; measured
+        n² + 1.0 stripe at n = 8192). A CUDA allocation is whole at once: n² and every stripe there."""
+        stripes, self.stripes = self.stripes, []
+        if len(stripes) == 1:
+            return stripes.pop()
+        full = stripes[0].new_empty(self.n, self.n)
+        for j, (s, e) in enumerate(self.spans()):
+            stripe, stripes[j] = stripes[j], None
+            full[s:e, :e] = stripe
+            if s:
+                full[:s, s:e] = stripe[:, :s].T
+            del stripe
+        return full
+
+    @staticmethod
+    def unpack_floats(n: int, tile: int) -> int:
+        """Values held at most while ``unpack`` runs on the CPU (besides the caller's other buffers)."""
+        return n * n + (tile * n if n > tile else 0)
 
 
 def factor_in_place(a: PackedLower) -> int:
