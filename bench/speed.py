@@ -335,13 +335,14 @@ def best_of(repeat: int, measure: Callable[[], MergeRun | Floor]) -> MergeRun | 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
 
-def matmul_rates(repeat: int = MATMUL_REPEAT) -> dict[str, float]:
-    """fp32 FLOP/s of torch matmuls of the shapes a covariance rule runs (best of ``repeat`` after a warm-up)."""
+def matmul_rates(repeat: int = MATMUL_REPEAT, dtype: str = "float32") -> dict[str, float]:
+    """FLOP/s of torch matmuls of the shapes a covariance rule runs (best of ``repeat`` after a warm-up), in fp32
+    (the targets' FLOP time) or fp64 (what the covariance rules' products run in since issue 17 §1)."""
     import torch
     g = torch.Generator().manual_seed(0)
-    sq = torch.randn(2048, 2048, generator=g)
-    tall = torch.randn(4096, 1024, generator=g)
-    gram = torch.randn(1024, 1024, generator=g)
+    sq = torch.randn(2048, 2048, generator=g, dtype=getattr(torch, dtype))
+    tall = torch.randn(4096, 1024, generator=g, dtype=getattr(torch, dtype))
+    gram = torch.randn(1024, 1024, generator=g, dtype=getattr(torch, dtype))
     cases: dict[str, tuple[Callable[[], object], float]] = {
         "2048×2048 @ 2048×2048": (lambda: sq @ sq, 2 * 2048 ** 3),
         "(4096×1024)ᵀ @ 4096×1024": (lambda: tall.T @ tall, 2 * 4096 * 1024 ** 2),
@@ -526,6 +527,7 @@ class Run:
     floors: dict[str, Floor]
     import_s: float
     rates: dict[str, float]
+    rates64: dict[str, float]
     flops: float
     n_lin: int
     results: list[MethodResult] = field(default_factory=list)
@@ -602,6 +604,16 @@ def render(run: Run, when: datetime.datetime, commit: str, machine_line: str) ->
         "N min(2mn², 4m²n); per tensor: solve n³/3 + 2mn²; counts Cholesky solves)"
         + (f"; eigh solves taken (cold run): {', '.join(eigh)}" if eigh else ""),
     ]
+    covariance = [r for r in run.results if r.target is not None and r.target.kind == "covariance"]
+    if covariance:
+        best64 = max(run.rates64.values())
+        flop64 = run.flops / best64
+        per = ", ".join(f"`{r.spec.label}`{f' ({r.tree})' if r.tree else ''} "
+                        f"{(r.cold.wall_s - run.import_s) / max(cold.total_s, flop64):.2f}×" for r in covariance)
+        lines.append(f"- fp64 matmul, same shapes: best {best64 / 1e9:.1f} GFLOP/s ({best_rate / best64:.2f}× slower "
+                     f"than fp32). The covariance rules take their Grams, N and residuals in fp64 (issue 17 §1's "
+                     f"exactness), so their own arithmetic's FLOP time is {fmt_s(flop64)} s; cold wall less imports ÷ "
+                     f"max(cold floor, that): {per} (the target above stays the fp32 one)")
     if spectral:
         lines.append(f"- spectral FLOPs ({', '.join(spectral)}): the Gram products and one factorization per LIN "
                      f"matrix, an r×r eigh counted {EIGH_FLOPS}r³ (`spectral_flops` in bench/speed.py); the rules take "
@@ -674,12 +686,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     log("measuring import time, matmul rate and covariance FLOPs ...")
     import_s = import_time(IMPORT_REPEAT)
     rates = matmul_rates()
+    rates64 = matmul_rates(dtype="float64")
     flops, n_lin = covariance_flops(base, experts)
     log("measuring the I/O floor ...")
     floors = {state: best_of(args.repeat, lambda c=(state == "cold"): measure_floor(inputs, out_bytes, c))
               for state in ("cold", "warm")}
     run = Run("python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]), shape_line(args),
-              sum(p.stat().st_size for p in inputs), len(inputs), out_bytes, floors, import_s, rates, flops, n_lin,
+              sum(p.stat().st_size for p in inputs), len(inputs), out_bytes, floors, import_s, rates, rates64, flops, n_lin,
               skipped=skipped)
     trees = [(REPO, "")]
     if args.baseline is not None:
