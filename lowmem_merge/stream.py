@@ -156,10 +156,7 @@ class StreamContext:
 def alone_bytes(method: type[MergeMethod], params: Any, piece: Piece, n_experts: int) -> tuple[int, int] | None:
     """The rule's (adding, finishing) bytes where ``piece`` is merged alone (MergeMethod.phase_bytes: a whole tensor
     of a rule that gives them, not on a per-tensor prepass' path); None for every other piece."""
-    if piece.rows is not None or piece.info.cls not in MERGED:
-        return None
-    pre = method.prepass_for(params)
-    if pre is not None and pre.scope == "tensor" and pre.covers(params, piece.info):
+    if piece.rows is not None or piece.info.cls not in MERGED or prepass_rounds(method, params, "tensor", piece.info):
         return None
     return method.phase_bytes(piece.info, n_experts, params)
 

@@ -37,7 +37,7 @@ from ..info import TensorClass, TensorInfo
 from .matrix_rule import MatrixRule, as_matrices
 from .spd_solve import SpdSystem, merge_stats, row_block, solve_spd_right
 from .tall import ExpertGrams, TallRowChunks, TallState
-from .tiled_sums import TiledGramSums, is_tiled, tiled_phase_bytes, tiled_state_bytes
+from .tiled_sums import TiledGramSums, is_tiled, tiled_phase_bytes
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -48,7 +48,16 @@ def rows_first(m: int, n: int) -> bool:
 
 
 def covariance_state_bytes(shape: tuple[int, ...]) -> int:
-    """Peak bytes for one tensor: fp64 A and N of every matrix, plus the largest temporaries of one matrix.
+    """Peak bytes for one tensor, the larger of ``covariance_phase_bytes``; on the tiled path less the fp32 result,
+    which lives in N's storage there while budget.piece_bytes counts it beside Δ."""
+    *lead, m, n = shape
+    in_n = 4 * math.prod(lead) * m * n if is_tiled(n) else 0
+    return max(covariance_phase_bytes(shape)) - in_n
+
+
+def covariance_phase_bytes(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(adding, finishing) as MergeMethod.phase_bytes: fp64 A and N of every matrix, plus the largest temporaries of
+    one matrix in that phase (the tiled path: tiled_sums.tiled_phase_bytes).
 
     In ``add``: the expert's fp64 copy (m·n) and its fp64 Gram product (n², or m² < n² when rows go first). In
     ``solve``: the fp32 result of every matrix (B·m·n), the fp32 and fp64 Cholesky factors (n² each, the fp64 one
@@ -56,28 +65,12 @@ def covariance_state_bytes(shape: tuple[int, ...]) -> int:
     """
     *lead, m, n = shape
     if is_tiled(n):
-        return tiled_state_bytes(shape, rows_first(m, n))
-    batch = math.prod(lead)
-    adding, solving = _dense_temps(m, n, batch)
-    return 8 * batch * (n * n + m * n) + max(adding, solving)
-
-
-def covariance_phase_bytes(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(adding, finishing) as MergeMethod.phase_bytes: covariance_state_bytes' terms, each phase on its own."""
-    *lead, m, n = shape
-    if is_tiled(n):
         return tiled_phase_bytes(shape, rows_first(m, n))
     batch = math.prod(lead)
     held = 8 * batch * (n * n + m * n)
-    adding, solving = _dense_temps(m, n, batch)
-    return held + adding, held + solving
-
-
-def _dense_temps(m: int, n: int, batch: int) -> tuple[int, int]:
-    """The dense path's largest temporaries adding (Δ's fp64 copy and its Gram product) and solving (the result)."""
     adding = 8 * (m * n + min(n * n, m * m if rows_first(m, n) else n * n))
     solving = 4 * batch * m * n + (4 + 8) * n * n + 8 * 4 * min(m, row_block(n)) * n
-    return adding, solving
+    return held + adding, held + solving
 
 
 class CovarianceGrams(ExpertGrams):

@@ -25,13 +25,6 @@ def is_tiled(n: int) -> bool:
     return 8 * n * n > TILED_MIN_BYTES
 
 
-def tiled_state_bytes(shape: tuple[int, ...], rows_first: bool) -> int:
-    """The larger phase less the result (B·m·n fp32), which lives in N's storage here while budget.piece_bytes
-    counts it beside Δ."""
-    *lead, m, n = shape
-    return max(tiled_phase_bytes(shape, rows_first)) - 4 * math.prod(lead) * m * n
-
-
 def tiled_phase_bytes(shape: tuple[int, ...], rows_first: bool) -> tuple[int, int]:
     """(adding, finishing) as MergeMethod.phase_bytes: A packed and N (fp64) of every matrix, plus the largest
     temporaries of the phase; the result is written over N. Adding (rows first): rows of ΔΔᵀ, two fp64 column
