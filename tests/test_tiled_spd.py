@@ -2,9 +2,9 @@
 methods/tiled_spd.py, tiled_sums.py): A packed in stripes of tiles, an in-place fp64 blocked Cholesky, row-block
 solves over the factor.
 
-Bounds, and why not bitwise: the dense path factors S in fp32 and refines against A, the tiled path factors S (or the
-floored F) once in fp64 and never sees A again; the same problem with other rounding. On a non-singular S the tiled
-X is a backward-stable fp64 Cholesky solve, ‖ΔX‖/‖X‖ ≤ c·n·κ(S)·u64 (Higham, Accuracy and Stability, Thm 10.4), held
+Bounds, and why not bitwise: the dense path factors S (or the floored F) whole by one LAPACK call, the tiled path by a
+blocked Cholesky over its stripes; the same algorithm with other rounding. On a non-singular S the tiled X is a
+backward-stable fp64 Cholesky solve, ‖ΔX‖/‖X‖ ≤ c·n·κ(S)·u64 (Higham, Accuracy and Stability, Thm 10.4), held
 here with c = SOLVE_C. On a singular S (the pseudo-inverse through the floor) the iterated Tikhonov stops once a step
 changes X by ≤ CONVERGED, and each further step would shrink what is left by c/(λ + c) ≪ 1/2 on the range: error
 ≤ 2·CONVERGED plus that rounding with κ(F). The rules are held to test_methods' bound for the dense path
@@ -22,8 +22,8 @@ from lowmem_merge.info import TensorClass, TensorInfo
 from lowmem_merge.methods import REGISTRY, tiled_sums
 from lowmem_merge.methods.covariance import covariance_phase_bytes
 from lowmem_merge.methods.drive import drive
-from lowmem_merge.methods.spd_solve import CONVERGED
-from lowmem_merge.methods.tiled_spd import PackedLower, TiledSpdSystem, factor_in_place, unfactor
+from lowmem_merge.methods.spd_solve import CONVERGED, SpdSystem
+from lowmem_merge.methods.tiled_spd import PackedLower, factor_in_place, unfactor
 from conftest import plan_70b
 from test_methods import SOLVE_C, U32, rel_err, system_condition
 
@@ -56,17 +56,19 @@ def _system(case: str, n: int = 70) -> tuple[torch.Tensor, float, bool]:
     raise KeyError(case)
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["tiled", "whole"])
 @pytest.mark.parametrize("case", ["spd", "ill_conditioned", "singular"])
-def test_tiled_solver_matches_torch_linalg_in_fp64(case: str) -> None:
+def test_tiled_solver_matches_torch_linalg_in_fp64(case: str, whole: bool) -> None:
+    """The dense path (one stripe: PackedLower.whole) is the same solver and is held to the same bounds."""
     a, ridge, singular = _system(case)
     n = a.shape[0]
     g = torch.Generator().manual_seed(4)
     s = a + ridge * torch.eye(n, dtype=torch.float64)
     nn = torch.randn(33, n, dtype=torch.float64, generator=g) @ s   # in S's range (all of it, unless singular)
     want = nn @ torch.linalg.pinv(s, hermitian=True) if singular else torch.linalg.solve(s, nn.T).T
-    system = TiledSpdSystem(packed(a), ridge)
+    system = SpdSystem(PackedLower.whole(a.clone()) if whole else packed(a), ridge)
     got = system.solve(nn.clone(), torch.empty(nn.shape, dtype=torch.float64))
-    assert system.stats["pinv"] == float(singular) and system.stats["fp64_factor"] == 1.0
+    assert system.stats["pinv"] == float(singular) and len(system.a.stripes) == (1 if whole else 5)
     if singular:
         floor = system.extra + ridge
         kappa = float(torch.linalg.eigvalsh(a)[-1]) / floor + 1       # κ(F), F = A + floor·I
@@ -97,7 +99,7 @@ def test_a_failed_tile_gives_a_back_and_takes_the_floor() -> None:
     indefinite = (q * torch.cat([evals[:-1], torch.tensor([-1e-11], dtype=torch.float64)])) @ q.T
     ridge = 1e-12                                      # above pinv's cut-off (n·eps64·‖S‖ ≈ 2.5e-13): no floor first
     nn = torch.randn(9, n, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    system = TiledSpdSystem(packed(indefinite), ridge)
+    system = SpdSystem(packed(indefinite), ridge)
     floor = 1e-7 * float(torch.linalg.matrix_norm(indefinite + ridge * torch.eye(n, dtype=torch.float64)))
     s = indefinite + (ridge + floor) * torch.eye(n, dtype=torch.float64)
     want = torch.linalg.solve(s, nn.T).T
@@ -115,11 +117,11 @@ def tiny_tiles(monkeypatch) -> list[int]:
     monkeypatch.setattr(tiled_sums, "TILE", TILE)
     made = [0]
 
-    class Counted(TiledSpdSystem):
-        def __init__(self, *args, **kwargs) -> None:
-            made[0] += 1
-            super().__init__(*args, **kwargs)
-    monkeypatch.setattr(tiled_sums, "TiledSpdSystem", Counted)
+    class Counted(SpdSystem):
+        def __init__(self, a: PackedLower, *args, **kwargs) -> None:
+            made[0] += len(a.stripes) > 1
+            super().__init__(a, *args, **kwargs)
+    monkeypatch.setattr(tiled_sums, "SpdSystem", Counted)
     return made
 
 
@@ -171,7 +173,7 @@ def test_rules_on_the_tiled_path_match_the_fp64_reference(tiny_tiles, name: str,
     deltas64 = [d.double() for d in deltas if d.any()]
     want = ref.per_matrix(lambda ds: REFERENCE[name](ds, params), deltas64)
     got, stats = run_rule(name, params, deltas)
-    assert tiny_tiles[0] == solved and stats["fp64_factor"] == solved
+    assert tiny_tiles[0] == solved
     solved64 = [d[1:] for d in deltas64] if case == "moe" else deltas64    # κ of the matrices solved
     assert rel_err(got, want) <= SOLVE_C * system_condition(name, params, solved64) * U32
 

@@ -4,8 +4,8 @@ Per (out, in) = (m, n) matrix it keeps two fp64 sums over experts and one scalar
     A = Σ_t w_t Δtᵀ Δt                       (n×n)
     N = Σ_t w_t Δt (Δtᵀ Δt + ε I)            (m×n)
     s = Σ_t w_t ε                            (so that Σ_t w_t (ΔtᵀΔt + ε I) = A + s·I)
-and solves Δ* = N (A + (s + r)·I)⁻¹ (``spd_solve``: fp32 Cholesky refined by fp64 residuals, fp64 where fp32 cannot
-converge), r being an extra ridge of the rule; a zero total ridge means the pseudo-inverse, reached without eigh.
+and solves Δ* = N (A + (s + r)·I)⁻¹ (``spd_solve``: an fp64 Cholesky solve in A's memory), r being an extra ridge
+of the rule; a zero total ridge means the pseudo-inverse, reached without eigh.
 fp64 sums because rounding A and N to fp32 alone moves Δ* by ~κ·u32, 5e-3 on LoRA experts (issue 17).
 Memory is 2·(n² + m·n) fp32-sized values per matrix plus temporaries, whatever the number of experts. Where n² fp64
 values exceed 1 GiB (a 13B+ down_proj), the sums and the solve are tiled (tiled_sums.py, tiled_spd.py): A packed,
@@ -35,7 +35,8 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .matrix_rule import MatrixRule, as_matrices
-from .spd_solve import SpdSystem, merge_stats, row_block, solve_spd_right
+from .spd_solve import SOLVE_TEMPS, SpdSystem, merge_stats, row_block, solve_spd_right
+from .tiled_spd import PackedLower
 from .tall import ExpertGrams, TallRowChunks, TallState
 from .tiled_sums import TiledGramSums, is_tiled, tiled_phase_bytes
 
@@ -60,8 +61,8 @@ def covariance_phase_bytes(shape: tuple[int, ...]) -> tuple[int, int]:
     one matrix in that phase (the tiled path: tiled_sums.tiled_phase_bytes).
 
     In ``add``: the expert's fp64 copy (m·n) and its fp64 Gram product (n², or m² < n² when rows go first). In
-    ``solve``: the fp32 result of every matrix (B·m·n), the fp32 and fp64 Cholesky factors (n² each, the fp64 one
-    only where fp32 cannot converge) and a row block's fp64 temporaries.
+    ``solve``: the fp32 result of every matrix (B·m·n), LAPACK's fp64 factor before it is copied into A's place (n²)
+    and a row block's fp64 temporaries.
     """
     *lead, m, n = shape
     if is_tiled(n):
@@ -69,7 +70,7 @@ def covariance_phase_bytes(shape: tuple[int, ...]) -> tuple[int, int]:
     batch = math.prod(lead)
     held = 8 * batch * (n * n + m * n)
     adding = 8 * (m * n + min(n * n, m * m if rows_first(m, n) else n * n))
-    solving = 4 * batch * m * n + (4 + 8) * n * n + 8 * 4 * min(m, row_block(n)) * n
+    solving = 4 * batch * m * n + 8 * n * n + 8 * SOLVE_TEMPS * min(m, row_block(n)) * n
     return held + adding, held + solving
 
 
@@ -81,11 +82,11 @@ class CovarianceGrams(ExpertGrams):
 
     @classmethod
     def piece_bytes(cls, whole: TensorInfo, piece: TensorInfo, n_experts: int, params: Any) -> int:
-        """T Grams and A in fp64, the fp32 factor and its fp32 copy of A while it is made (then the fp64 factor, where
-        fp32 cannot converge); per chunk: N and Δ's fp64 copy, the fp32 result and a row block's temporaries."""
+        """T Grams and A in fp64, LAPACK's fp64 factor while it is made (it then takes A's place); per chunk: N and Δ's
+        fp64 copy, the fp32 result and a row block's temporaries."""
         n = whole.shape[-1]
         rows = piece.shape[0]
-        return 8 * (n_experts + 1) * n * n + 12 * n * n + 20 * rows * n + 8 * 4 * min(rows, row_block(n)) * n
+        return 8 * (n_experts + 2) * n * n + 20 * rows * n + 8 * SOLVE_TEMPS * min(rows, row_block(n)) * n
 
 
 class CovarianceMethod(TallRowChunks, MatrixRule):
@@ -153,7 +154,7 @@ class CovarianceMethod(TallRowChunks, MatrixRule):
                 g.mul_(w)
             else:
                 g.mul_(w)
-        return TallSystem(grams, SpdSystem(a, ridge), ridge)
+        return TallSystem(grams, SpdSystem(PackedLower.whole(a), ridge), ridge)
 
     def _add_matrices(self, t: int, d: torch.Tensor, pass_: int) -> None:
         norms = torch.linalg.vector_norm(d, dim=(1, 2)).square().tolist()  # ‖Δt‖F² per matrix
@@ -186,8 +187,7 @@ class CovarianceMethod(TallRowChunks, MatrixRule):
         merged = system.spd.solve(self._rows)
         self._rows = None
         self._stats = {"cond_est": system.spd.stats["cond_est"], "ridge": system.ridge, "eigh": 0.0,
-                       "steps": system.spd.stats["steps"], "fp64_factor": system.spd.stats["fp64_factor"],
-                       "pinv": system.spd.stats["pinv"]}
+                       "steps": system.spd.stats["steps"], "pinv": system.spd.stats["pinv"]}
         return merged
 
     @classmethod
@@ -266,10 +266,10 @@ class GramSums:
         """Δ* = N (A + (s_e + ridge_e) I)⁻¹ per matrix as (B, m, n) fp32; A and N are dropped.
 
         A matrix with tr A = 0 had only zero deltas, so its N is 0 and stays the answer. Stats are over the matrices:
-        the worst condition estimate, the largest ridge, refinement steps, how many needed an fp64 factor or the
-        pseudo-inverse, and eigh (0: no eigendecomposition is taken any more).
+        the worst condition estimate, the largest ridge, Tikhonov steps, how many took the pseudo-inverse, and eigh (0:
+        no eigendecomposition is taken any more).
         """
-        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0, "steps": 0.0, "fp64_factor": 0.0, "pinv": 0.0}
+        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0, "steps": 0.0, "pinv": 0.0}
         traces = self.traces()
         out = torch.zeros(self.N.shape, dtype=torch.float32, device=self.N.device)
         for e, (trace, extra) in enumerate(zip(traces, ridges or [0.0] * len(traces))):
@@ -327,7 +327,7 @@ class CoreSums:
 
     def solve(self, m: int, ridges: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """Δ* (m, n) = (N Q)(K + (s + ridge)·I)⁻¹ Qᵀ, solved as ``solve_spd_right`` does for the full n×n system."""
-        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0, "steps": 0.0, "fp64_factor": 0.0, "pinv": 0.0}
+        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0, "steps": 0.0, "pinv": 0.0}
         stacked = torch.cat([f.a for f, _, _ in self.items]) if self.items else None
         if stacked is None or not bool(stacked.any()):
             device = stacked.device if stacked is not None else None

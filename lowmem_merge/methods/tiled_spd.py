@@ -1,28 +1,16 @@
-"""X·S = N for a symmetric PSD S = A + ridge·I too large to hold twice: A's lower triangle packed in row stripes of
-tiles, factored in place by a blocked Cholesky in fp64, and solved for row blocks of N over the factor (issue 17 §3:
-a 70B down_proj has n = 28672, where A alone is 6.6 GB whole and spd_solve's fp32 factor and fp64 factor add 9.9 GB).
+"""A symmetric matrix's lower triangle in row stripes of tiles, factored in place by a blocked Cholesky in fp64 and
+applied as F⁻¹ to row blocks: the storage and kernels of spd_solve.SpdSystem (issue 17 §3: a 70B down_proj has
+n = 28672, where A alone is 6.6 GB whole; packed, about half of that, and the factor takes A's place).
 
-The semantics are spd_solve.SpdSystem's: the ridge; a singular S (ridge under pinv's cut-off n·eps64·‖S‖) solved as
-the pseudo-inverse through the floor c = FLOOR·‖A‖F and iterated Tikhonov; the same stats. Two differences, both for
-memory. The factor is fp64 from the start (an fp32 attempt would need A kept beside it until it converged), so no
-copy of A exists and A does not survive the factorization. And the refinement needs only the factor: with
-F = A + shift·I = L·Lᵀ and S = F − extra·I, X·S = N reads X = N·F⁻¹ + extra·X·F⁻¹, iterated from X₀ = N·F⁻¹; in exact
-arithmetic that is spd_solve's X += (N − X·S)·F⁻¹ step for step (on an eigenvalue λ of A the error shrinks by
-c/(λ + c) per step). Where S is not singular, extra = 0 and X₀ is the answer: a backward-stable fp64 Cholesky solve,
-error ~κ·n·u64, far below the κ·u32 that the dense path is held to.
-
-ACE (ace.py) sums its A_acc in a PackedLower of fp32 (``add_gram_``), takes its column sums and x·A from the stripes,
-and unpacks it for its non-symmetric LU; none of that uses the solver here.
+One stripe is the whole matrix (``PackedLower.whole``, the dense path for n up to tiled_sums.TILED_MIN_BYTES): factored by
+one LAPACK call, applied by two triangular solves. ACE (ace.py) sums its A_acc in a PackedLower of fp32
+(``add_gram_``), takes its column sums and x·A from the stripes, and unpacks it for its non-symmetric LU.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-
-from .spd_solve import CONVERGED, EPS64, FLOOR, MAX_STEPS, row_block
-
-SOLVE_TEMPS = 5   # (rows, n) fp64 temporaries of a refined row block: X₀, X, the next X, its change, a product
 
 
 class PackedLower:
@@ -35,6 +23,15 @@ class PackedLower:
         self.n = n
         self.edges = list(range(0, n, tile)) + [n]
         self.stripes = [torch.zeros(e - s, e, dtype=dtype, device=device) for s, e in self.spans()]
+
+    @classmethod
+    def whole(cls, a: torch.Tensor) -> PackedLower:
+        """One stripe that is ``a`` itself, a whole symmetric (n, n) matrix (no copy): the dense path's A."""
+        packed = cls.__new__(cls)
+        packed.n = a.shape[-1]
+        packed.edges = [0, packed.n]
+        packed.stripes = [a]
+        return packed
 
     @staticmethod
     def nbytes(n: int, tile: int, itemsize: int = 8) -> int:
@@ -119,7 +116,7 @@ def factor_in_place(a: PackedLower) -> int:
             if ks:
                 block.sub_(stripe[:, :ks] @ a.stripes[k][:, :ks].T)
             block.copy_(torch.linalg.solve_triangular(a.diag(k).T, block, upper=True, left=False))
-        schur = a.diag(j) - stripe[:, :start] @ stripe[:, :start].T if start else a.diag(j).clone()
+        schur = a.diag(j) - stripe[:, :start] @ stripe[:, :start].T if start else a.diag(j)  # not written
         chol, info = torch.linalg.cholesky_ex(schur)
         if int(info) != 0:
             return j
@@ -155,51 +152,3 @@ def apply_inverse(a: PackedLower, rows: torch.Tensor) -> torch.Tensor:
         if s:
             rows[:, :s].sub_(block @ a.stripes[j][:, :s])
     return rows
-
-
-class TiledSpdSystem:
-    """S = a + ridge·I shifted and factored in place once (a is the caller's, consumed), then solved for row sets."""
-
-    def __init__(self, a: PackedLower, ridge: float) -> None:
-        norm = a.frobenius()
-        singular = ridge <= a.n * EPS64 * (norm + ridge)    # pinv of S would cut eigenvalues here
-        shift = max(ridge, FLOOR * norm) if singular else ridge
-        a.add_diagonal(shift)
-        failed = factor_in_place(a)
-        if failed >= 0:      # not positive definite even in fp64 (A was not PSD): add the floor once more
-            unfactor(a, failed)
-            a.add_diagonal(FLOOR * a.frobenius())      # part of S from here on, as in spd_solve
-            if factor_in_place(a) >= 0:
-                raise torch.linalg.LinAlgError("the covariance statistic is not positive semi-definite")
-        self.a = a
-        self.extra = shift - ridge          # X·S = X·F − extra·X
-        diag = torch.cat([a.diag(j).diagonal() for j in range(len(a.stripes))])
-        self.stats = {"cond_est": float(diag.max() / diag.min()) ** 2, "steps": 0.0, "fp64_factor": 1.0,
-                      "pinv": float(singular)}
-
-    def solve(self, nn: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """X (m, n) into ``out`` (fp32, or fp64) with X·S = nn (m, n) fp64, overwritten. ``out`` may be nn's own
-        storage read as fp32 (its first half): each row block is written behind the rows still to be read (the first
-        through an fp32 copy, as it overlaps its own rows)."""
-        block = row_block(self.a.n)
-        for start in range(0, nn.shape[0], block):
-            x = self._rows(nn[start:start + block]).to(out.dtype)
-            out[start:start + x.shape[0]].copy_(x)
-        return out
-
-    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """X for one row block: X₀ = rows·F⁻¹ (in place), then X ← X₀ + extra·X·F⁻¹ until the change is below
-        CONVERGED or stops halving (the rounding of N and S)."""
-        x0 = apply_inverse(self.a, rows)
-        if not self.extra:
-            return x0
-        x, previous = x0.clone(), math.inf
-        for step in range(1, MAX_STEPS + 1):
-            nxt = apply_inverse(self.a, x.clone()).mul_(self.extra).add_(x0)
-            size = float(torch.linalg.vector_norm(nxt - x)) / max(float(torch.linalg.vector_norm(nxt)), 1e-300)
-            x = nxt
-            self.stats["steps"] = max(self.stats["steps"], float(step))
-            if size <= CONVERGED or size > 0.5 * previous:
-                break
-            previous = size
-        return x

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from .matrix_rule import as_matrices
-from .spd_solve import merge_stats, row_block
-from .tiled_spd import SOLVE_TEMPS, PackedLower, TiledSpdSystem
+from .spd_solve import SOLVE_TEMPS, SpdSystem, merge_stats, row_block
+from .tiled_spd import PackedLower
 
 TILED_MIN_BYTES = 1 << 30   # n = 11585; 7B's n = 11008 keeps the dense path
 TILE = 1024                 # tile side: GEMMs of 1024 are efficient, and the packing wastes n·TILE/2 values
@@ -83,14 +83,14 @@ class TiledGramSums:
     def solve(self, ridges: Sequence[float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Δ* (B, m, n) fp32, written over N's storage (its first half, matrix by matrix: behind what is still read);
         A and N are consumed. Stats as GramSums.solve's."""
-        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0, "steps": 0.0, "fp64_factor": 0.0, "pinv": 0.0}
+        stats = {"cond_est": 1.0, "ridge": 0.0, "eigh": 0.0, "steps": 0.0, "pinv": 0.0}
         out = self.N.view(-1).view(torch.float32)[:self.N.numel()].view(self.N.shape)
         for e, (trace, extra) in enumerate(zip(self.traces(), ridges or [0.0] * len(self.A))):
             if trace == 0:      # only zero deltas: N is 0 and stays the answer
                 out[e].zero_()
                 continue
             ridge = self.shift[e] + extra
-            system = TiledSpdSystem(self.A[e], ridge)
+            system = SpdSystem(self.A[e], ridge)
             self.A[e] = None
             system.solve(self.N[e], out[e])
             merge_stats(stats, system.stats, ridge)

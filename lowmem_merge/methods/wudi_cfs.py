@@ -8,8 +8,8 @@ Other tensors: mean of Δt (fusion_bench's choice; the original code keeps W0 th
 
 The reference takes ``torch.linalg.pinv(A)``, which drops eigenvalues below max_eig·n·eps. For ω > 0, A is positive
 definite and, with A and N summed in fp64, its ridge ω·Σw clears that cut-off for any realistic ‖Δt‖, so pinv is the
-inverse: a refined Cholesky solve (covariance.py, spd_solve.py). For ω = 0 the floored Cholesky and its refinement
-converge to the pseudo-inverse. No eigh either way.
+inverse: an fp64 Cholesky solve (covariance.py, spd_solve.py). For ω = 0 the floored Cholesky and its iterated
+Tikhonov steps converge to the pseudo-inverse. No eigh either way.
 An expert whose Δt is exactly zero at a matrix has no weight (1/0): it is skipped there, which is the limit of letting
 its Δt shrink to 0; if every expert is zero there, Δ* = 0.
 """
