@@ -35,7 +35,9 @@ FLOOR = 1e-7            # the shift for a singular S, relative to ‖A‖F
 MAX_STEPS = 12          # Tikhonov steps per row block (singular S only)
 CONVERGED = 2e-8        # a step changing X by this little (relative) ends it: below the fp32 output's rounding
 ROW_BLOCK_VALUES = 1 << 22  # rows per block: about this many values of an (rows, n) temporary
-SOLVE_TEMPS = 5   # (rows, n) fp64 temporaries of a row block on a singular S: X₀, X, the next X, its change, a product
+SOLVE_TEMPS = 4   # (rows, n) fp64 values a row block holds at most: on a singular S, X, the copy that F⁻¹ is applied
+                  # to, and LAPACK's result (dense) or a stripe's product (tiled) beside it, then X's fp32 copy;
+                  # X₀ is N's own rows. A non-singular S needs one (LAPACK's result) and the fp32 copy.
 
 
 def row_block(n: int) -> int:
