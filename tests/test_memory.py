@@ -180,7 +180,7 @@ def test_peak_rss_of_tensor_wide_rules_is_flat_in_the_vocabulary(vocab_examples,
 # than a 4M-element chunk's solve, which would make a smaller vocabulary look cheaper for another reason). Whole, the
 # 128000x256 head's fp64 N and Δ copy alone would add ~380 MiB (actmat); wudi's τ, B, Adam's three buffers ~470 MiB.
 # Measured (shared 2-core machine): actmat 549 -> 589 MiB, wudi_cfs 549 -> 587, wudi 430 -> 468, ace 495 -> 503 MiB,
-# average +18 MiB; inspect 633, 633, 519, 618 MiB.
+# average +18 MiB; inspect 633, 633, 519, 618 MiB. With one fp64 solver (30493c4): actmat 464 -> 486 MiB, inspect 632.
 MATRIX_VOCAB = {"small": dict(hidden=256, intermediate=688, vocab=32000, heads=4, kv_heads=2),
                 "big": dict(hidden=256, intermediate=688, vocab=128000, heads=4, kv_heads=2)}
 MATRIX = [("actmat", ()), ("wudi", ("steps=20",)), ("ace", ())]   # wudi_cfs: actmat's kernel with other weights;
