@@ -611,13 +611,20 @@ def render(run: Run, when: datetime.datetime, commit: str, machine_line: str) ->
         per = ", ".join(f"`{r.spec.label}`{f' ({r.tree})' if r.tree else ''} "
                         f"{(r.cold.wall_s - run.import_s) / max(cold.total_s, flop64):.2f}×" for r in covariance)
         lines.append(f"- fp64 matmul, same shapes: best {best64 / 1e9:.1f} GFLOP/s ({best_rate / best64:.2f}× slower "
-                     f"than fp32). The covariance rules take their Grams, N and residuals in fp64 (issue 17 §1's "
+                     f"than fp32). The covariance rules take their Grams, N and solve in fp64 (issue 17 §1's "
                      f"exactness), so their own arithmetic's FLOP time is {fmt_s(flop64)} s; cold wall less imports ÷ "
                      f"max(cold floor, that): {per} (the target above stays the fp32 one)")
     if spectral:
         lines.append(f"- spectral FLOPs ({', '.join(spectral)}): the Gram products and one factorization per LIN "
                      f"matrix, an r×r eigh counted {EIGH_FLOPS}r³ (`spectral_flops` in bench/speed.py); the rules take "
                      "more eighs (tsv T + 2 per matrix, iso_cts T + 3, iso_c 1), the others are not counted")
+        best64 = max(run.rates64.values())
+        per = ", ".join(f"`{r.spec.label}`{f' ({r.tree})' if r.tree else ''} "
+                        f"{(r.cold.wall_s - run.import_s) / max(cold.total_s, r.flop_s * best_rate / best64):.2f}×"
+                        for r in run.results if r.target is not None and r.target.kind == "spectral")
+        lines.append(f"- the spectral rules' Grams, eighs and root products are fp64 too (their accuracy bounds in "
+                     f"matrix_rule.py): the same FLOPs at the fp64 rate ({best64 / 1e9:.1f} GFLOP/s), cold wall less "
+                     f"imports ÷ max(cold floor, that): {per} (the target above stays the fp32 one)")
     if run.skipped:
         lines.append(f"- not in REGISTRY, skipped: {', '.join(run.skipped)}")
     lines += ["", *table(run), "",
