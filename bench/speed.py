@@ -604,27 +604,27 @@ def render(run: Run, when: datetime.datetime, commit: str, machine_line: str) ->
         "N min(2mn², 4m²n); per tensor: solve n³/3 + 2mn²; counts Cholesky solves)"
         + (f"; eigh solves taken (cold run): {', '.join(eigh)}" if eigh else ""),
     ]
-    covariance = [r for r in run.results if r.target is not None and r.target.kind == "covariance"]
-    if covariance:
-        best64 = max(run.rates64.values())
-        flop64 = run.flops / best64
-        per = ", ".join(f"`{r.spec.label}`{f' ({r.tree})' if r.tree else ''} "
-                        f"{(r.cold.wall_s - run.import_s) / max(cold.total_s, flop64):.2f}×" for r in covariance)
+    best64 = max(run.rates64.values())
+
+    def at_fp64(kind: str) -> str:
+        """Each ``kind`` result's cold wall less imports ÷ max(cold floor, its FLOPs at the fp64 rate)."""
+        return ", ".join(f"`{r.spec.label}`{f' ({r.tree})' if r.tree else ''} "
+                         f"{(r.cold.wall_s - run.import_s) / max(cold.total_s, r.flop_s * best_rate / best64):.2f}×"
+                         for r in run.results if r.target is not None and r.target.kind == kind)
+
+    if eigh:    # one entry per covariance result
         lines.append(f"- fp64 matmul, same shapes: best {best64 / 1e9:.1f} GFLOP/s ({best_rate / best64:.2f}× slower "
                      f"than fp32). The covariance rules take their Grams, N and solve in fp64 (issue 17 §1's "
-                     f"exactness), so their own arithmetic's FLOP time is {fmt_s(flop64)} s; cold wall less imports ÷ "
-                     f"max(cold floor, that): {per} (the target above stays the fp32 one)")
+                     f"exactness), so their own arithmetic's FLOP time is {fmt_s(run.flops / best64)} s; cold wall "
+                     f"less imports ÷ max(cold floor, that): {at_fp64('covariance')} (the target above stays the fp32 "
+                     "one)")
     if spectral:
         lines.append(f"- spectral FLOPs ({', '.join(spectral)}): the Gram products and one factorization per LIN "
                      f"matrix, an r×r eigh counted {EIGH_FLOPS}r³ (`spectral_flops` in bench/speed.py); the rules take "
                      "more eighs (tsv T + 2 per matrix, iso_cts T + 3, iso_c 1), the others are not counted")
-        best64 = max(run.rates64.values())
-        per = ", ".join(f"`{r.spec.label}`{f' ({r.tree})' if r.tree else ''} "
-                        f"{(r.cold.wall_s - run.import_s) / max(cold.total_s, r.flop_s * best_rate / best64):.2f}×"
-                        for r in run.results if r.target is not None and r.target.kind == "spectral")
         lines.append(f"- the spectral rules' Grams, eighs and root products are fp64 too (their accuracy bounds in "
                      f"matrix_rule.py): the same FLOPs at the fp64 rate ({best64 / 1e9:.1f} GFLOP/s), cold wall less "
-                     f"imports ÷ max(cold floor, that): {per} (the target above stays the fp32 one)")
+                     f"imports ÷ max(cold floor, that): {at_fp64('spectral')} (the target above stays the fp32 one)")
     if run.skipped:
         lines.append(f"- not in REGISTRY, skipped: {', '.join(run.skipped)}")
     lines += ["", *table(run), "",

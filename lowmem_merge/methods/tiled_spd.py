@@ -2,9 +2,10 @@
 applied as F⁻¹ to row blocks: the storage and kernels of spd_solve.SpdSystem (issue 17 §3: a 70B down_proj has
 n = 28672, where A alone is 6.6 GB whole; packed, about half of that, and the factor takes A's place).
 
-One stripe is the whole matrix (``PackedLower.whole``, the dense path for n up to tiled_sums.TILED_MIN_BYTES): factored by
-one LAPACK call, applied by two triangular solves. ACE (ace.py) sums its A_acc in a PackedLower of fp32
-(``add_gram_``), takes its column sums and x·A from the stripes, and unpacks it for its non-symmetric LU.
+One stripe is the whole matrix (``PackedLower.whole``: the dense path, where n² fp64 values stay within
+tiled_sums.TILED_MIN_BYTES), factored by one LAPACK call and applied by two triangular solves. ACE (ace.py) sums
+its A_acc in a PackedLower of fp32 (``add_gram_``), takes its column sums and x·A from the stripes, and unpacks it for
+its non-symmetric LU.
 """
 from __future__ import annotations
 
