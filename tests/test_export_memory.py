@@ -34,6 +34,7 @@ def export_peak(tmp_path: Path, layers: int) -> tuple[int, int]:
     return export["peak_rss_bytes"], export["bytes"]
 
 
+@pytest.mark.slow   # 30 s; `make test` keeps the int4 generation export's flat-in-depth bound (same streamed writer)
 def test_export_peak_memory_is_flat_in_depth(tmp_path):
     small_peak, small_bytes = export_peak(tmp_path, 2)
     big_peak, big_bytes = export_peak(tmp_path, 8)

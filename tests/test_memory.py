@@ -90,7 +90,9 @@ def test_peak_rss_is_flat_in_depth_and_experts(examples, tmp_path, method, param
                                 # branch follows how the experts' norms spread, which differs between them
     pytest.param("wudi", ("steps=3",), marks=pytest.mark.slow),
                                 # Adam's buffers do not depend on the step count: a few steps keep the suite short
-    ("iso_cts", ()),            # two passes, SVD slots: the spectral rule of `make test`
+    pytest.param("iso_cts", (), marks=pytest.mark.slow),
+                                # two passes, SVD slots (27 s); `make test` keeps tsv's memory bound in
+                                # test_tall_spectral.py
 ])
 def test_peak_rss_of_the_spectral_and_iterative_rules_is_flat(narrow_examples, tmp_path, method, params):
     """The same rule on a narrower model (hidden 512, vocab 8000): their SVDs, Adam steps and fp64 Grams on a
