@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import LowmergeError
-from .io.writer import output_error, write_model
+from .io.writer import output_error, write_models
 
 
 @dataclass(frozen=True)
@@ -67,35 +67,40 @@ def _gen(*key: object) -> torch.Generator:
 def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = _gen("base", seed, name)
     if len(shape) == 1:
-        return 1.0 + 0.02 * torch.randn(shape, generator=g)
-    return torch.randn(shape, generator=g) * (0.02 if "embed" in name or "lm_head" in name else shape[1] ** -0.5)
+        return torch.randn(shape, generator=g).mul_(0.02).add_(1.0)
+    return torch.randn(shape, generator=g).mul_(0.02 if "embed" in name or "lm_head" in name else shape[1] ** -0.5)
 
 
 def task_delta(name: str, shape: tuple[int, ...], seed: int, expert: int, rank: int = 4) -> torch.Tensor:
-    """Expert ``expert``'s update: low rank in its own subspace plus 5 % dense noise, ~1 % of the weights' scale."""
+    """Expert ``expert``'s update: low rank in its own subspace plus 5 % dense noise, ~1 % of the weights' scale
+    (made in the noise's memory: one full-size temporary, the low-rank product)."""
     g = _gen("delta", seed, expert, name)
     if len(shape) == 1:
-        return 0.01 * torch.randn(shape, generator=g)
+        return torch.randn(shape, generator=g).mul_(0.01)
     m, n = shape
     scale = 0.01 * (0.02 if "embed" in name or "lm_head" in name else n ** -0.5)
-    low = (torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)) / rank ** 0.5
-    return scale * (low + 0.05 * torch.randn(shape, generator=g)) * (1.0 + 0.5 * expert)
+    low = (torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)).div_(rank ** 0.5)
+    return torch.randn(shape, generator=g).mul_(0.05).add_(low).mul_(scale).mul_(1.0 + 0.5 * expert)
 
 
 def build_example(root: Path, shape: LlamaShape = LlamaShape(), n_experts: int = 3,
                   dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                   shard_size: int = 4 * 10**9, tokenizer: bool = False) -> tuple[Path, list[Path]]:
-    """Write ``root/base`` and ``root/expert{t}`` as Hugging Face directories; returns their paths.
+    """Write ``root/base`` and ``root/expert{t}`` as Hugging Face directories; returns their paths. All of them
+    are written in one pass over the tensor names: each base tensor is made once, and each expert's from it.
 
     ``tokenizer``: also a real BPE tokenizer of the example's vocabulary in each (:func:`write_tokenizer`)."""
     specs = shape.specs(dtype)
     shapes = {name: s for name, _, s in specs}
     dirs = [root / "base"] + [root / f"expert{t}" for t in range(n_experts)]
-    for t, d in enumerate(dirs):
-        def produce(name: str, t: int = t) -> torch.Tensor:
-            w = base_tensor(name, shapes[name], seed)
-            return w if t == 0 else w.add_(task_delta(name, shapes[name], seed, t - 1))
-        write_model(d, specs, produce, shard_size)
+
+    def produce(name: str) -> Iterator[torch.Tensor]:
+        base = base_tensor(name, shapes[name], seed)
+        yield base
+        for t in range(n_experts):
+            yield task_delta(name, shapes[name], seed, t).add_(base)   # base + Δt: the sum is symmetric
+    write_models(dirs, specs, produce, shard_size)
+    for d in dirs:
         (d / "config.json").write_text(json.dumps(shape.config(dtype), indent=2) + "\n")
         (d / "lowmerge_example.json").write_text(json.dumps({"shape": asdict(shape), "seed": seed}) + "\n")
         if tokenizer:

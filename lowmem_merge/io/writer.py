@@ -241,24 +241,36 @@ class ShardWriter:
                     self._error = self._error or output_error(e, self.out_dir / current.partial)
 
 
-def write_model(out_dir: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], produce,
-                shard_size: int) -> list[Shard]:
-    """Write a whole safetensors model (shards + index) from ``produce(name) -> tensor``, one tensor at a time."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_models(out_dirs: list[Path], specs: list[tuple[str, torch.dtype, tuple[int, ...]]], produce,
+                 shard_size: int) -> None:
+    """Write whole safetensors models of the same tensors (shards + index each), one tensor name at a time:
+    ``produce(name)`` yields that tensor of every model, in ``out_dirs``' order (the demo's base and experts share
+    the base's tensor, generated once for all of them). One model's write overlaps the next one's tensor being
+    made; at most one written tensor waits at a time, whatever the number of models."""
     shards = plan_shards(specs, shard_size)
-    writer = ShardWriter(out_dir, shards, {}, lambda name, record: None)
+    writers: list[ShardWriter] = []
     try:
+        for d in out_dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            writers.append(ShardWriter(d, shards, {}, lambda name, record: None))
         for name, dtype, _ in specs:
-            writer.write(name, produce(name).to(dtype))
-        writer.close()
+            last = None
+            for writer, tensor in zip(writers, produce(name), strict=True):
+                if last is not None:
+                    last.wait_idle()
+                writer.write(name, tensor.to(dtype))
+                last = writer
+        for writer in writers:
+            writer.close()
     except BaseException:
-        writer.abort()
+        for writer in writers:
+            writer.abort()
         raise
-    for shard in shards:
-        os.replace(out_dir / shard.partial, out_dir / shard.name)
-    if len(shards) > 1:
-        write_index(out_dir, shards)
-    return shards
+    for d in out_dirs:
+        for shard in shards:
+            os.replace(d / shard.partial, d / shard.name)
+        if len(shards) > 1:
+            write_index(d, shards)
 
 
 def write_index(out_dir: Path, shards: list[Shard]) -> None:
