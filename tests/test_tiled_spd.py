@@ -227,3 +227,32 @@ def test_peak_rss_of_a_big_n_matrix_is_under_the_estimate(tmp_path_factory, tmp_
     peak, bound = peak_rss(example, tmp_path / "out", method), estimate(example, method)
     print(f"{method}: 256x12288 down_proj: peak {peak / 2**20:.0f} MiB, inspect {bound / 2**20:.0f} MiB")
     assert peak <= bound
+
+
+# ---- add_gram: the symmetric Gram from its lower triangle (methods/gram.py) -----------------------------------------
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 700])
+def test_add_gram_is_the_gram_to_fp64_rounding(n):
+    """Every Gram of the covariance, spectral, wudi and ace rules: g + alpha·xᵀx in g's memory, fp64 and fp32, from
+    a contiguous x or a transposed view (x·xᵀ), against one fp64 GEMM. The entries are dot products of m terms
+    summed in another order: |Δ| ≤ m·u·Σ|x_i||x_j| (the recursive-summation bound) entry by entry. Outside the
+    diagonal tiles the upper triangle is exactly the lower one's mirror."""
+    from lowmem_merge.methods.gram import GRAM_TILE, add_gram
+    g = torch.Generator().manual_seed(n)
+    for dtype in (torch.float64, torch.float32):
+        u = torch.finfo(dtype).eps / 2
+        for x in (torch.randn(300, n, generator=g, dtype=dtype), torch.randn(n, 300, generator=g, dtype=dtype).T):
+            m = x.shape[0]
+            start = torch.randn(n, n, generator=g, dtype=dtype)
+            start = start + start.T                                      # a symmetric g to accumulate into
+            got = add_gram(start.clone(), x, alpha=0.5)
+            x64 = x.double()
+            want = start.double() + 0.5 * x64.T @ x64
+            bound = 2 * m * u * (0.5 * x64.abs().T @ x64.abs() + start.double().abs())
+            assert bool(((got.double() - want).abs() <= bound).all())
+            fresh = add_gram(None, x)
+            assert fresh.dtype == dtype and fresh.shape == (n, n)
+            assert bool(((fresh.double() - x64.T @ x64).abs() <= 2 * m * u * (x64.abs().T @ x64.abs())).all())
+            tiles = torch.arange(n) // GRAM_TILE
+            off = tiles[:, None] != tiles[None, :]
+            assert torch.equal(fresh[off], fresh.T[off])
