@@ -363,8 +363,9 @@ def matmul_rates(repeat: int = MATMUL_REPEAT, dtype: str = "float32") -> dict[st
 def covariance_flops(base: Path, experts: Sequence[Path]) -> tuple[float, int]:
     """FLOPs of the §1 kernel over every LIN matrix, and the number of LIN tensors.
 
-    Per expert: Gram 2·m·n² plus N = min(2·m·n², 4·m²·n); per matrix: solve ≈ n³/3 (Cholesky) + 2·m·n² (two
-    triangular solves with m right-hand sides).
+    Per expert: Gram m·n² (a symmetric product: its lower triangle, as BLAS's syrk and methods/gram.py compute it)
+    plus N = min(2·m·n², 3·m²·n) (Δ·(ΔᵀΔ), or the symmetric ΔΔᵀ and (ΔΔᵀ)·Δ); per matrix: solve ≈ n³/3 (Cholesky)
+    + 2·m·n² (two triangular solves with m right-hand sides). Counted 2·m·n² for the Gram before 2026-12-07.
     """
     from lowmem_merge.info import TensorClass
     from lowmem_merge.io.checkpoint import open_checkpoint
@@ -379,7 +380,7 @@ def covariance_flops(base: Path, experts: Sequence[Path]) -> tuple[float, int]:
     total = 0.0
     for info in lin:
         *lead, m, n = info.shape
-        per_expert = 2 * m * n * n + min(2 * m * n * n, 4 * m * m * n)
+        per_expert = m * n * n + min(2 * m * n * n, 3 * m * m * n)
         solve = n ** 3 / 3 + 2 * m * n * n
         total += math.prod(lead) * (len(experts) * per_expert + solve)
     return total, len(lin)
@@ -402,17 +403,17 @@ def lin_shapes(base: Path, experts: Sequence[Path]) -> list[tuple[int, int, int]
 def spectral_flops(spec: MethodSpec, shapes: Sequence[tuple[int, int, int]], n_experts: int) -> float:
     """FLOPs of TSV-M, Iso-C or Iso-CTS over every LIN matrix: the Gram products and one factorization per matrix.
 
-    Per (m, n) matrix, r = min(m, n), M = max(m, n), T experts; a Gram or product of an a×b by a b×c matrix counts
-    2abc; the one factorization is a symmetric eigendecomposition of an r×r Gram with its vectors, 9r³ (Golub and
+    Per (m, n) matrix, r = min(m, n), M = max(m, n), T experts; a product of an a×b by a b×c matrix counts 2abc, a
+    Gram xᵀx of an a×b matrix ab² (symmetric: its lower triangle, methods/gram.py; 2ab² before 2026-12-07); the one factorization is a symmetric eigendecomposition of an r×r Gram with its vectors, 9r³ (Golub and
     Van Loan's count for the symmetric QR algorithm), what an SVD or a polar factor of the Gram route costs. The
     rules take more (tsv T + 2 eighs per matrix, iso_cts T + 3, T of them (m − k_c)-sized where m ≤ n, iso_c 1);
     the ratio shows what the others cost.
-    - tsv: per expert, the Gram of Δt and its other factor 2Mr² + 2Mrk (k = ⌊r/T⌋); the polar factors of Ū (m×r) and
-      V̄ (r×n), a Gram and a product each, 4mr² + 4nr²; Δ* = Û·diag(s̄)·V̂, 2mrn.
-    - iso_c: the Gram of S = ΣΔt and the polar factor's product, 4Mr².
-    - iso_cts: S's Gram and the common factor, 2Mr² + 2Mr·k_c; per expert the residual's projection and SVD:
-      where m ≤ n (the projection onto Q, the complement of U_c, q = m − k_c) 2qmn + 2nq² + 2qnp + 2mqp, else
-      4mnk_c + 2mn² + 2mnp; the two polar factors and Δ*, as tsv's.
+    - tsv: per expert, the Gram of Δt and its other factor Mr² + 2Mrk (k = ⌊r/T⌋); the polar factors of Ū (m×r) and
+      V̄ (r×n), a Gram and a product each, 3mr² + 3nr²; Δ* = Û·diag(s̄)·V̂, 2mrn.
+    - iso_c: the Gram of S = ΣΔt and the polar factor's product, 3Mr².
+    - iso_cts: S's Gram and the common factor, Mr² + 2Mr·k_c; per expert the residual's projection and SVD:
+      where m ≤ n (the projection onto Q, the complement of U_c, q = m − k_c) 2qmn + nq² + 2qnp + 2mqp, else
+      4mnk_c + mn² + 2mnp; the two polar factors and Δ*, as tsv's.
     """
     from lowmem_merge.methods import REGISTRY, parse_params
     from lowmem_merge.methods.iso_cts import subspace_sizes
@@ -420,17 +421,17 @@ def spectral_flops(spec: MethodSpec, shapes: Sequence[tuple[int, int, int]], n_e
     total = 0.0
     for batch, m, n in shapes:
         r, big, t = min(m, n), max(m, n), n_experts
-        polars = 4 * m * r * r + 4 * n * r * r + 2 * m * r * n
+        polars = 3 * m * r * r + 3 * n * r * r + 2 * m * r * n
         if spec.name == "tsv":
-            flops = t * (2 * big * r * r + 2 * big * r * (r // t)) + polars
+            flops = t * (big * r * r + 2 * big * r * (r // t)) + polars
         elif spec.name == "iso_c":
-            flops = 4 * big * r * r
+            flops = 3 * big * r * r
         else:
             kc, p = subspace_sizes(r, t, params.common_fraction)
             q = m - kc
-            residual = (2 * q * m * n + 2 * n * q * q + 2 * q * n * p + 2 * m * q * p if m <= n
-                        else 4 * m * n * kc + 2 * m * n * n + 2 * m * n * p)
-            flops = 2 * big * r * r + 2 * big * r * kc + t * residual + polars
+            residual = (2 * q * m * n + n * q * q + 2 * q * n * p + 2 * m * q * p if m <= n
+                        else 4 * m * n * kc + m * n * n + 2 * m * n * p)
+            flops = big * r * r + 2 * big * r * kc + t * residual + polars
         total += batch * (flops + EIGH_FLOPS * r ** 3)
     return total
 
@@ -600,8 +601,8 @@ def render(run: Run, when: datetime.datetime, commit: str, machine_line: str) ->
         "every ratio below is (wall − this) ÷ the floor named",
         f"- fp32 matmul (torch, best of {MATMUL_REPEAT}): {rates}; "
         f"FLOP time = FLOPs ÷ the best, {best_rate / 1e9:.1f} GFLOP/s",
-        f"- covariance FLOPs: {run.flops:.3e} over {run.n_lin} LIN tensors (per expert: Gram 2mn² + "
-        "N min(2mn², 4m²n); per tensor: solve n³/3 + 2mn²; counts Cholesky solves)"
+        f"- covariance FLOPs: {run.flops:.3e} over {run.n_lin} LIN tensors (per expert: symmetric Gram mn² + "
+        "N min(2mn², 3m²n); per tensor: solve n³/3 + 2mn²; counts Cholesky solves)"
         + (f"; eigh solves taken (cold run): {', '.join(eigh)}" if eigh else ""),
     ]
     best64 = max(run.rates64.values())
