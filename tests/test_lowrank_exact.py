@@ -163,7 +163,7 @@ def test_covariance_rules_match_fp64_pinv_without_eigh(name, kwargs, case):
 # ---- the polar factor without LAPACK's SVD (TSV-M, Iso-C, Iso-CTS) ------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
-@pytest.mark.parametrize("cond", [1.0e1, 1.0e3, 0.9e5])
+@pytest.mark.parametrize("cond", [1.0e1, 1.0e3, 0.9e5, 0.9e6])
 def test_polar_gram_route_matches_fp64_lapack(shape, cond):
     """Route 1 of polar_and_values against fp64 LAPACK on the same fp32 input: the factor's error is bounded by
     eps64·κ² (the Gram's rounding, module doc) plus the fp32 output rounding; σ to the same bound relative to σ1."""
@@ -175,6 +175,25 @@ def test_polar_gram_route_matches_fp64_lapack(shape, cond):
     bound = 4 * math.sqrt(k) * (U32 + torch.finfo(torch.float64).eps * cond ** 2)
     assert float((got.double() - want).norm()) / math.sqrt(k) <= bound
     assert float((values.double() - torch.linalg.svdvals(xd)).abs().max()) <= bound
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (700, 300), (300, 700)])
+@pytest.mark.parametrize("cond", [3e5, 9e5])
+def test_polar_takes_the_gram_route_where_it_beats_fp32_lapack(shape, cond):
+    """Between the old bar (κ = 1e5) and POLAR_COND = 1e6: the Gram route is taken, and it is at least 10x closer to
+    the fp64 polar factor than fp32 LAPACK's U·Vh, the route it replaced there (measured 30-4000x; the Gram route
+    errs by ~eps64·κ², fp32 LAPACK by ~u32·κ)."""
+    from lowmem_merge.methods.matrix_rule import POLAR_COND, _polar_gram_
+    assert cond < POLAR_COND
+    x = _with_spectrum(*shape, cond, seed=7)
+    wide = shape[0] < shape[1]
+    assert _polar_gram_(x.clone(), wide, torch.ones(min(shape), dtype=torch.bool)) is not None
+    want = ref.polar(x.double())
+    got, _ = polar_and_values(x)
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    gram_err = float((got.double() - want).norm())
+    lapack_err = float(((u @ vh).double() - want).norm())
+    assert gram_err <= 0.1 * lapack_err, (gram_err, lapack_err)
 
 
 def test_polar_leaves_zero_slots_out():

@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ..info import TensorClass, TensorInfo
 from .ace_tall import AceGrams, RowSums, heterogeneity
 from .covariance import rows_first
+from .gram import add_gram
 from .matrix_rule import GRAM_COND, MatrixRule, _lapack_svd
 from .tall import TallRowChunks, TallState
 from .tiled_spd import PackedLower
@@ -269,8 +270,7 @@ def _add_top_gram(pre: torch.Tensor, f: torch.Tensor, k: int) -> bool:
     s = side.shape[1]
     gram = side.new_zeros(s, s, dtype=torch.float64)
     for rows in row_blocks(*side.shape):
-        part = side[rows].double()
-        gram.addmm_(part.T, part)
+        add_gram(gram, side[rows].double())
     evals, vecs = torch.linalg.eigh(gram)                     # ascending
     del gram
     values = evals.flip(0)[:k].clamp(min=0).sqrt()

@@ -22,6 +22,7 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .base import Prepass
+from .gram import add_gram
 from .tall import TallState, is_tall
 
 _TINY = 1e-12  # the reference's guards (ace.py)
@@ -164,7 +165,7 @@ class AceGrams(Prepass):
         elif round_ == 1:
             centred = delta - self.colsums[t].div(self.rows).float()
             g = self.grams[t]
-            self.grams[t] = centred.T @ centred if g is None else g.addmm_(centred.T, centred)
+            self.grams[t] = add_gram(g, centred)
         elif self.system is not None and self.system.refines:
             if t == 0:
                 self.chunk = RowSums(self.system, delta)
@@ -172,7 +173,7 @@ class AceGrams(Prepass):
             if t == self.n_experts - 1:
                 _, f = self.chunk.finish()
                 f64 = f.double()
-                self.ftf = f64.T @ f64 if self.ftf is None else self.ftf.addmm_(f64.T, f64)
+                self.ftf = add_gram(self.ftf, f64)
                 self.chunk = None
 
     def end_round(self, round_: int) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..info import TensorClass, TensorInfo
+from .gram import add_gram
 from .matrix_rule import MatrixRule, as_matrices
 from .spd_solve import SOLVE_TEMPS, SpdSystem, merge_stats, row_block, solve_spd_right
 from .tiled_spd import PackedLower
@@ -251,10 +252,10 @@ class GramSums:
                 self.N[e].add_(x, alpha=w * eps)
                 self.shift[e] += w * eps
             if rows_first(self.m, self.n):
-                self.A[e].addmm_(x.T, x, alpha=w)
-                self.N[e].addmm_(x @ x.T, x, alpha=w)  # temporary (m, m)
+                add_gram(self.A[e], x, alpha=w)
+                self.N[e].addmm_(add_gram(None, x.T), x, alpha=w)  # temporary (m, m)
             else:
-                gram = x.T @ x  # temporary (n, n)
+                gram = add_gram(None, x)  # temporary (n, n)
                 self.A[e].add_(gram, alpha=w)
                 self.N[e].addmm_(x, gram, alpha=w)
 

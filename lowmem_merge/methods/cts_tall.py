@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..info import TensorInfo
+from .gram import add_gram
 from .matrix_rule import BLOCK
 from .spectral_tall import EIGH_F64, RowMap, SpectralPrepass, inverse_root, polar_rows, top_eigen, unit_rows
 
@@ -66,7 +67,7 @@ class IsoCtsGrams(SpectralPrepass):
             self.chunk.add(t, delta)
             if t == self.n_experts - 1:
                 s = self.chunk.take().double()
-                self.gram_s = s.T @ s if self.gram_s is None else self.gram_s.addmm_(s.T, s)
+                self.gram_s = add_gram(self.gram_s, s)
             return
         if self.system is None:
             return
@@ -82,10 +83,10 @@ class IsoCtsGrams(SpectralPrepass):
         elif round_ == 2:
             for u, x in enumerate(held):
                 res = residual_rows(x, common, self.proj[u])
-                self.grams[u] = res.T @ res if self.grams[u] is None else self.grams[u].addmm_(res.T, res)
+                self.grams[u] = add_gram(self.grams[u], res)
         else:
             y = self.system.y_rows(held, common, info.row_start)
-            self.gram_y = y.T @ y if self.gram_y is None else self.gram_y.addmm_(y.T, y)
+            self.gram_y = add_gram(self.gram_y, y)
 
     def end_round(self, round_: int) -> None:
         if round_ == 0 and self._tall() and self.gram_s is not None:

@@ -15,6 +15,7 @@ import torch
 from ..info import TensorClass, TensorInfo
 from .average import Average
 from .base import MergeMethod, NoParams
+from .gram import add_gram
 
 
 def as_matrices(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ class MatrixRule(MergeMethod):
 
 
 GRAM_COND = 1e3  # the Gram route is taken when every singular value used is at least σ_max / GRAM_COND
-POLAR_COND = 1e5  # the Gram route of ``polar_`` is taken when σ_min ≥ σ_max / POLAR_COND
+POLAR_COND = 1e6  # the Gram route of ``polar_`` is taken when σ_min ≥ σ_max / POLAR_COND (why: ``polar_``)
 BLOCK = 1024      # lines of an fp32 matrix upcast to fp64 at a time: the Gram routes hold no whole fp64 copy
 EIGH_FLOATS = 5   # fp32-sized values per k² an fp64 eigh of a k×k matrix holds beside its input: its vectors and
                   # LAPACK's workspace (measured 2.1-2.4 fp64 k×k at k = 2048..4096, torch 2.x CPU)
@@ -144,12 +145,10 @@ def side_gram(x: torch.Tensor, wide: bool) -> torch.Tensor:
     g = x.new_zeros(k, k, dtype=torch.float64)
     if wide:
         for c in range(0, x.shape[1], BLOCK):
-            xd = x[:, c:c + BLOCK].double()
-            g.addmm_(xd, xd.T)
+            add_gram(g, x[:, c:c + BLOCK].double().T)
     else:
         for r in range(0, x.shape[0], BLOCK):
-            xd = x[r:r + BLOCK].double()
-            g.addmm_(xd.T, xd)
+            add_gram(g, x[r:r + BLOCK].double())
     return g
 
 
@@ -294,9 +293,11 @@ def polar_(x: torch.Tensor) -> torch.Tensor:
     BLOCK lines at a time. Unlike a single singular vector, the polar factor does not depend on the gaps between
     singular values (rotations within a cluster cancel); rounding G (‖E‖ ~ eps64·σ_max²) moves its part along σ by
     ~eps64·(σ_max/σ)², below fp32 rounding (u32·σ_max/σ, the factor's own sensitivity to fp32 input) for every
-    σ ≥ σ_max / POLAR_COND (tests/test_methods.py holds it to fp64 LAPACK). Costs a Gram and one eigh of the smaller
-    side: the FLOP floor of the rule, where LAPACK's SVD of an ill-conditioned matrix (TSV-M's and Iso-CTS's slot
-    matrices) took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled slots) are left out and
+    σ ≥ σ_max / 5e8, and at most 1.1e-4 (§1's tolerance) for σ ≥ σ_max / POLAR_COND = 1e6, where fp32 LAPACK, the
+    other route, errs by ~u32·σ_max/σ = 6e-2 (measured on 300..700-line matrices against fp64 LAPACK: the Gram route
+    2.5e-8..7.4e-5 at κ = 1e4..1e6, fp32 LAPACK 1.9e-5..2.2e-2; tests/test_lowrank_exact.py holds both). Costs a Gram
+    and one eigh of the smaller side: the FLOP floor of the rule, where LAPACK's SVD of an ill-conditioned matrix
+    (TSV-M's and Iso-CTS's slot matrices) took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled slots) are left out and
     stay zero in the factor: they meet a zero weight (s̄ = 0) wherever the factor is used. Route 2 otherwise: LAPACK's
     SVD, as ``thin_svd``'s: U·Vh of x written over it when square, else V Σ⁻¹ Vᵀ applied as in route 1 with V and σ
     from the SVD of the k×k R factor of x's longer side (directions with σ = 0 left out, as the zero lines above).

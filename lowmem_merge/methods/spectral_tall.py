@@ -24,6 +24,7 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .base import Prepass
+from .gram import add_gram
 from .matrix_rule import BLOCK, EIGH_FLOATS, GRAM_COND, POLAR_COND, side_gram
 from .tall import is_tall
 
@@ -158,7 +159,7 @@ class IsoCGrams(SpectralPrepass):
         self.chunk.add(t, delta)
         if t == self.n_experts - 1:
             s = self.chunk.take().double()
-            self.gram = s.T @ s if self.gram is None else self.gram.addmm_(s.T, s)
+            self.gram = add_gram(self.gram, s)
 
     def state(self) -> RowMap | None:
         if not self._tall() or self.gram is None:
@@ -245,7 +246,7 @@ class TsvGrams(SpectralPrepass):
             return
         if round_ == 0:
             x = delta.double()
-            self.grams[t] = x.T @ x if self.grams[t] is None else self.grams[t].addmm_(x.T, x)
+            self.grams[t] = add_gram(self.grams[t], x)
             return
         if self.system is None:
             return
@@ -255,7 +256,7 @@ class TsvGrams(SpectralPrepass):
         self.slots.add(t, delta, t * self.system.k)
         if t == self.n_experts - 1:
             u = self.slots.take().double()
-            self.gram_u = u.T @ u if self.gram_u is None else self.gram_u.addmm_(u.T, u)
+            self.gram_u = add_gram(self.gram_u, u)
 
     def end_round(self, round_: int) -> None:
         if round_ == 0 and self._tall() and all(g is not None for g in self.grams):

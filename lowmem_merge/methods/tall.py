@@ -18,6 +18,7 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .base import Prepass
+from .gram import add_gram
 
 TALL_RATIO = 3             # rows per column from which a LIN matrix is merged in row chunks
 TALL_MIN_ELEMS = 1 << 22   # no smaller: the stream keeps it one piece anyway (stream.CHUNK_ELEMS), and the prepass
@@ -84,9 +85,7 @@ class ExpertGrams(Prepass):
         if info.cls != TensorClass.LIN or len(info.shape) != 2:
             return
         x = delta.to(self.dtype)           # (rows, n): an fp64 copy for the fp64 Gram
-        if self.grams[t] is None:
-            self.grams[t] = x.new_zeros(x.shape[1], x.shape[1])
-        self.grams[t].addmm_(x.T, x)
+        self.grams[t] = add_gram(self.grams[t], x)
         if t == 0:
             self.rows += x.shape[0]
             self.info = info

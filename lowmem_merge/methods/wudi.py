@@ -32,6 +32,7 @@ import torch
 from ..errors import ConfigError
 from ..info import TensorClass, TensorInfo
 from .covariance import rows_first
+from .gram import add_gram
 from .matrix_rule import MatrixRule
 from .tall import ExpertGrams, TallRowChunks, TallState
 
@@ -93,7 +94,7 @@ class Wudi(TallRowChunks, MatrixRule):
                 continue
             w = 1.0 / (norm * norm)
             if rows_first(m, n):
-                self._a[e].addmm_(x.T, x, alpha=w)
+                add_gram(self._a[e], x, alpha=w)
                 for rows in row_blocks(m, m):
                     outer = x[rows] @ x.T  # (rows, m): these rows of ΔΔᵀ; ‖ΔΔᵀ‖F = ‖ΔᵀΔ‖F
                     self._b[e][rows].addmm_(outer, x, alpha=w)
