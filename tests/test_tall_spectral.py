@@ -41,7 +41,7 @@ def small_tall(monkeypatch):
 
 def _graded(case: str) -> list[torch.Tensor]:
     """Two tall 90x8 experts whose top k = 4 singular values reach 5e-4·σ1: TSV's Gram route is unproven there
-    (GRAM_COND = 1e3), Iso-C's polar route still proven (σ_min of the sum above σ1/1e5)."""
+    (GRAM_COND = 1e3), Iso-C's polar route still proven (σ_min of the sum above σ1/POLAR_COND)."""
     values = torch.tensor([1.0, 0.7, 0.5, 5e-4, 4e-4, 3e-4, 2e-4, 1e-4], dtype=torch.float64)
     out = []
     for seed in (1, 2):
