@@ -404,10 +404,11 @@ def spectral_flops(spec: MethodSpec, shapes: Sequence[tuple[int, int, int]], n_e
     """FLOPs of TSV-M, Iso-C or Iso-CTS over every LIN matrix: the Gram products and one factorization per matrix.
 
     Per (m, n) matrix, r = min(m, n), M = max(m, n), T experts; a product of an a×b by a b×c matrix counts 2abc, a
-    Gram xᵀx of an a×b matrix ab² (symmetric: its lower triangle, methods/gram.py; 2ab² before 2026-12-07); the one factorization is a symmetric eigendecomposition of an r×r Gram with its vectors, 9r³ (Golub and
-    Van Loan's count for the symmetric QR algorithm), what an SVD or a polar factor of the Gram route costs. The
-    rules take more (tsv T + 2 eighs per matrix, iso_cts T + 3, T of them (m − k_c)-sized where m ≤ n, iso_c 1);
-    the ratio shows what the others cost.
+    Gram xᵀx of an a×b matrix ab² (symmetric: its lower triangle, methods/gram.py; 2ab² before 2026-12-07); the one
+    factorization is a symmetric eigendecomposition of an r×r Gram with its vectors, 9r³ (Golub and Van Loan's count
+    for the symmetric QR algorithm), what an SVD or a polar factor of the Gram route costs. The rules take more (tsv T
+    + 2 eighs per matrix, iso_cts T + 3, T of them (m − k_c)-sized where m ≤ n, iso_c 1); the ratio shows what the
+    others cost.
     - tsv: per expert, the Gram of Δt and its other factor Mr² + 2Mrk (k = ⌊r/T⌋); the polar factors of Ū (m×r) and
       V̄ (r×n), a Gram and a product each, 3mr² + 3nr²; Δ* = Û·diag(s̄)·V̂, 2mrn.
     - iso_c: the Gram of S = ΣΔt and the polar factor's product, 3Mr².

@@ -292,16 +292,16 @@ def polar_(x: torch.Tensor) -> torch.Tensor:
     Route 1: eigh of the fp64 Gram G of the smaller side, polar = x·G^{-1/2} (tall) or G^{-1/2}·x (wide), applied
     BLOCK lines at a time. Unlike a single singular vector, the polar factor does not depend on the gaps between
     singular values (rotations within a cluster cancel); rounding G (‖E‖ ~ eps64·σ_max²) moves its part along σ by
-    ~eps64·(σ_max/σ)², below fp32 rounding (u32·σ_max/σ, the factor's own sensitivity to fp32 input) for every
-    σ ≥ σ_max / 5e8, and at most 1.1e-4 (§1's tolerance) for σ ≥ σ_max / POLAR_COND = 1e6, where fp32 LAPACK, the
-    other route, errs by ~u32·σ_max/σ = 6e-2 (measured on 300..700-line matrices against fp64 LAPACK: the Gram route
+    ~eps64·(σ_max/σ)², below fp32 rounding (u32·σ_max/σ, the factor's own sensitivity to fp32 input) for every σ ≥
+    σ_max / 5e8, and at most 1.1e-4 (§1's tolerance) for σ ≥ σ_max / POLAR_COND = 1e6, where fp32 LAPACK, the other
+    route, errs by ~u32·σ_max/σ = 6e-2 (measured on 300..700-line matrices against fp64 LAPACK: the Gram route
     2.5e-8..7.4e-5 at κ = 1e4..1e6, fp32 LAPACK 1.9e-5..2.2e-2; tests/test_lowrank_exact.py holds both). Costs a Gram
     and one eigh of the smaller side: the FLOP floor of the rule, where LAPACK's SVD of an ill-conditioned matrix
-    (TSV-M's and Iso-CTS's slot matrices) took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled slots) are left out and
-    stay zero in the factor: they meet a zero weight (s̄ = 0) wherever the factor is used. Route 2 otherwise: LAPACK's
-    SVD, as ``thin_svd``'s: U·Vh of x written over it when square, else V Σ⁻¹ Vᵀ applied as in route 1 with V and σ
-    from the SVD of the k×k R factor of x's longer side (directions with σ = 0 left out, as the zero lines above).
-    Memory: ``polar_floats`` beside x.
+    (TSV-M's and Iso-CTS's slot matrices) took 10-40x the I/O floor. Exactly zero lines of the smaller side (unfilled
+    slots) are left out and stay zero in the factor: they meet a zero weight (s̄ = 0) wherever the factor is used.
+    Route 2 otherwise: LAPACK's SVD, as ``thin_svd``'s: U·Vh of x written over it when square, else V Σ⁻¹ Vᵀ applied
+    as in route 1 with V and σ from the SVD of the k×k R factor of x's longer side (directions with σ = 0 left out, as
+    the zero lines above). Memory: ``polar_floats`` beside x.
     """
     rows, cols = _lines(x)
     # the Gram of the smaller side; a square one takes the side with unfilled slots (V̄'s rows, Ū's columns)
