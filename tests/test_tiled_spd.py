@@ -256,3 +256,24 @@ def test_add_gram_is_the_gram_to_fp64_rounding(n):
             tiles = torch.arange(n) // GRAM_TILE
             off = tiles[:, None] != tiles[None, :]
             assert torch.equal(fresh[off], fresh.T[off])
+
+
+@pytest.mark.parametrize("n", [255, 257, 700])
+def test_add_gram_summed_over_blocks_then_mirrored_once(n):
+    """The tall prepasses and side_gram sum a Gram over row blocks with ``mirror=False`` and mirror once at the end:
+    the result is the one-call Gram of all the rows to the same bound, the tiles above the diagonal untouched until
+    ``mirror_lower`` (they hold what was there, here a sentinel), and exactly the lower triangle's mirror after."""
+    from lowmem_merge.methods.gram import GRAM_TILE, add_gram, mirror_lower
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(1000, n, generator=g, dtype=torch.float64)
+    acc = None
+    for rows in (slice(0, 1), slice(1, 333), slice(333, 1000)):
+        acc = add_gram(acc, x[rows], mirror=False)
+    tiles = torch.arange(n) // GRAM_TILE
+    above = tiles[:, None] < tiles[None, :]
+    assert bool((acc[above] == 0).all())                    # never written by the sum
+    acc[above] = float("nan")                                # whatever was there goes
+    got = mirror_lower(acc)
+    assert torch.equal(got[above], got.T[above])
+    u = torch.finfo(torch.float64).eps / 2
+    assert bool(((got - x.T @ x).abs() <= 2 * x.shape[0] * u * (x.abs().T @ x.abs())).all())

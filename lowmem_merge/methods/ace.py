@@ -43,7 +43,7 @@ from ..errors import ConfigError
 from ..info import TensorClass, TensorInfo
 from .ace_tall import AceGrams, RowSums, heterogeneity
 from .covariance import rows_first
-from .gram import add_gram
+from .gram import add_gram, mirror_lower
 from .matrix_rule import GRAM_COND, MatrixRule, _lapack_svd
 from .tall import TallRowChunks, TallState
 from .tiled_spd import PackedLower
@@ -270,8 +270,8 @@ def _add_top_gram(pre: torch.Tensor, f: torch.Tensor, k: int) -> bool:
     s = side.shape[1]
     gram = side.new_zeros(s, s, dtype=torch.float64)
     for rows in row_blocks(*side.shape):
-        add_gram(gram, side[rows].double())
-    evals, vecs = torch.linalg.eigh(gram)                     # ascending
+        add_gram(gram, side[rows].double(), mirror=False)
+    evals, vecs = torch.linalg.eigh(mirror_lower(gram))                     # ascending
     del gram
     values = evals.flip(0)[:k].clamp(min=0).sqrt()
     if not float(values[-1]) > float(values[0]) / GRAM_COND:

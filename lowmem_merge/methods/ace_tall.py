@@ -22,7 +22,7 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .base import Prepass
-from .gram import add_gram
+from .gram import add_gram, mirror_lower
 from .tall import TallState, is_tall
 
 _TINY = 1e-12  # the reference's guards (ace.py)
@@ -165,7 +165,7 @@ class AceGrams(Prepass):
         elif round_ == 1:
             centred = delta - self.colsums[t].div(self.rows).float()
             g = self.grams[t]
-            self.grams[t] = add_gram(g, centred)
+            self.grams[t] = add_gram(g, centred, mirror=False)
         elif self.system is not None and self.system.refines:
             if t == 0:
                 self.chunk = RowSums(self.system, delta)
@@ -173,16 +173,17 @@ class AceGrams(Prepass):
             if t == self.n_experts - 1:
                 _, f = self.chunk.finish()
                 f64 = f.double()
-                self.ftf = add_gram(self.ftf, f64)
+                self.ftf = add_gram(self.ftf, f64, mirror=False)
                 self.chunk = None
 
     def end_round(self, round_: int) -> None:
         if round_ == 1 and self._tall():
             means = [s.div(self.rows).float() for s in self.colsums]
-            self.system = AceSystem(means, self.grams, self.norms, self.rows, self.params, self.n_experts)
+            grams = [None if g is None else mirror_lower(g) for g in self.grams]
+            self.system = AceSystem(means, grams, self.norms, self.rows, self.params, self.n_experts)
             self.grams = []
         elif round_ == 2 and self.system is not None and self.ftf is not None:
-            self.system.top(self.ftf)
+            self.system.top(mirror_lower(self.ftf))
             self.ftf = None
 
     def _tall(self) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..info import TensorInfo
-from .gram import add_gram
+from .gram import add_gram, mirror_lower
 from .matrix_rule import BLOCK
 from .spectral_tall import EIGH_F64, RowMap, SpectralPrepass, inverse_root, polar_rows, top_eigen, unit_rows
 
@@ -67,7 +67,7 @@ class IsoCtsGrams(SpectralPrepass):
             self.chunk.add(t, delta)
             if t == self.n_experts - 1:
                 s = self.chunk.take().double()
-                self.gram_s = add_gram(self.gram_s, s)
+                self.gram_s = add_gram(self.gram_s, s, mirror=False)
             return
         if self.system is None:
             return
@@ -83,21 +83,21 @@ class IsoCtsGrams(SpectralPrepass):
         elif round_ == 2:
             for u, x in enumerate(held):
                 res = residual_rows(x, common, self.proj[u])
-                self.grams[u] = add_gram(self.grams[u], res)
+                self.grams[u] = add_gram(self.grams[u], res, mirror=False)
         else:
             y = self.system.y_rows(held, common, info.row_start)
-            self.gram_y = add_gram(self.gram_y, y)
+            self.gram_y = add_gram(self.gram_y, y, mirror=False)
 
     def end_round(self, round_: int) -> None:
         if round_ == 0 and self._tall() and self.gram_s is not None:
-            gram_s, self.gram_s = self.gram_s, None
+            gram_s, self.gram_s = mirror_lower(self.gram_s), None
             self.system = CtsSystem(gram_s, self.rows, self.n_experts, self.params, self)
         elif round_ == 2 and self.system is not None:
             self.proj = []
-            self.system.task_spaces(self.grams, self)
+            self.system.task_spaces([None if g is None else mirror_lower(g) for g in self.grams], self)
             self.grams = []
         elif round_ == 3 and self.system is not None and self.gram_y is not None:
-            gram, self.gram_y = self.gram_y, None
+            gram, self.gram_y = mirror_lower(self.gram_y), None
             self.system.finish(gram, self.params.scale, self)
 
     def state(self) -> CtsSystem | None:

@@ -15,7 +15,7 @@ import torch
 from ..info import TensorClass, TensorInfo
 from .average import Average
 from .base import MergeMethod, NoParams
-from .gram import add_gram
+from .gram import add_gram, mirror_lower
 
 
 def as_matrices(x: torch.Tensor) -> torch.Tensor:
@@ -145,11 +145,11 @@ def side_gram(x: torch.Tensor, wide: bool) -> torch.Tensor:
     g = x.new_zeros(k, k, dtype=torch.float64)
     if wide:
         for c in range(0, x.shape[1], BLOCK):
-            add_gram(g, x[:, c:c + BLOCK].double().T)
+            add_gram(g, x[:, c:c + BLOCK].double().T, mirror=False)
     else:
         for r in range(0, x.shape[0], BLOCK):
-            add_gram(g, x[r:r + BLOCK].double())
-    return g
+            add_gram(g, x[r:r + BLOCK].double(), mirror=False)
+    return mirror_lower(g)
 
 
 def _top_vectors(gram: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .base import Prepass
-from .gram import add_gram
+from .gram import add_gram, mirror_lower
 from .matrix_rule import BLOCK, EIGH_FLOATS, GRAM_COND, POLAR_COND, side_gram
 from .tall import is_tall
 
@@ -159,12 +159,12 @@ class IsoCGrams(SpectralPrepass):
         self.chunk.add(t, delta)
         if t == self.n_experts - 1:
             s = self.chunk.take().double()
-            self.gram = add_gram(self.gram, s)
+            self.gram = add_gram(self.gram, s, mirror=False)
 
     def state(self) -> RowMap | None:
         if not self._tall() or self.gram is None:
             return None
-        gram, self.gram = self.gram, None
+        gram, self.gram = mirror_lower(self.gram), None
         root, values, proven = inverse_root(gram)
         del gram
         self._unproven(proven)
@@ -246,7 +246,7 @@ class TsvGrams(SpectralPrepass):
             return
         if round_ == 0:
             x = delta.double()
-            self.grams[t] = add_gram(self.grams[t], x)
+            self.grams[t] = add_gram(self.grams[t], x, mirror=False)
             return
         if self.system is None:
             return
@@ -256,14 +256,14 @@ class TsvGrams(SpectralPrepass):
         self.slots.add(t, delta, t * self.system.k)
         if t == self.n_experts - 1:
             u = self.slots.take().double()
-            self.gram_u = add_gram(self.gram_u, u)
+            self.gram_u = add_gram(self.gram_u, u, mirror=False)
 
     def end_round(self, round_: int) -> None:
         if round_ == 0 and self._tall() and all(g is not None for g in self.grams):
-            self.system = TsvSystem(self.grams, self.rows, self)
+            self.system = TsvSystem([mirror_lower(g) for g in self.grams], self.rows, self)
             self.grams = []
         elif round_ == 1 and self.system is not None and self.gram_u is not None:
-            gram, self.gram_u = self.gram_u, None
+            gram, self.gram_u = mirror_lower(self.gram_u), None
             self.system.finish(gram, self.params.scale, self)
 
     def state(self) -> TsvSystem | None:

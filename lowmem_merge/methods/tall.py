@@ -18,7 +18,7 @@ import torch
 
 from ..info import TensorClass, TensorInfo
 from .base import Prepass
-from .gram import add_gram
+from .gram import add_gram, mirror_lower
 
 TALL_RATIO = 3             # rows per column from which a LIN matrix is merged in row chunks
 TALL_MIN_ELEMS = 1 << 22   # no smaller: the stream keeps it one piece anyway (stream.CHUNK_ELEMS), and the prepass
@@ -85,7 +85,7 @@ class ExpertGrams(Prepass):
         if info.cls != TensorClass.LIN or len(info.shape) != 2:
             return
         x = delta.to(self.dtype)           # (rows, n): an fp64 copy for the fp64 Gram
-        self.grams[t] = add_gram(self.grams[t], x)
+        self.grams[t] = add_gram(self.grams[t], x, mirror=False)
         if t == 0:
             self.rows += x.shape[0]
             self.info = info
@@ -93,5 +93,5 @@ class ExpertGrams(Prepass):
     def state(self) -> TallState | None:
         if self.info is None or not is_tall(replace(self.info, shape=(self.rows, self.info.shape[1]))):
             return None
-        grams, self.grams = self.grams, []
+        grams, self.grams = [None if g is None else mirror_lower(g) for g in self.grams], []
         return TallState(grams, self.rows)
