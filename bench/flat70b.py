@@ -11,7 +11,8 @@
    the matrix rules' O(m·n²) products would take hours on a small CPU.
 
 Not in CI: the slice is ~24 GB on disk (check `df -h`; the files are deleted afterwards) and every rule reads it
-once per pass. Appends its tables to bench/RESULTS.md.
+once per pass. Appends its tables to bench/RESULTS.md line by line as each is known (a run stopped early keeps
+the rules it measured).
 
 Run:  python bench/flat70b.py [--plan-only] [--rules slerp,sce] [--layers 1 --vocab 128256 --hidden 8192 ...]
 """
@@ -119,8 +120,10 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=28672)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--experts", type=int, default=3)
+    ap.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md", help="markdown file appended to")
     a = ap.parse_args()
     rules = a.rules.split(",")
+    results = open(a.results, "a")    # each line as it is known: a run stopped early keeps them
     lines = [f"\n## Every elementwise, geometric and data-free matrix rule at 70B x 8 ({datetime.date.today()}, "
              "bench/flat70b.py)\n",
              f"`python bench/flat70b.py {' '.join(sys.argv[1:])}` on {platform.machine()} "
@@ -134,7 +137,7 @@ def main() -> None:
     for rule in rules:
         need, largest, head = planned_detail(base, experts, rule)
         lines.append(f"| `{rule}` | {gib(need)} | `{largest}` | {gib(head)} | {gib(target(rule))} |")
-        print(lines[-1], flush=True)
+    emit(results, lines)
     shutil.rmtree(root)
     if not a.plan_only:
         shape = LlamaShape(hidden=a.hidden, intermediate=a.intermediate, layers=a.layers, vocab=a.vocab,
@@ -146,6 +149,7 @@ def main() -> None:
         lines += [f"\nMeasured on a slice with random bf16 data: {a.layers} layer(s) at {a.hidden}/{a.intermediate}, "
                   f"the {a.vocab}x{a.hidden} embedding and LM head, base + {a.experts} experts:\n",
                   "| rule | parameters | inspect | measured peak RSS | under both | wall |", "|---|---|---|---|---|---|"]
+        emit(results, lines)
         try:
             for rule in rules:
                 bound = planned(base, experts, rule)
@@ -153,11 +157,19 @@ def main() -> None:
                 ok = peak <= bound and peak <= target(rule)
                 lines.append(f"| `{rule}` | {' '.join(RULES[rule][1]) or '-'} | {gib(bound)} | {gib(peak)} | "
                              f"{'yes' if ok else 'NO'} | {wall:.0f} s |")
-                print(lines[-1], flush=True)
+                emit(results, lines)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    with open(REPO / "bench" / "RESULTS.md", "a") as f:
-        f.write("\n".join(lines) + "\n")
+    results.close()
+
+
+def emit(results, lines: list[str]) -> None:
+    """Print and append the lines not yet written (taken from the list), so RESULTS holds what is measured so far."""
+    text = "\n".join(lines) + "\n"
+    print(text, end="", flush=True)
+    results.write(text)
+    results.flush()
+    lines.clear()
 
 
 if __name__ == "__main__":
