@@ -125,6 +125,37 @@ def test_peak_rss_is_flat_in_the_vocabulary_and_under_the_estimate(matrix_vocab,
     assert all(peaks[s] <= bounds[s] for s in peaks), (peaks, bounds)
 
 
+_EIGH_PEAK = """
+import sys, torch
+torch.set_num_threads(1)
+n = int(sys.argv[1])
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+g = torch.randn(n, n, dtype=torch.float64)
+g = g @ g.T
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")   # VmHWM := VmRSS now
+torch.linalg.eigh(g)
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_an_fp64_eigh_holds_what_eigh_floats_prices():
+    """A subprocess's peak RSS beside the input during one fp64 eigh (n = 2048): at most EIGH_FLOATS fp32 values per
+    n², which every spectral rule's plan prices (at full width a tsv LM head measured 0.13 GiB over a plan priced at
+    2.5 fp64 n²); and at least the vectors and syevd's 2n² workspace, so the measurement itself is real."""
+    import subprocess
+    import sys
+    from lowmem_merge.methods.matrix_rule import EIGH_FLOATS
+    n = 2048
+    proc = subprocess.run([sys.executable, "-c", _EIGH_PEAK, str(n)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    held = int(proc.stdout.split()[-1])
+    print(f"eigh held {held / (8 * n * n):.2f} fp64 n² (priced {EIGH_FLOATS / 2:.2f})")
+    assert 2.5 * 8 * n * n <= held <= EIGH_FLOATS * 4 * n * n, held / (8 * n * n)
+
+
 # ---- the plan at 70B x 8 (header-only, issue 17 §3) -----------------------------------------------------------
 
 MATRIX_TARGET = 8 * 10**9
