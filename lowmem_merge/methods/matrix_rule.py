@@ -78,7 +78,7 @@ GRAM_COND = 1e3  # the Gram route is taken when every singular value used is at 
 POLAR_COND = 1e6  # the Gram route of ``polar_`` is taken when σ_min ≥ σ_max / POLAR_COND (why: ``polar_``)
 BLOCK = 1024      # lines of an fp32 matrix upcast to fp64 at a time: the Gram routes hold no whole fp64 copy
 EIGH_FLOATS = 7   # fp32-sized values per k² an fp64 eigh of a k×k matrix holds beside its input: its vectors and
-                  # syevd's 2k² workspace (peak RSS 3.35, 3.11 fp64 k×k at k = 2048, 4096; torch 2.13 CPU)
+                  # syevd's 2k² workspace (peak RSS 3.35, 3.11, 3.03 fp64 k² at k = 2048, 4096, 8192; torch 2.13 CPU)
 LAPACK_WORK = 6   # fp32 values per k² of LAPACK's fp32 SVD workspace beside its copy of x and its factors (5.5 measured)
 
 
