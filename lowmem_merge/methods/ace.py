@@ -44,7 +44,7 @@ from ..info import TensorClass, TensorInfo
 from .ace_tall import AceGrams, RowSums, heterogeneity
 from .covariance import rows_first
 from .gram import add_gram, mirror_lower
-from .matrix_rule import GRAM_COND, MatrixRule, _lapack_svd
+from .matrix_rule import EIGH_FLOATS, GRAM_COND, MatrixRule, _lapack_svd
 from .tall import TallRowChunks, TallState
 from .tiled_spd import PackedLower
 from .wudi import block_rows, row_blocks
@@ -291,7 +291,7 @@ def _refine_floats(m: int, n: int, k: int) -> int:
     eigenvectors and workspace, then V_k and P, and a block's fp64 copy, product and cast) and LAPACK's fp32 SVD
     (U, S, Vh, a copy of F and gesdd's workspace of about 7·min(m, n)²)."""
     s, lines = min(m, n), max(m, n)
-    eigh = 2 * s * s + 2 * s * s + 4 * s * s                  # Gram, eigenvectors, syevd's 2s² doubles
+    eigh = int((2 + EIGH_FLOATS) * s * s)                     # Gram, then eigh's vectors and workspace
     project = 2 * s * s + 4 * s * k + 2 * s * s               # eigenvectors, V_k and V_k/σ, P
     gram = max(eigh, project) + 5 * block_rows(lines, s) * s
     lapack = s * (m + n) + s + m * n + 7 * s * s

@@ -23,6 +23,7 @@ import torch
 from ..info import TensorClass, TensorInfo
 from .base import Prepass
 from .gram import add_gram, mirror_lower
+from .matrix_rule import EIGH_FLOATS
 from .tall import TallState, is_tall
 
 _TINY = 1e-12  # the reference's guards (ace.py)
@@ -145,12 +146,13 @@ class AceGrams(Prepass):
 
     @classmethod
     def piece_bytes(cls, whole: TensorInfo, piece: TensorInfo, n_experts: int, params: Any) -> int:
-        """fp32: T Grams, A_acc + E I, A's LU and A or its pinv; fp64: FᵀF, its eigenvectors and LAPACK's eigh
-        workspace (2n²), then V_k; per chunk: N, R1, SΔ, the centred Δ, Δ_pre, F (fp32) and F's products (fp64)."""
+        """fp32: T Grams, A_acc + E I, A's LU and A or its pinv; fp64: FᵀF and its eigh (EIGH_FLOATS), then
+        V_k; per chunk: N, R1, SΔ, the centred Δ, Δ_pre, F (fp32) and F's products (fp64)."""
         m, n = whole.shape
         k = math.floor(params.k_frac * min(m, n))
         rows = piece.shape[0]
-        return 4 * (n_experts + 3) * n * n + 32 * n * n + 8 * n * k + 4 * 6 * rows * n + 8 * 3 * rows * n
+        eigh = int((2 + EIGH_FLOATS) * 4 * n * n)                # FᵀF, then eigh's vectors and workspace
+        return 4 * (n_experts + 3) * n * n + eigh + 8 * n * k + 4 * 6 * rows * n + 8 * 3 * rows * n
 
     def observe(self, round_: int, info: TensorInfo, t: int, delta: torch.Tensor) -> None:
         if info.cls != TensorClass.LIN or len(info.shape) != 2:
