@@ -20,7 +20,7 @@ from .average import Average
 from .base import NoParams
 from .calibrated import GramState
 from .covariance import eigh_pinv, pinv_apply
-from .matrix_rule import MatrixRule
+from .matrix_rule import EIGH_FLOATS, MatrixRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,9 @@ class GramRule(MatrixRule):
 
     @classmethod
     def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
-        return (n_experts + 5) * n * n + 3 * m * n   # the experts' Grams, A, an fp64 copy and factor; N and fp64 N
+        # the experts' Grams and A; then the larger of an fp64 copy of A with its factor, and the eigh pseudo-inverse
+        # of a singular A (EIGH_FLOATS / 2: an eigh holds about 3.5 of its own n² beside its input); N and fp64 N
+        return (n_experts + 1) * n * n + max(4 * n * n, math.ceil(EIGH_FLOATS / 2 * n * n)) + 3 * m * n
 
 
 class Inverse:
@@ -99,6 +101,7 @@ class Inverse:
                 diag = chol.diagonal()
                 self.cond = float(diag.max() / diag.min()) ** 2
                 return
+            del chol        # a failed factor is freed before the next attempt (measured 5.36 n² fp32 held without)
         self.vecs, self.inv, self.cond = eigh_pinv(a, a.shape[0])
 
     def apply(self, nn: torch.Tensor) -> None:
