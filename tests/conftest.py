@@ -1,10 +1,13 @@
 """Shared fixtures: tiny real checkpoints on disk and a real `lowmerge` subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,20 +51,74 @@ def tiny(tmp_path: Path) -> tuple[Path, list[Path]]:
     return build_example(tmp_path / "in", TINY, n_experts=3)
 
 
-def run_cli(*args: str | Path, check: bool = False, env: dict | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m lowmem_merge ARGS` in a real subprocess and capture its output."""
+class _Zygote:
+    """One tests/cli_zygote.py process: torch imported once, a fork per command (see its docstring)."""
+
+    env = dict(os.environ)   # the session's environment, as the workers start (a monkeypatched one goes fresh)
+
+    # variables that change under pytest after the zygotes start and that neither torch's nor the CLI's import reads:
+    # the test's name, the path onnxruntime records when a test module imports it, and the cache folder torch's
+    # inductor records when a test's export first uses it
+    IGNORED = ("PYTEST_CURRENT_TEST", "ORT_LIB_PATH", "TORCHINDUCTOR_CACHE_DIR")
+
+    @staticmethod
+    def same_env(env: dict) -> bool:
+        """Whether ``env`` is the zygotes' but for IGNORED (a child is given ``env`` itself)."""
+        def kept(e: dict) -> dict:
+            return {k: v for k, v in e.items() if k not in _Zygote.IGNORED}
+        return kept(env) == kept(_Zygote.env)
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_zygote.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
+
+    def run(self, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory(prefix="lowmerge-cli-") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            out.touch()
+            err.touch()
+            req = {"args": args, "env": env, "cwd": os.getcwd(), "stdout": str(out), "stderr": str(err),
+                   "timeout": timeout}
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            reply = json.loads(self.proc.stdout.readline())
+            stdout, stderr = out.read_text(), err.read_text()
+        cmd = [sys.executable, "-m", "lowmem_merge", *args]
+        if reply.get("timeout"):
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(cmd, reply["rc"], stdout, stderr)
+
+
+_idle: list[_Zygote] = []          # zygotes not running a command (run_cli_many's threads take one each)
+_idle_lock = threading.Lock()
+
+
+def run_cli(*args: str | Path, check: bool = False, env: dict | None = None, timeout: float = 300,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m lowmem_merge ARGS` in a real subprocess and capture its output.
+
+    The process is a fork of a ``_Zygote`` that has imported torch (a tiny run is mostly that import), unless
+    ``fresh`` (memory measurements: a new interpreter, nothing inherited) or the environment differs from the one the
+    zygotes started with (``env``, a monkeypatched variable): then a new ``python -m lowmem_merge``."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "lowmem_merge", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    if fresh or not _Zygote.same_env(full_env):
+        proc = subprocess.run([sys.executable, "-m", "lowmem_merge", *map(str, args)], capture_output=True,
+                              text=True, env=full_env, timeout=timeout)
+    else:
+        with _idle_lock:
+            zygote = _idle.pop() if _idle else None
+        if zygote is None or zygote.proc.poll() is not None:
+            zygote = _Zygote()
+        proc = zygote.run(list(map(str, args)), full_env, timeout)
+        with _idle_lock:
+            _idle.append(zygote)
     if check and proc.returncode != 0:
         raise AssertionError(f"lowmerge {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 def run_cli_many(*commands: list[str | Path], check: bool = False) -> list[subprocess.CompletedProcess]:
-    """``run_cli`` for independent commands, as many at a time as there are cores (each start is mostly torch's
-    import, single-threaded); results in the order given."""
+    """``run_cli`` for independent commands, as many at a time as there are cores; results in the order given."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(lambda args: run_cli(*args, check=check), commands))
 

@@ -375,7 +375,7 @@ def test_one_huge_line_is_cut_before_it_is_tokenized(tmp_path):
         out = tmp_path / name
         args = ["-m", "regmean", "--calib", files[0], "--calib", calib, "--calib-samples", str(SAMPLES),
                 "--calib-seq-len", str(SEQ_LEN), "-q"]
-        run_cli("merge", base, *experts, "-o", out, *args, check=True)
+        run_cli("merge", base, *experts, "-o", out, *args, check=True, fresh=True)
         peaks.append(json.loads((out / "lowmerge_report.json").read_text())["memory"]["peak_rss_bytes"])
     assert peaks[1] < peaks[0] + 150 * 2**20, peaks
 

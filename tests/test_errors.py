@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, run_cli_many
 from safetensors.torch import load_file, save_file
 
 from lowmem_merge.demo import build_example
@@ -348,19 +348,13 @@ def option_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess
     root = tmp_path_factory.mktemp("options")
     base, experts = build_example(root / "in", TINY, n_experts=3)
     missing = root / MISSING
-    started = {}
+    commands = []
     for case, (args, _) in OPTION_CASES.items():
         inputs = {"missing-base": [missing, *experts], "missing-expert": [base, experts[0], missing],
                   "debug": [base, missing]}.get(case, [base, *experts])
-        out = root / f"out-{case}"
-        cmd = [sys.executable, "-m", "lowmem_merge", "merge", *inputs, "-o", out, "-q", "-m", "task_arithmetic", *args]
-        started[case] = (subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True), out)
-    runs = {}
-    for case, (proc, out) in started.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        runs[case] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out, missing)
-    return runs
+        commands.append(["merge", *inputs, "-o", root / f"out-{case}", "-q", "-m", "task_arithmetic", *args])
+    procs = run_cli_many(*commands)
+    return {case: (proc, root / f"out-{case}", missing) for case, proc in zip(OPTION_CASES, procs)}
 
 
 @pytest.mark.parametrize("case", [c for c in OPTION_CASES if c not in ("debug", "control")])

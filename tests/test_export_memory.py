@@ -29,7 +29,7 @@ def export_peak(tmp_path: Path, layers: int) -> tuple[int, int]:
     base, _ = build_example(tmp_path / f"in{layers}", LlamaShape(layers=layers, **WIDTH), n_experts=0,
                             dtype=torch.float32)
     out = tmp_path / f"onnx{layers}" / "model.onnx"
-    run_cli("export", base, "-o", out, "--no-validate", check=True, timeout=600)
+    run_cli("export", base, "-o", out, "--no-validate", check=True, timeout=600, fresh=True)
     export = json.loads((out.parent / "model.report.json").read_text())["export"]
     return export["peak_rss_bytes"], export["bytes"]
 
@@ -48,7 +48,7 @@ def genai_peak(tmp_path: Path, layers: int) -> tuple[int, int]:
     base, _ = build_example(tmp_path / f"g{layers}", LlamaShape(layers=layers, **WIDTH), n_experts=0)
     write_tokenizer(base, WIDTH["vocab"])
     out = tmp_path / f"deploy{layers}"
-    run_cli("export", base, "-o", out, "--precision", "int4", "--no-validate", check=True, timeout=600)
+    run_cli("export", base, "-o", out, "--precision", "int4", "--no-validate", check=True, timeout=600, fresh=True)
     export = json.loads((out / "export_report.json").read_text())["export"]
     return export["peak_rss_bytes"], sum(p.stat().st_size for p in base.glob("*.safetensors"))
 

@@ -54,7 +54,7 @@ def peak_rss(example: tuple[Path, list[Path]], out: Path, method: str, *params: 
     base, experts = example
     extra = [a for p in params for a in ("-p", p)]
     run_cli("merge", base, *experts, "-o", out, "--method", method, "--device", "cpu", "-q", *extra, check=True,
-            timeout=900)
+            timeout=900, fresh=True)
     return json.loads((out / "lowmerge_report.json").read_text())["memory"]["peak_rss_bytes"]
 
 

@@ -319,7 +319,7 @@ def test_peak_rss_is_flat_in_the_number_of_experts(tmp_path):
     cfgs = {n: write_config(tmp_path / f"moe{n}.yml", base, [experts[i % 2] for i in range(n)], "hidden",
                             dtype=None) for n in (2, 6)}
     for n, cfg in cfgs.items():
-        run_cli("moe", cfg, "-o", tmp_path / f"out{n}", "-q", check=True)
+        run_cli("moe", cfg, "-o", tmp_path / f"out{n}", "-q", check=True, fresh=True)
     peak = {n: json.loads((tmp_path / f"out{n}" / "lowmerge_report.json").read_text())["memory"]["peak_rss_bytes"]
             for n in cfgs}
     print(f"moe peak RSS: 2 experts {peak[2] / 2**20:.0f} MiB, 6 experts {peak[6] / 2**20:.0f} MiB")

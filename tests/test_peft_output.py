@@ -248,7 +248,7 @@ def test_peak_memory_is_flat_in_depth(tmp_path):
         base, adapters = _plain_model(tmp_path / f"m{layers}", layers, 2)
         out = tmp_path / f"out{layers}"
         run_cli("merge", base, *adapters, "-o", out, "-m", "ties", "--output-format", "peft", "--device", "cpu",
-                check=True)
+                check=True, fresh=True)
         report = json.loads((out / "lowmerge_report.json").read_text())
         assert len(report["adapter"]["modules"]) == layers
         peaks.append(report["memory"]["peak_rss_bytes"])

@@ -159,7 +159,7 @@ def test_cli_and_recipe_tokenizer_source(models, tmp_path: Path) -> None:
     if arch != "llama":
         pytest.skip("one architecture is enough for the command line")
     proc = run_cli("merge", base, a, b, "-m", "task_arithmetic", "-p", f"scale={SCALE}", "--tokenizer-source",
-                   "union", "--device", "cpu", "-o", tmp_path / "cli", "-q", check=True)
+                   "union", "--device", "cpu", "-o", tmp_path / "cli", "-q", check=True, fresh=True)  # its peak, below
     assert proc.returncode == 0
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n"
