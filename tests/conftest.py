@@ -57,9 +57,9 @@ class _Zygote:
     env = dict(os.environ)   # the session's environment, as the workers start (a monkeypatched one goes fresh)
 
     # variables that change under pytest after the zygotes start and that neither torch's nor the CLI's import reads:
-    # the test's name, the path onnxruntime records when a test module imports it, and the cache folder torch's
-    # inductor records when a test's export first uses it
-    IGNORED = ("PYTEST_CURRENT_TEST", "ORT_LIB_PATH", "TORCHINDUCTOR_CACHE_DIR")
+    # the test's name, the path onnxruntime records when a test module imports it, the cache folder torch's
+    # inductor records when a test's export first uses it, and the terminal width click reads as it prints help
+    IGNORED = ("PYTEST_CURRENT_TEST", "ORT_LIB_PATH", "TORCHINDUCTOR_CACHE_DIR", "COLUMNS")
 
     @staticmethod
     def same_env(env: dict) -> bool:
