@@ -54,8 +54,13 @@ def genai_peak(tmp_path: Path, layers: int) -> tuple[int, int]:
 
 
 def test_int4_generation_export_peak_is_flat_in_depth(tmp_path):
-    """The generation folder streams and quantizes one layer's weights at a time: 4x the layers, same peak."""
+    """The generation folder streams and quantizes one layer's weights at a time: 6x the layers, the peak grows by
+    far less than the extra weights it reads (holding them, even as the bf16 they are stored in, would add at least
+    their size). Measured on a 2-core VM: 2 layers 540-573 MB, 12 layers 574-591 MB, growth 9-34 MB against 257 MB
+    read; at 2 vs 8 layers a 1.15x bound on the ratio failed once (538 -> 620 MB: the peak varies by ~±40 MB from
+    run to run, which an 8-layer model's extra 154 MB did not dominate)."""
     small_peak, small_read = genai_peak(tmp_path, 2)
-    big_peak, big_read = genai_peak(tmp_path, 8)
-    assert big_read > 3.5 * small_read
-    assert big_peak <= 1.15 * small_peak, f"peak {small_peak / 1e6:.0f} MB -> {big_peak / 1e6:.0f} MB"
+    big_peak, big_read = genai_peak(tmp_path, 12)
+    assert big_read > 5.5 * small_read
+    assert big_peak - small_peak < 0.4 * (big_read - small_read), \
+        f"peak {small_peak / 1e6:.0f} MB -> {big_peak / 1e6:.0f} MB, {(big_read - small_read) / 1e6:.0f} MB more read"
