@@ -149,6 +149,33 @@ def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+_HELD = """
+import sys, torch
+torch.set_num_threads(1)
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+n = int(sys.argv[1])
+{setup}
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")   # VmHWM := VmRSS now
+{step}
+print(status("VmHWM") - base)
+"""
+
+needs_clear_refs = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                                      reason="needs Linux's /proc/self/clear_refs")
+
+
+def bytes_held(setup: str, step: str, n: int) -> int:
+    """Peak RSS that ``step`` adds beside what ``setup`` built (both Python source run with ``n`` bound), in a fresh
+    one-thread interpreter: the high-water mark is reset to the resident size just before ``step``
+    (/proc/self/clear_refs; tests using this carry ``needs_clear_refs``)."""
+    script = _HELD.format(setup=setup.strip(), step=step.strip())
+    proc = subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.split()[-1])
+
+
 SEVENTY_B = LlamaShape(hidden=8192, intermediate=28672, layers=1, vocab=128256, heads=64, kv_heads=8)
 
 

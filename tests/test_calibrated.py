@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lowmem_merge.merge import merge
 
-from conftest import finish, run_cli, run_cli_many, start_merge
+from conftest import bytes_held, finish, needs_clear_refs, run_cli, run_cli_many, start_merge
 
 SAMPLES, SEQ_LEN = 24, 12
 WORDS = [f"w{i}" for i in range(56)]
@@ -380,38 +380,28 @@ def test_one_huge_line_is_cut_before_it_is_tokenized(tmp_path):
     assert peaks[1] < peaks[0] + 150 * 2**20, peaks
 
 
-_INVERSE_PEAK = """
-import sys, torch
-torch.set_num_threads(1)
+_SINGULAR_GRAM = """
 from lowmem_merge.methods.regmean import Inverse
-n = int(sys.argv[1])
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 b = torch.randn(n, n // 2, generator=torch.Generator().manual_seed(0))
 a = b @ b.T
 a.diagonal().sub_(1e-3 * float(a.trace()) / n)   # indefinite: the fp32 and the fp64 Cholesky both fail
-base = status("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")    # VmHWM := VmRSS now
+"""
+_INVERSE = """
 inv = Inverse(a, 0.0)
 assert inv.vecs is not None, "expected the eigh pseudo-inverse"
-print(status("VmHWM") - base)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+@needs_clear_refs
 def test_the_eigh_fallback_of_a_singular_calibration_gram_holds_what_the_plan_prices():
     """RegMean's solver on a Gram whose two Cholesky attempts fail (subprocess, n = 2048): its peak beside A is the
     fp64 attempt (a copy and its factor, 4 fp32 n²) or the eigh (EIGH_FLOATS / 2), as ``_matrix_floats`` prices,
     plus a few MiB of library pages touched on first use. It held 5.36 n² while the failed fp32 factor stayed alive
     through the fp64 attempt and the failed fp64 factor through the eigh."""
     import math
-    import subprocess
-    import sys
     from lowmem_merge.methods.matrix_rule import EIGH_FLOATS
     n = 2048
-    proc = subprocess.run([sys.executable, "-c", _INVERSE_PEAK, str(n)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    held = int(proc.stdout.split()[-1])
+    held = bytes_held(_SINGULAR_GRAM, _INVERSE, n)
     priced = 4 * max(4 * n * n, math.ceil(EIGH_FLOATS / 2 * n * n))
     print(f"Inverse held {held / (4 * n * n):.2f} fp32 n² (priced {priced / (4 * n * n):.2f})")
     assert 0.95 * 16 * n * n <= held <= priced + (8 << 20), held / (4 * n * n)

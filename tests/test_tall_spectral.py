@@ -19,7 +19,7 @@ from lowmem_merge.demo import LlamaShape, build_example
 from lowmem_merge.info import TensorClass, TensorInfo
 from lowmem_merge.methods import REGISTRY, tall
 from lowmem_merge.methods.drive import drive
-from conftest import plan_70b
+from conftest import bytes_held, needs_clear_refs, plan_70b
 from test_memory import estimate, matrix_vocab, peak_rss  # noqa: F401 (matrix_vocab: a fixture)
 from test_methods import SOLVE_C, U32, rel_err
 from test_tall import SHAPE, _case, check_streamed_head, run_rows
@@ -125,33 +125,14 @@ def test_peak_rss_is_flat_in_the_vocabulary_and_under_the_estimate(matrix_vocab,
     assert all(peaks[s] <= bounds[s] for s in peaks), (peaks, bounds)
 
 
-_EIGH_PEAK = """
-import sys, torch
-torch.set_num_threads(1)
-n = int(sys.argv[1])
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-g = torch.randn(n, n, dtype=torch.float64)
-g = g @ g.T
-base = status("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")   # VmHWM := VmRSS now
-torch.linalg.eigh(g)
-print(status("VmHWM") - base)
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+@needs_clear_refs
 def test_an_fp64_eigh_holds_what_eigh_floats_prices():
     """A subprocess's peak RSS beside the input during one fp64 eigh (n = 2048): at most EIGH_FLOATS fp32 values per
     n², which every spectral rule's plan prices (at full width a tsv LM head measured 0.13 GiB over a plan priced at
     2.5 fp64 n²); and at least the vectors and syevd's 2n² workspace, so the measurement itself is real."""
-    import subprocess
-    import sys
     from lowmem_merge.methods.matrix_rule import EIGH_FLOATS
     n = 2048
-    proc = subprocess.run([sys.executable, "-c", _EIGH_PEAK, str(n)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    held = int(proc.stdout.split()[-1])
+    held = bytes_held("g = torch.randn(n, n, dtype=torch.float64)\ng = g @ g.T", "torch.linalg.eigh(g)", n)
     print(f"eigh held {held / (8 * n * n):.2f} fp64 n² (priced {EIGH_FLOATS / 2:.2f})")
     assert 2.5 * 8 * n * n <= held <= EIGH_FLOATS * 4 * n * n, held / (8 * n * n)
 
