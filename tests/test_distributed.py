@@ -43,7 +43,8 @@ def run(root: Path, out: str, *args: str, procs: int = 0, limit: int | None = No
 
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return subprocess.run([sys.executable, *launch, *merge], cwd=root, capture_output=True, text=True, env=ENV,
+    env = {**ENV, "TMPDIR": str(root)} if procs else ENV   # torchrun's torchelastic_* log folders go there, not /tmp
+    return subprocess.run([sys.executable, *launch, *merge], cwd=root, capture_output=True, text=True, env=env,
                           timeout=300, preexec_fn=small_files if limit else None)
 
 
