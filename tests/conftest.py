@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from lowmem_merge.demo import LlamaShape, build_example, write_header_only
 
+LOWMERGE = [sys.executable, "-m", "lowmem_merge"]   # the command every CLI test runs (run_cli, start_merge)
 TINY = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
 
 
@@ -83,7 +84,7 @@ class _Zygote:
             self.proc.stdin.flush()
             reply = json.loads(self.proc.stdout.readline())
             stdout, stderr = out.read_text(), err.read_text()
-        cmd = [sys.executable, "-m", "lowmem_merge", *args]
+        cmd = [*LOWMERGE, *args]
         if reply.get("timeout"):
             raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
         return subprocess.CompletedProcess(cmd, reply["rc"], stdout, stderr)
@@ -102,7 +103,7 @@ def run_cli(*args: str | Path, check: bool = False, env: dict | None = None, tim
     zygotes started with (``env``, a monkeypatched variable): then a new ``python -m lowmem_merge``."""
     full_env = {**os.environ, **(env or {})}
     if fresh or not _Zygote.same_env(full_env):
-        proc = subprocess.run([sys.executable, "-m", "lowmem_merge", *map(str, args)], capture_output=True,
+        proc = subprocess.run([*LOWMERGE, *map(str, args)], capture_output=True,
                               text=True, env=full_env, timeout=timeout)
     else:
         with _idle_lock:
@@ -135,7 +136,7 @@ def start_merge(root: Path, out: str, *args: str, limit: int | None = None) -> s
     """Start `lowmerge merge in/base in/expert* -o OUT ARGS` in ``root`` (relative paths, so a copy of ``root``
     resumes). ``limit``: RLIMIT_FSIZE in bytes, so that writing a larger file fails with EFBIG."""
     experts = sorted(str(p.relative_to(root)) for p in (root / "in").glob("expert*"))
-    cmd = [sys.executable, "-m", "lowmem_merge", "merge", "in/base", *experts, "-o", out, *args]
+    cmd = [*LOWMERGE, "merge", "in/base", *experts, "-o", out, *args]
 
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
