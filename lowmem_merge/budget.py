@@ -67,9 +67,10 @@ def alone_piece_bytes(piece: Piece, phases: tuple[int, int], stored: int, prefet
     return max(adding + 4 * numel + 2 * stored + converting, finishing + 2 * stored) + prefetch + COMPUTE_BYTES
 
 
-def state_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any) -> int:
-    """The method's statistics for one piece; for a piece of a tensor its per-tensor prepass covers (a matrix rule's
-    tall LIN tensor), what that prepass declares: its state, held while every piece merges, and the piece's own."""
+def state_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any, cuda: bool = False) -> int:
+    """The method's statistics for one piece (``cuda``: on a CUDA device); for a piece of a tensor its per-tensor
+    prepass covers (a matrix rule's tall LIN tensor), what that prepass declares: its state, held while every piece
+    merges, and the piece's own."""
     pre = method.prepass_for(params)
     if pre is not None and pre.scope == "tensor":
         entry = plan.entry(piece.info.name)
@@ -77,7 +78,7 @@ def state_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any
         held = pre.piece_bytes(whole, piece.info, plan.n_experts, params) if pre.covers(params, whole) else None
         if held is not None:
             return held
-    return method.state_bytes(piece.info, plan.n_experts, params)
+    return (method.cuda_state_bytes if cuda else method.state_bytes)(piece.info, plan.n_experts, params)
 
 
 def device_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: Any) -> int:
@@ -85,7 +86,7 @@ def device_bytes(plan: Plan, piece: Piece, method: type[MergeMethod], params: An
     if piece.info.cls not in MERGED:
         return 0
     stored = request_bytes(plan.base, piece.info.name, piece.rows)
-    return state_bytes(plan, piece, method, params) + 8 * piece.info.numel + stored
+    return state_bytes(plan, piece, method, params, cuda=True) + 8 * piece.info.numel + stored
 
 
 def largest_piece(plan: Plan, pieces: list[Piece], method: type[MergeMethod], params: Any,

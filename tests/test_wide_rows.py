@@ -211,6 +211,54 @@ def test_70b_down_proj_of_ace_holds_its_statistics_in_two_phases():
     assert ace_rule.state_bytes(info, 8, ace_rule.Params()) == max(adding, refined) - 4 * m * n
 
 
+def test_70b_down_proj_of_ace_on_cuda_is_priced_with_a_unpacked_beside_its_stripes(seventy_b):
+    """CUDA's allocator hands ``unpack``'s n×n matrix out whole while every stripe is still held (the CPU commits its
+    pages as they are written): budget.device_bytes, which decides what runs on the CPU, prices the finishing phase
+    with A and all of its stripes. At this shape that phase is the largest on CUDA (not on the host, where the
+    refinement's is), 0.96 GB over the host's price."""
+    from lowmem_merge.budget import choose_strategy, device_bytes, piece_bytes
+    from lowmem_merge.io.checkpoint import open_checkpoint
+    from lowmem_merge.plan import make_plan
+    m, n, tile = 8192, 28672, ace.TILE
+    packed = PackedLower.nbytes(n, tile, 4)
+    info = TensorInfo("down_proj", (m, n), TensorClass.LIN)
+    rule, params = REGISTRY["ace"], REGISTRY["ace"].Params()
+    host, cuda = rule.state_bytes(info, 8, params), rule.cuda_state_bytes(info, 8, params)
+    assert cuda == 4 * (n * n + 2 * m * n) + packed - 4 * m * n        # n² + stripes + N and R, less the result
+    assert cuda - host > 0.9e9
+    base, experts = seventy_b
+    cks = [open_checkpoint(p) for p in [base, *experts]]
+    try:
+        plan = make_plan(cks[0], cks[1:])
+        pieces = [p for p in choose_strategy(plan, rule, params).pieces if p.info.name.endswith("down_proj.weight")]
+        need = device_bytes(plan, pieces[0], rule, params)
+        assert need >= 4 * (n * n + 2 * m * n) + packed                    # what the device holds at the unpack
+        assert piece_bytes(plan, pieces[0], rule, params) < need           # the host's price is not the device's
+        strategy = choose_strategy(plan, rule, params, device_budget=need - 1)
+        assert pieces[0].info.name in strategy.cpu_tensors
+    finally:
+        for ck in cks:
+            ck.close()
+
+
+@pytest.mark.gpu
+def test_unpack_on_cuda_holds_the_matrix_and_every_stripe():
+    """The price above, measured: the allocator's peak while ``unpack`` runs on a CUDA PackedLower is the matrix
+    and every stripe (within 1 MiB), as ``unpack_floats(cuda=True)`` says, and over the CPU's price."""
+    n, tile = 4096, 1024
+    dev = torch.device("cuda")
+    p = PackedLower(n, tile, device=dev, dtype=torch.float32)
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev) - PackedLower.nbytes(n, tile, 4)
+    torch.cuda.reset_peak_memory_stats(dev)
+    whole = p.unpack()
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    assert abs(peak - 4 * PackedLower.unpack_floats(n, tile, cuda=True)) <= 1 << 20, peak
+    assert peak > 4 * PackedLower.unpack_floats(n, tile) + (16 << 20)
+    del whole
+
+
 def test_70b_plan_of_every_other_tensor_fits_8_gb(seventy_b):
     """Every piece except down_proj within 8 GB, runtime included (issue 17 §3's target)."""
     root = seventy_b[0].parent

@@ -220,6 +220,15 @@ class Ace(TallRowChunks, MatrixRule):
         return max(cls._phase_floats(batch, m, n, params)) - batch * m * n
 
     @classmethod
+    def cuda_state_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> int:
+        """As on the CPU, but A unpacked next to all of its stripes (``PackedLower.unpack_floats``)."""
+        if info.cls != TensorClass.LIN:
+            return cls.state_bytes(info, n_experts, params)
+        *lead, m, n = info.shape
+        batch = math.prod(lead)
+        return 4 * (max(cls._phase_floats(batch, m, n, params, cuda=True)) - batch * m * n)
+
+    @classmethod
     def phase_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> tuple[int, int] | None:
         if info.cls != TensorClass.LIN:
             return None
@@ -228,7 +237,7 @@ class Ace(TallRowChunks, MatrixRule):
         return 4 * adding, 4 * finishing
 
     @staticmethod
-    def _phase_floats(batch: int, m: int, n: int, params: Any) -> tuple[int, int]:
+    def _phase_floats(batch: int, m: int, n: int, params: Any, cuda: bool = False) -> tuple[int, int]:
         """fp32 values of (adding, finishing), the heterogeneous branch (the larger). Adding: every matrix's
         statistics (A_acc, packed when rows go first; N, R1, SΔ) and one add's temporaries: a row block of W̃W̃ᵀ and
         W̃Ŝt (W̃t is centred in Δt's memory), or W̃t and Ŝt. Finishing: the result (a batch's own buffer; a plain matrix's is N's memory) and the statistics of
@@ -238,7 +247,7 @@ class Ace(TallRowChunks, MatrixRule):
         wide = rows_first(m, n)
         stats = (PackedLower.nbytes(n, TILE, 4) // 4 if wide else n * n) + 3 * m * n
         add = max(block_rows(m, m) * m, block_rows(m, n) * (m + n)) if wide else m * n + n * n
-        unpack = PackedLower.unpack_floats(n, TILE) + 2 * m * n if wide else 0
+        unpack = PackedLower.unpack_floats(n, TILE, cuda) + 2 * m * n if wide else 0
         solve = n * n + 2 * m * n + 2 * block_rows(m, n) * n   # a row block of Nᵀ's solution and its copy back
         k = math.floor(params.k_frac * min(m, n))
         finish = max(stats, unpack, solve, 2 * m * n + _refine_floats(m, n, k))

@@ -161,6 +161,12 @@ class MergeMethod:
         return 4 * info.numel
 
     @classmethod
+    def cuda_state_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> int:
+        """``state_bytes`` on a CUDA device (budget.device_bytes), where a rule's buffers may differ: the CPU commits
+        a new buffer's pages only as they are written, CUDA's allocator hands it out whole."""
+        return cls.state_bytes(info, n_experts, params)
+
+    @classmethod
     def phase_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> tuple[int, int] | None:
         """(adding, finishing) for one whole tensor, or None (the default). adding: what the rule holds while an
         expert is added (its statistics and one add's temporaries; Δ is the stream's); finishing: from finalize on

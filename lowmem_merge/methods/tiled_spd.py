@@ -88,7 +88,8 @@ class PackedLower:
         is. Otherwise each stripe is freed once copied into a fresh matrix whose pages the CPU commits only as they
         are written (a mapping of its own: device.tune_malloc), rows and columns 0:e_j after stripe j, so the process
         holds about (n² + e_j²)/2 values after stripe j: at most n² and one stripe (``unpack_floats``; measured
-        n² + 1.0 stripe at n = 8192). A CUDA allocation is whole at once: n² and every stripe there."""
+        n² + 1.0 stripe at n = 8192). A CUDA allocation is whole at once: n² and every stripe there (priced so on a CUDA
+        device: ``unpack_floats(cuda=True)``, ``Ace.cuda_state_bytes``)."""
         stripes, self.stripes = self.stripes, []
         if len(stripes) == 1:
             return stripes.pop()
@@ -102,9 +103,13 @@ class PackedLower:
         return full
 
     @staticmethod
-    def unpack_floats(n: int, tile: int) -> int:
-        """Values held at most while ``unpack`` runs on the CPU (besides the caller's other buffers)."""
-        return n * n + (tile * n if n > tile else 0)
+    def unpack_floats(n: int, tile: int, cuda: bool = False) -> int:
+        """Values held at most while ``unpack`` runs (besides the caller's other buffers): on the CPU the new matrix
+        and one stripe; on CUDA, whose allocator hands out the new matrix whole before the first stripe is freed,
+        the matrix and every stripe (``nbytes``)."""
+        if n <= tile:
+            return n * n                     # one stripe: returned as it is
+        return n * n + (PackedLower.nbytes(n, tile, 1) if cuda else tile * n)
 
 
 def factor_in_place(a: PackedLower) -> int:
