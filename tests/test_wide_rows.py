@@ -244,7 +244,8 @@ def test_70b_down_proj_of_ace_on_cuda_is_priced_with_a_unpacked_beside_its_strip
 @pytest.mark.gpu
 def test_unpack_on_cuda_holds_the_matrix_and_every_stripe():
     """The price above, measured: the allocator's peak while ``unpack`` runs on a CUDA PackedLower is the matrix
-    and every stripe (within 1 MiB), as ``unpack_floats(cuda=True)`` says, and over the CPU's price."""
+    and every stripe (within 2 MiB, a large block's rounding), as ``unpack_floats(cuda=True)`` says, and over the
+    CPU's price."""
     n, tile = 4096, 1024
     dev = torch.device("cuda")
     p = PackedLower(n, tile, device=dev, dtype=torch.float32)
@@ -254,7 +255,7 @@ def test_unpack_on_cuda_holds_the_matrix_and_every_stripe():
     whole = p.unpack()
     torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev) - base
-    assert abs(peak - 4 * PackedLower.unpack_floats(n, tile, cuda=True)) <= 1 << 20, peak
+    assert abs(peak - 4 * PackedLower.unpack_floats(n, tile, cuda=True)) <= 2 << 20, peak
     assert peak > 4 * PackedLower.unpack_floats(n, tile) + (16 << 20)
     del whole
 
