@@ -102,6 +102,8 @@ def main() -> None:
     import torch
     from lowmem_merge.methods.matrix_rule import polar_
     device = torch.device(own.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {own.device}, but torch sees no CUDA device here (--device cpu runs it)")
     base, experts, _ = ensure_example(args)
     rows = []
     for short in TENSORS:
