@@ -215,7 +215,8 @@ def test_70b_down_proj_of_ace_on_cuda_is_priced_with_a_unpacked_beside_its_strip
     """CUDA's allocator hands ``unpack``'s n×n matrix out whole while every stripe is still held (the CPU commits its
     pages as they are written): budget.device_bytes, which decides what runs on the CPU, prices the finishing phase
     with A and all of its stripes. At this shape that phase is the largest on CUDA (not on the host, where the
-    refinement's is), 0.96 GB over the host's price."""
+    refinement's is), 0.96 GB over the host's statistics. (Priced as on the CPU, the device's price was 7.32 GB,
+    under the 7.34 GB that the unpack's buffers and the base piece come to.)"""
     from lowmem_merge.budget import choose_strategy, device_bytes, piece_bytes
     from lowmem_merge.io.checkpoint import open_checkpoint
     from lowmem_merge.plan import make_plan
@@ -232,7 +233,8 @@ def test_70b_down_proj_of_ace_on_cuda_is_priced_with_a_unpacked_beside_its_strip
         plan = make_plan(cks[0], cks[1:])
         pieces = [p for p in choose_strategy(plan, rule, params).pieces if p.info.name.endswith("down_proj.weight")]
         need = device_bytes(plan, pieces[0], rule, params)
-        assert need >= 4 * (n * n + 2 * m * n) + packed                    # what the device holds at the unpack
+        held = 4 * (n * n + 2 * m * n) + packed + 2 * m * n    # at the unpack: A, its stripes, N, R, the bf16 base
+        assert need >= held                                      # (the CPU's price of the unpack gave 0.02 GB less)
         assert piece_bytes(plan, pieces[0], rule, params) < need           # the host's price is not the device's
         strategy = choose_strategy(plan, rule, params, device_budget=need - 1)
         assert pieces[0].info.name in strategy.cpu_tensors
