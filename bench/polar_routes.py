@@ -70,6 +70,18 @@ def newton_schulz(x, tol: float):
     return x, MAX_STEPS
 
 
+def eigh_route(x32):
+    """``polar_`` (what `tsv` runs) on a copy of the fp32 matrix."""
+    from lowmem_merge.methods.matrix_rule import polar_
+    p = x32.clone()
+    polar_(p)
+    return p
+
+
+def rel_error(p, want) -> float:
+    return float((p.double().cpu() - want).norm() / want.norm())
+
+
 def slot_matrix(name: str, base: Path, experts: list[Path]):
     """Ū (fp64, m × T·k) of one tensor: each expert's top-k left singular vectors of Δt (fp64 LAPACK)."""
     import torch
@@ -100,7 +112,6 @@ def main() -> None:
     own, rest = ap.parse_known_args()
     args = parse_args(["--layers", "1", "--vocab", "8000", *rest, "--results", own.results])   # speed.py's model
     import torch
-    from lowmem_merge.methods.matrix_rule import polar_
     device = torch.device(own.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {own.device}, but torch sees no CUDA device here (--device cpu runs it)")
@@ -112,19 +123,13 @@ def main() -> None:
         u, s, vh = torch.linalg.svd(ubar, full_matrices=False)
         want, kappa = u @ vh, float(s[0] / s[-1])
         x32 = ubar.float().to(device)
-
-        def error(p) -> float:
-            return float((p.double().cpu() - want).norm() / want.norm())
-        def eigh_route():
-            p = x32.clone()
-            polar_(p)
-            return p
-        t, p = timed(eigh_route, device, own.repeat)
-        rows.append((short, tuple(ubar.shape), kappa, "polar_ (fp64 Gram + eigh)", t, "-", error(p)))
+        t, p = timed(lambda: eigh_route(x32), device, own.repeat)
+        rows.append((short, tuple(ubar.shape), kappa, "polar_ (fp64 Gram + eigh)", t, "-", rel_error(p, want)))
         for dtype in ("float32", "float64"):
             x = ubar.to(device, getattr(torch, dtype))
             t, (p, steps) = timed(lambda: newton_schulz(x, TOL[dtype]), device, own.repeat)
-            rows.append((short, tuple(ubar.shape), kappa, f"Newton–Schulz {dtype}", t, str(steps), error(p)))
+            rows.append((short, tuple(ubar.shape), kappa, f"Newton–Schulz {dtype}", t, str(steps),
+                         rel_error(p, want)))
         for row in rows[-3:]:
             log(" | ".join(map(str, row)))
     now = datetime.datetime.now(datetime.timezone.utc)
