@@ -19,7 +19,8 @@ py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 "$py" - <<'EOF' 2>&1 | tee "$out/env.txt"
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none: the gpu tests skip, gpu.py measures the CPU alone, polar_routes refuses")
+none = "none: the gpu tests skip, gpu.py measures the CPU alone, polar_routes refuses"
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else none)
 EOF
 
 echo "== 1. tests marked gpu (limit ${t_tests} s)"
