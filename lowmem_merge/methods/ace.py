@@ -214,10 +214,10 @@ class Ace(TallRowChunks, MatrixRule):
         return pre
 
     @classmethod
-    def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any) -> int:
+    def _matrix_floats(cls, batch: int, m: int, n: int, n_experts: int, params: Any, cuda: bool = False) -> int:
         """The larger phase less the result, which budget.piece_bytes counts beside Δ (a plain matrix's is N's
-        memory, a batch's is in the finishing phase)."""
-        return max(cls._phase_floats(batch, m, n, params)) - batch * m * n
+        memory, a batch's is in the finishing phase); ``cuda``: the phases as a CUDA device holds them."""
+        return max(cls._phase_floats(batch, m, n, params, cuda)) - batch * m * n
 
     @classmethod
     def cuda_state_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> int:
@@ -225,8 +225,7 @@ class Ace(TallRowChunks, MatrixRule):
         if info.cls != TensorClass.LIN:
             return cls.state_bytes(info, n_experts, params)
         *lead, m, n = info.shape
-        batch = math.prod(lead)
-        return 4 * (max(cls._phase_floats(batch, m, n, params, cuda=True)) - batch * m * n)
+        return 4 * cls._matrix_floats(math.prod(lead), m, n, n_experts, params, cuda=True)
 
     @classmethod
     def phase_bytes(cls, info: TensorInfo, n_experts: int, params: Any) -> tuple[int, int] | None:
