@@ -85,14 +85,11 @@ def rel_error(p, want) -> float:
 def slot_matrix(name: str, base: Path, experts: list[Path]):
     """Ū (fp64, m × T·k) of one tensor: each expert's top-k left singular vectors of Δt (fp64 LAPACK)."""
     import torch
-    from safetensors import safe_open
+    from lowmem_merge.io.checkpoint import open_checkpoint
 
     def load(path: Path):
-        for f in sorted(path.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as st:
-                if name in st.keys():
-                    return st.get_tensor(name).double()
-        raise KeyError(f"{name} not in {path}")
+        with open_checkpoint(path) as ck:
+            return ck.read(name).double()
     w0 = load(base)
     deltas = [load(e) - w0 for e in experts]
     r = min(w0.shape)
